@@ -1,0 +1,25 @@
+"""resilient-kafka: Kafka consumers and producers that survive the failures event-driven systems meet.
+
+Retry topics, dead-letter queues, circuit breakers and a commit barrier on top of
+confluent-kafka, with metrics, tracing and a chaos suite that proves nothing is lost.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from resilient_kafka.errors import (
+    ConfigurationError,
+    MissingDependencyError,
+    ResilientKafkaError,
+)
+
+try:
+    __version__ = version("resilient-kafka")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "ConfigurationError",
+    "MissingDependencyError",
+    "ResilientKafkaError",
+    "__version__",
+]

@@ -1,0 +1,106 @@
+"""The ``resilient-kafka`` command: embedded broker, demo, and (as they land) chaos, bench, dlq."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from resilient_kafka import __version__
+from resilient_kafka.errors import ResilientKafkaError
+
+
+def _cmd_broker(args: argparse.Namespace) -> int:
+    from resilient_kafka.testing import EmbeddedKafka
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    broker = EmbeddedKafka(
+        durable=args.durable,
+        port=args.port,
+        host=args.host,
+        advertised_host=args.advertised_host,
+        advertised_port=args.advertised_port,
+    )
+    with broker:
+        storage = "durable (S3 on moto)" if args.durable else "in memory"
+        print(f"bootstrap.servers={broker.bootstrap_servers}", flush=True)
+        print(
+            f"Embedded Kafka broker (Tansu, pid {broker.pid}) listening on {broker.listener}, "
+            f"storage {storage}. Press Ctrl-C to stop.",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            if not broker.running:
+                print(
+                    f"error: the broker exited unexpectedly; its log ends with:\n"
+                    f"{broker.log_tail()}",
+                    file=sys.stderr,
+                )
+                return 1
+        print("Stopping the broker.", flush=True)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from resilient_kafka.demo import run_demo
+
+    return run_demo(
+        messages=args.messages, partitions=args.partitions, bootstrap_servers=args.bootstrap
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resilient-kafka",
+        description="Resilient Kafka consumers and producers: tools around the library.",
+    )
+    parser.add_argument("--version", action="version", version=f"resilient-kafka {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    broker = commands.add_parser(
+        "broker", help="run an embedded Kafka-compatible broker in the foreground"
+    )
+    broker.add_argument("--durable", action="store_true", help="keep data in a local S3 server")
+    broker.add_argument("--port", type=int, default=0, help="listener port (default: a free one)")
+    broker.add_argument("--host", default="127.0.0.1", help="listener address")
+    broker.add_argument("--advertised-host", help="host put in metadata (e.g. a proxy's)")
+    broker.add_argument("--advertised-port", type=int, help="port put in metadata")
+    broker.set_defaults(func=_cmd_broker)
+
+    demo = commands.add_parser(
+        "demo", help="run the main job end to end on the embedded broker and report"
+    )
+    demo.add_argument("--messages", type=int, default=1000, help="messages to send (default 1000)")
+    demo.add_argument("--partitions", type=int, default=3, help="partitions of the demo topic")
+    demo.add_argument(
+        "-b",
+        "--bootstrap-servers",
+        dest="bootstrap",
+        help="use this cluster instead of an embedded broker (default: $KAFKA_BOOTSTRAP_SERVERS)",
+    )
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except ResilientKafkaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

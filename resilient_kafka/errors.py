@@ -1,0 +1,39 @@
+"""The exceptions resilient-kafka raises, in one hierarchy so callers can catch them broadly."""
+
+from __future__ import annotations
+
+
+class ResilientKafkaError(Exception):
+    """Base class of every error raised by resilient-kafka."""
+
+
+class ConfigurationError(ResilientKafkaError, ValueError):
+    """A setting is missing, malformed or contradicts another one."""
+
+
+class MissingDependencyError(ResilientKafkaError, ImportError):
+    """An optional dependency is not installed; the message says which extra provides it."""
+
+
+class BrokerError(ResilientKafkaError):
+    """The embedded broker (or the S3 server behind it) could not be found or run."""
+
+
+class BrokerNotFoundError(BrokerError, MissingDependencyError):
+    """The Tansu broker binary is not installed and ``TANSU_BIN`` does not point at one."""
+
+
+class BrokerStartError(BrokerError):
+    """The broker process did not become ready; the message includes the tail of its log."""
+
+
+class PortInUseError(BrokerStartError):
+    """The requested listener port is already taken by another process."""
+
+
+class TopicError(ResilientKafkaError):
+    """Creating or deleting topics failed; ``errors`` maps each failed topic to its reason."""
+
+    def __init__(self, message: str, errors: dict[str, str]) -> None:
+        super().__init__(message)
+        self.errors = errors
