@@ -11,7 +11,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from resilient_kafka.errors import BrokerNotFoundError, BrokerStartError, PortInUseError
+from resilient_kafka.errors import (
+    BrokerNotFoundError,
+    BrokerStartError,
+    ConfigurationError,
+    PortInUseError,
+)
 from resilient_kafka.testing import _s3
 from resilient_kafka.testing._cluster import KafkaCluster
 from resilient_kafka.testing._process import ManagedProcess
@@ -125,7 +130,7 @@ class EmbeddedKafka(KafkaCluster):
     ) -> None:
         super().__init__()
         if not 0 <= port <= 65535:
-            raise ValueError(f"port must be 0 (pick a free one) or 1-65535, got {port}")
+            raise ConfigurationError(f"port must be 0 (pick a free one) or 1-65535, got {port}")
         self.durable = durable
         self.host = host
         self._requested_port = port

@@ -1,0 +1,76 @@
+"""Shared test helpers: waiting on conditions with deadlines, finding processes."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Message
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll until ``predicate()`` is truthy; fail the test with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
+def broker_processes() -> set[int]:
+    """PIDs of every live Tansu broker and moto S3 server on this machine."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not argv or not argv[0]:
+            continue
+        is_tansu = argv[0].endswith(b"tansu") and b"broker" in argv
+        is_moto = b"moto.server" in argv
+        if (is_tansu or is_moto) and pid_alive(int(entry.name)):
+            found.add(int(entry.name))
+    return found
+
+
+def consume(consumer: Consumer, count: int, timeout: float = 30.0) -> list[Message]:
+    """Poll until ``count`` messages (not errors) arrived; fail after ``timeout`` seconds."""
+    messages: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while len(messages) < count:
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"consumed {len(messages)} of {count} within {timeout}s")
+        for msg in consumer.consume(count - len(messages), timeout=0.5):
+            if msg.error() is None:
+                messages.append(msg)
+    return messages
+
+
+def produce(config: dict[str, Any], topic: str, records: list[tuple[str, str]]) -> None:
+    """Produce ``(key, value)`` records and fail the test unless every one is acknowledged."""
+    from confluent_kafka import Producer
+
+    errors: list[Any] = []
+    producer = Producer({**config, "acks": "all"})
+    for key, value in records:
+        producer.produce(
+            topic, key=key, value=value, on_delivery=lambda err, _m: err and errors.append(err)
+        )
+    assert producer.flush(30) == 0, "records still undelivered after 30s"
+    producer.close()
+    assert not errors, errors
