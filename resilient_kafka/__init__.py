@@ -1,4 +1,4 @@
-"""resilient-kafka: Kafka consumers and producers that survive the failures event-driven systems meet.
+"""resilient-kafka: Kafka consumers and producers that survive the failures of event-driven systems.
 
 Retry topics, dead-letter queues, circuit breakers and a commit barrier on top of
 confluent-kafka, with metrics, tracing and a chaos suite that proves nothing is lost.

@@ -23,7 +23,7 @@ REDACTED = "[redacted]"
 def merge(
     base: Mapping[str, Any], overrides: Mapping[str, Any] | None, kwargs: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """``base`` updated by ``overrides`` (dotted keys) and ``kwargs`` (``group_id`` → ``group.id``)."""
+    """``base`` updated by ``overrides`` (dotted keys), then ``kwargs`` (``group_id=``)."""
     conf = dict(base)
     if overrides:
         conf.update(overrides)
@@ -53,11 +53,9 @@ def parse_properties(text: str, source: str = "<string>") -> dict[str, str]:
         line = raw.strip()
         if not line or line.startswith(("#", "!")):
             continue
-        positions = [p for p in (line.find("="), line.find(":")) if p > 0]
+        positions = [p for p in (line.find("="), line.find(":")) if p >= 0]
         if not positions:
-            raise ConfigurationError(
-                f"{source}:{number}: expected 'key=value', got {line!r}"
-            )
+            raise ConfigurationError(f"{source}:{number}: expected 'key=value', got {line!r}")
         split = min(positions)
         key, value = line[:split].strip(), line[split + 1 :].strip()
         if not key:

@@ -90,7 +90,9 @@ def round_trip(
     for i in range(messages):
         while True:
             try:
-                producer.produce(topic, key=f"order-{i}", value=f"{run_id}:{i}", on_delivery=on_delivery)
+                producer.produce(
+                    topic, key=f"order-{i}", value=f"{run_id}:{i}", on_delivery=on_delivery
+                )
                 break
             except BufferError:  # local queue full: serve delivery reports, then try again
                 producer.poll(0.1)
@@ -123,7 +125,7 @@ def round_trip(
             for msg in batch:
                 if msg.error():
                     continue
-                seen[msg.value().decode()] += 1
+                seen[(msg.value() or b"").decode()] += 1
             if batch:
                 consumer.commit(asynchronous=False)  # commit only what was processed
             if progress:

@@ -23,9 +23,9 @@ from resilient_kafka.testing import (
     KafkaCluster,
     PortInUseError,
     TopicError,
+    _embedded,
     find_tansu_binary,
 )
-from resilient_kafka.testing import _embedded
 from resilient_kafka.testing._embedded import metadata_answered, port_in_use
 from tests.helpers import consume, pid_alive, produce, wait_for
 

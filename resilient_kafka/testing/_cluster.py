@@ -63,7 +63,7 @@ class KafkaCluster:
         topic is not an error. Returns once every topic is visible in metadata.
         """
         from confluent_kafka import KafkaError
-        from confluent_kafka.admin import NewTopic
+        from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
         wanted = dict(topics) if isinstance(topics, Mapping) else dict.fromkeys(topics, 1)
         if not wanted:
@@ -90,11 +90,10 @@ class KafkaCluster:
             try:
                 future.result(timeout=timeout)
             except Exception as exc:
-                err = exc.args[0] if exc.args else None
-                code = err.code() if hasattr(err, "code") else None
-                if exist_ok and code == KafkaError.TOPIC_ALREADY_EXISTS:
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if exist_ok and err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                     continue
-                errors[name] = str(err.str() if hasattr(err, "str") else exc)
+                errors[name] = err.str() if err is not None else str(exc)
         if errors:
             detail = "; ".join(f"{name}: {reason}" for name, reason in sorted(errors.items()))
             raise TopicError(
@@ -132,8 +131,7 @@ class KafkaCluster:
             missing = {
                 name: partitions
                 for name, partitions in wanted.items()
-                if name not in metadata.topics
-                or len(metadata.topics[name].partitions) < partitions
+                if name not in metadata.topics or len(metadata.topics[name].partitions) < partitions
             }
             if not missing or time.monotonic() >= deadline:
                 break

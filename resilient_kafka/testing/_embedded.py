@@ -95,7 +95,7 @@ def metadata_answered(host: str, port: int, timeout: float = 1.0) -> bool:
     if header is None:
         return False
     _size, answered_id, brokers = struct.unpack(">iii", header)
-    return answered_id == correlation_id and brokers >= 1
+    return bool(answered_id == correlation_id and brokers >= 1)
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:

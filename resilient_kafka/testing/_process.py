@@ -15,6 +15,7 @@ parent, which then shuts them down in order.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import signal
@@ -69,9 +70,7 @@ class ManagedProcess:
         self.name = name
         self.argv = list(argv)
         self.env = dict(os.environ if env is None else env)
-        self.log_path = Path(
-            tempfile.mkstemp(prefix=f"rk-{name}-", suffix=".log", dir=log_dir)[1]
-        )
+        self.log_path = Path(tempfile.mkstemp(prefix=f"rk-{name}-", suffix=".log", dir=log_dir)[1])
         self._popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -81,7 +80,10 @@ class ManagedProcess:
     def start(self) -> None:
         _install_hooks()
         argv = self.argv
-        if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
+        if (
+            sys.platform.startswith("linux")
+            and threading.current_thread() is threading.main_thread()
+        ):
             # PR_SET_PDEATHSIG fires when the *thread* that forked exits, so only the main thread
             # (which lives as long as the process) may use it; other threads rely on atexit.
             argv = [sys.executable, "-S", "-c", _LAUNCHER, str(os.getpid()), *argv]
@@ -159,10 +161,8 @@ def live_processes() -> list[ManagedProcess]:
 
 def stop_all() -> None:
     for proc in list(_live):
-        try:
+        with contextlib.suppress(Exception):  # exiting: best effort for every child
             proc.stop(timeout=3)
-        except Exception:  # noqa: BLE001 - exiting: best effort for every child
-            pass
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

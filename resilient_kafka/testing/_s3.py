@@ -66,8 +66,7 @@ class S3Server:
                 )
                 self._process.stop()
                 raise BrokerStartError(
-                    f"the S3 server (moto) {reason}; its log ends with:\n"
-                    f"{self._process.log_tail()}"
+                    f"the S3 server (moto) {reason}; its log ends with:\n{self._process.log_tail()}"
                 )
             time.sleep(0.05)
         self._create_bucket(deadline)

@@ -21,7 +21,7 @@ from resilient_kafka.testing._cluster import ExternalKafka, KafkaCluster
 
 @pytest.fixture(scope="session")
 def kafka() -> Iterator[KafkaCluster]:
-    """The session's Kafka cluster: external if ``KAFKA_BOOTSTRAP_SERVERS`` is set, else embedded."""
+    """The session's cluster: external if ``KAFKA_BOOTSTRAP_SERVERS`` is set, else embedded."""
     external = ExternalKafka.from_env()
     if external is not None:
         yield external
@@ -46,7 +46,9 @@ def topic_factory(
     created: list[str] = []
     stem = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name).strip("-")[:60] or "test"
 
-    def create(partitions: int = 1, *, suffix: str = "", config: dict[str, str] | None = None) -> str:
+    def create(
+        partitions: int = 1, *, suffix: str = "", config: dict[str, str] | None = None
+    ) -> str:
         name = f"rk-{stem}{'-' + suffix if suffix else ''}-{uuid.uuid4().hex[:8]}"
         kafka.create_topics({name: partitions}, config=config)
         created.append(name)
@@ -56,5 +58,5 @@ def topic_factory(
     if created:
         try:
             kafka.delete_topics(created)
-        except Exception as exc:  # noqa: BLE001 - cleanup must not mask the test's result
+        except Exception as exc:
             request.node.warn(pytest.PytestWarning(f"could not delete test topics: {exc}"))

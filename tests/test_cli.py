@@ -1,0 +1,101 @@
+"""The resilient-kafka command: broker in the foreground, the demo, clear errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from resilient_kafka import __version__
+from resilient_kafka.cli import main
+from resilient_kafka.demo import run_demo
+from resilient_kafka.errors import MissingDependencyError
+from resilient_kafka.testing import KafkaCluster
+from resilient_kafka.testing._embedded import metadata_answered
+from tests.helpers import pid_alive, wait_for
+
+CLI = [sys.executable, "-m", "resilient_kafka.cli"]
+_ENV = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
+
+
+def test_broker_command_serves_until_ctrl_c() -> None:
+    proc = subprocess.Popen(
+        [*CLI, "broker"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_ENV
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        match = re.fullmatch(r"bootstrap.servers=127\.0\.0\.1:(\d+)\n", first)
+        assert match, first
+        port = int(match.group(1))
+        second = proc.stdout.readline()
+        broker_pid = int(re.search(r"pid (\d+)", second).group(1))  # type: ignore[union-attr]
+        assert metadata_answered("127.0.0.1", port)
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert "Stopping the broker." in proc.stdout.read()
+        wait_for(lambda: not pid_alive(broker_pid), 10, "the broker to stop")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_broker_command_on_a_busy_port_fails_clearly() -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        done = subprocess.run(
+            [*CLI, "broker", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=_ENV,
+        )
+    assert done.returncode == 1
+    assert f"error: cannot start the embedded broker: port {port} on 127.0.0.1" in done.stderr
+
+
+def test_demo_round_trip_on_the_embedded_broker() -> None:
+    done = subprocess.run(
+        [*CLI, "demo", "--messages", "300", "--partitions", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_ENV,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Using the embedded Tansu broker" in done.stdout
+    assert re.search(r"consumed\s+│\s+300\b", done.stdout), done.stdout
+    assert "OK: every message delivered, consumed once and committed." in done.stdout
+
+
+def test_demo_against_an_external_cluster(kafka: KafkaCluster, capsys) -> None:
+    assert main(["demo", "--messages", "50", "-b", kafka.bootstrap_servers]) == 0
+    out = capsys.readouterr().out
+    assert f"Using the cluster at {kafka.bootstrap_servers}" in out
+    assert "OK:" in out
+
+
+def test_demo_rejects_bad_arguments(capsys) -> None:
+    assert main(["demo", "--messages", "0"]) == 1
+    assert "--messages and --partitions must be positive" in capsys.readouterr().err
+
+
+def test_demo_without_its_extra_says_what_to_install(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "rich.console", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'resilient-kafka\[demo\]'"):
+        run_demo(messages=1)
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"resilient-kafka {__version__}"
