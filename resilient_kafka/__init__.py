@@ -6,11 +6,15 @@ confluent-kafka, with metrics, tracing and a chaos suite that proves nothing is 
 
 from importlib.metadata import PackageNotFoundError, version
 
+from resilient_kafka import headers
+from resilient_kafka.consumer import DeserializationError, ResilientConsumer
 from resilient_kafka.errors import (
     ConfigurationError,
     MissingDependencyError,
     ResilientKafkaError,
 )
+from resilient_kafka.policies import DeadLetterPolicy, RetryPolicy
+from resilient_kafka.producer import ResilientProducer
 
 try:
     __version__ = version("resilient-kafka")
@@ -19,7 +23,13 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 __all__ = [
     "ConfigurationError",
+    "DeadLetterPolicy",
+    "DeserializationError",
     "MissingDependencyError",
+    "ResilientConsumer",
     "ResilientKafkaError",
+    "ResilientProducer",
+    "RetryPolicy",
     "__version__",
+    "headers",
 ]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from resilient_kafka import _config
+from resilient_kafka import _admin, _config
 from resilient_kafka.errors import TopicError
 
 # Tansu answers JoinGroup only after about half of session.timeout.ms; 6 s (the broker's usual
@@ -62,45 +61,16 @@ class KafkaCluster:
         Raises :class:`TopicError` listing every topic that failed; with ``exist_ok`` an existing
         topic is not an error. Returns once every topic is visible in metadata.
         """
-        from confluent_kafka import KafkaError
-        from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
-
         wanted = dict(topics) if isinstance(topics, Mapping) else dict.fromkeys(topics, 1)
-        if not wanted:
-            return
-        for name, partitions in wanted.items():
-            if not isinstance(partitions, int) or partitions < 1:
-                raise TopicError(
-                    f"topic {name!r}: partitions must be a positive integer, got {partitions!r}",
-                    {name: "invalid partition count"},
-                )
-        new = [
-            NewTopic(
-                name,
-                num_partitions=partitions,
-                replication_factor=replication_factor,
-                config=dict(config or {}),
-            )
-            for name, partitions in wanted.items()
-        ]
-        admin = self.admin()
-        futures = admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)
-        errors: dict[str, str] = {}
-        for name, future in futures.items():
-            try:
-                future.result(timeout=timeout)
-            except Exception as exc:
-                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-                if exist_ok and err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
-                    continue
-                errors[name] = err.str() if err is not None else str(exc)
-        if errors:
-            detail = "; ".join(f"{name}: {reason}" for name, reason in sorted(errors.items()))
-            raise TopicError(
-                f"could not create {len(errors)} topic(s) on {self.bootstrap_servers}: {detail}",
-                errors,
-            )
-        self._wait_for_topics(admin, wanted, timeout)
+        _admin.create_topics(
+            self.admin(),
+            wanted,
+            where=self.bootstrap_servers,
+            replication_factor=replication_factor,
+            config=config,
+            exist_ok=exist_ok,
+            timeout=timeout,
+        )
 
     def delete_topics(self, names: Iterable[str], *, timeout: float = _ADMIN_TIMEOUT) -> None:
         """Delete topics; raises :class:`TopicError` for any that could not be deleted."""
@@ -122,26 +92,6 @@ class KafkaCluster:
         """``{topic: partition count}`` for every topic the cluster reports."""
         metadata = self.admin().list_topics(timeout=timeout)
         return {name: len(t.partitions) for name, t in metadata.topics.items()}
-
-    def _wait_for_topics(self, admin: Any, wanted: Mapping[str, int], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        missing: dict[str, int] = dict(wanted)
-        while True:
-            metadata = admin.list_topics(timeout=max(1.0, deadline - time.monotonic()))
-            missing = {
-                name: partitions
-                for name, partitions in wanted.items()
-                if name not in metadata.topics or len(metadata.topics[name].partitions) < partitions
-            }
-            if not missing or time.monotonic() >= deadline:
-                break
-            time.sleep(0.05)
-        if missing:
-            raise TopicError(
-                f"topics created but not visible in metadata after {timeout:.0f}s: "
-                f"{sorted(missing)}",
-                dict.fromkeys(missing, "not visible in metadata"),
-            )
 
 
 class ExternalKafka(KafkaCluster):

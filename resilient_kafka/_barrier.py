@@ -1,0 +1,90 @@
+"""The commit barrier: an offset becomes committable only when everything below it is done.
+
+"Done" means handled successfully, or its retry/DLQ copy acknowledged by the broker. Records can
+complete out of order (a forward waiting for its acknowledgement, parallel handlers later), so
+each partition keeps its outstanding offsets in arrival order and advances past a contiguous
+done prefix.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class _Partition:
+    __slots__ = ("done_early", "outstanding", "safe", "stored")
+
+    def __init__(self) -> None:
+        self.outstanding: deque[int] = deque()
+        self.done_early: set[int] = set()
+        self.safe = -1  # next offset to consume once everything before it is done; -1 unknown
+        self.stored = -1  # the last safe offset handed to the offset store / commit
+
+
+class CommitBarrier:
+    """Per-partition completion tracking; keyed by ``(topic, partition)``."""
+
+    __slots__ = ("_partitions",)
+
+    def __init__(self) -> None:
+        self._partitions: dict[tuple[str, int], _Partition] = {}
+
+    def track(self, topic: str, partition: int, offset: int) -> None:
+        """A record was handed out for processing: it holds the partition's offset until done."""
+        state = self._partitions.get((topic, partition))
+        if state is None:
+            state = self._partitions[(topic, partition)] = _Partition()
+        if state.outstanding and offset <= state.outstanding[-1]:
+            return  # a re-delivery (seek back) of a record already outstanding
+        if not state.outstanding and offset < state.safe:
+            return  # re-delivery of a record already done
+        state.outstanding.append(offset)
+
+    def complete(self, topic: str, partition: int, offset: int) -> None:
+        """The record at ``offset`` is done."""
+        state = self._partitions.get((topic, partition))
+        if state is None or not state.outstanding:
+            return
+        outstanding = state.outstanding
+        if outstanding[0] != offset:
+            if offset > outstanding[0]:
+                state.done_early.add(offset)
+            return
+        outstanding.popleft()
+        done_early = state.done_early
+        while outstanding and outstanding[0] in done_early:
+            done_early.discard(outstanding.popleft())
+        state.safe = outstanding[0] if outstanding else offset + 1
+
+    def pending(self, topic: str, partition: int) -> int:
+        """How many records of the partition are not done yet."""
+        state = self._partitions.get((topic, partition))
+        return len(state.outstanding) if state else 0
+
+    def total_pending(self) -> int:
+        return sum(len(state.outstanding) for state in self._partitions.values())
+
+    def safe_offset(self, topic: str, partition: int) -> int:
+        """The highest committable offset of the partition, or -1 if nothing is committable."""
+        state = self._partitions.get((topic, partition))
+        return state.safe if state else -1
+
+    def advanced(self) -> list[tuple[str, int, int]]:
+        """``(topic, partition, offset)`` for partitions whose safe offset moved since last call."""
+        moved = []
+        for (topic, partition), state in self._partitions.items():
+            if state.safe > state.stored:
+                moved.append((topic, partition, state.safe))
+                state.stored = state.safe
+        return moved
+
+    def committable(self) -> list[tuple[str, int, int]]:
+        """``(topic, partition, offset)`` for every partition with a committable offset."""
+        return [
+            (topic, partition, state.safe)
+            for (topic, partition), state in self._partitions.items()
+            if state.safe >= 0
+        ]
+
+    def forget(self, topic: str, partition: int) -> None:
+        self._partitions.pop((topic, partition), None)

@@ -1,0 +1,611 @@
+"""``ResilientConsumer``: a drop-in confluent-kafka Consumer with retry topics, a DLQ and a
+commit barrier.
+
+Failed messages are copied to delay topics (``T.G.retry.n``) and finally to a dead-letter topic
+(``T.G.dlq``); the consumer consumes its own retry tiers and never hands a retry record out before
+its due time. No offset is stored or committed past a record that is not done: handled, or its
+retry/DLQ copy acknowledged by the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.serialization import MessageField, SerializationContext
+
+from resilient_kafka import _admin, headers
+from resilient_kafka._barrier import CommitBarrier
+from resilient_kafka.errors import ConfigurationError, ResilientKafkaError, TopicError
+from resilient_kafka.policies import DeadLetterPolicy, RetryPolicy
+from resilient_kafka.producer import ResilientProducer, producer_config_from
+
+log = logging.getLogger("resilient_kafka.consumer")
+
+Handler = Callable[[Message], object]
+Deserializer = Callable[[bytes | None, SerializationContext], Any]
+_Key = tuple[str, int]
+
+_STORE_INTERVAL = 0.05  # seconds between offset-store calls: batches the per-message work
+_FORWARD_BACKOFF = (0.1, 5.0)  # first and maximum back-off of a failed forward
+
+
+class DeserializationError(ResilientKafkaError):
+    """A record's key or value could not be deserialized; it went to the DLQ with its raw bytes."""
+
+
+class _Forward:
+    """A retry or DLQ copy on its way to the broker; holds its source offset until acked."""
+
+    __slots__ = ("attempts", "headers", "key", "next_try", "source", "target", "timestamp", "value")
+
+    def __init__(
+        self,
+        source: tuple[str, int, int],
+        target: str,
+        key: bytes | None,
+        value: bytes | None,
+        hdrs: headers.HeaderList,
+        timestamp: int,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.key = key
+        self.value = value
+        self.headers = hdrs
+        self.timestamp = timestamp
+        self.attempts = 0
+        self.next_try = 0.0
+
+
+class ResilientConsumer(Consumer):  # type: ignore[misc]
+    """``confluent_kafka.Consumer`` that routes failures to retry topics and a DLQ.
+
+    Use it as a drop-in (``poll()``/``consume()``, calling :meth:`fail` on a message that could
+    not be processed) or hand :meth:`run` a handler. A message counts as processed once the
+    application asks for the next one (or commits) without having called :meth:`fail` on it.
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        retry: RetryPolicy | None = None,
+        dead_letter: DeadLetterPolicy | None = None,
+        key_deserializer: Deserializer | None = None,
+        value_deserializer: Deserializer | None = None,
+        producer_config: Mapping[str, Any] | None = None,
+        topic_replication_factor: int = -1,
+        forward_timeout: float = 30.0,
+    ) -> None:
+        conf = dict(config)
+        group = conf.get("group.id")
+        if not group or not isinstance(group, str):
+            raise ConfigurationError(
+                "ResilientConsumer needs a 'group.id': retry and DLQ topics are named per group"
+            )
+        if not conf.get("bootstrap.servers") and not conf.get("metadata.broker.list"):
+            raise ConfigurationError("ResilientConsumer needs 'bootstrap.servers'")
+        if forward_timeout <= 0:
+            raise ConfigurationError(f"forward_timeout must be positive, got {forward_timeout}")
+        self._group = group
+        self._retry = retry if retry is not None else RetryPolicy()
+        self._dead_letter = dead_letter if dead_letter is not None else DeadLetterPolicy()
+        self._auto_commit = str(conf.get("enable.auto.commit", True)).lower() in ("true", "1")
+        conf["enable.auto.offset.store"] = False  # offsets are stored only past done records
+        super().__init__(conf)
+        self._connection = producer_config_from(conf)
+        pconf = {**self._connection, **(producer_config or {})}
+        self._producer = ResilientProducer(pconf)
+        self._max_bytes = int(pconf.get("message.max.bytes", 1_000_000))
+        self._where = str(conf.get("bootstrap.servers") or conf.get("metadata.broker.list"))
+        self._key_deserializer = key_deserializer
+        self._value_deserializer = value_deserializer
+        self._replication = topic_replication_factor
+        self._forward_timeout = forward_timeout
+
+        self._barrier = CommitBarrier()
+        self._in_hand: list[Message] = []
+        self._raw: dict[int, tuple[bytes | None, bytes | None]] = {}
+        self._forwards: list[_Forward] = []  # waiting to be (re-)produced
+        self._in_flight = 0  # produced, not yet acknowledged
+        self._tiers: dict[str, tuple[str, int]] = {}  # retry topic -> (source topic, tier)
+        self._waiting: dict[_Key, int] = {}  # partitions paused until a retry record is due (ms)
+        self._user_paused: set[_Key] = set()
+        self._last_store = 0.0
+        self._stop = threading.Event()
+        self._closed = False
+        self._user_callbacks: dict[str, Callable[..., Any] | None] = {}
+
+    # -- subscription ------------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        topics: Sequence[str],
+        on_assign: Callable[..., Any] | None = None,
+        on_revoke: Callable[..., Any] | None = None,
+        on_lost: Callable[..., Any] | None = None,
+    ) -> None:
+        """Subscribe to ``topics`` and their retry tiers, creating missing retry/DLQ topics."""
+        topics = list(topics)
+        patterns = [t for t in topics if t.startswith("^")]
+        if patterns:
+            raise ConfigurationError(
+                f"pattern subscriptions ({patterns}) are not supported: retry and DLQ topics "
+                "are created per source topic at subscribe time; list the topics"
+            )
+        tier_topics = self._prepare_topics(topics)
+        self._user_callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
+        super().subscribe(
+            topics + tier_topics,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+
+    def retry_topics(self, topic: str) -> list[str]:
+        """The retry tier topics of ``topic`` for this consumer's group, tier 1 first."""
+        return [
+            self._retry.topic(topic, self._group, n) for n in range(1, self._retry.attempts + 1)
+        ]
+
+    def dead_letter_topic(self, topic: str) -> str:
+        """The DLQ of ``topic`` for this consumer's group."""
+        return self._dead_letter.topic(topic, self._group)
+
+    def _prepare_topics(self, topics: list[str]) -> list[str]:
+        from confluent_kafka.admin import AdminClient
+
+        metadata = self.list_topics(timeout=self._forward_timeout)
+        missing = [t for t in topics if t not in metadata.topics or metadata.topics[t].error]
+        if missing:
+            raise TopicError(
+                f"cannot subscribe: topic(s) {missing} do not exist on {self._where}",
+                dict.fromkeys(missing, "does not exist"),
+            )
+        wanted: dict[str, int] = {}
+        tier_topics: list[str] = []
+        for topic in topics:
+            partitions = len(metadata.topics[topic].partitions)
+            for n, name in enumerate(self.retry_topics(topic), start=1):
+                self._tiers[name] = (topic, n)
+                tier_topics.append(name)
+                wanted[name] = partitions
+            wanted[self.dead_letter_topic(topic)] = partitions
+        absent = {name: n for name, n in wanted.items() if name not in metadata.topics}
+        if absent:
+            admin = AdminClient(self._connection)
+            _admin.create_topics(
+                admin,
+                absent,
+                where=self._where,
+                replication_factor=self._replication,
+                exist_ok=True,
+                timeout=self._forward_timeout,
+            )
+        return tier_topics
+
+    # -- rebalance ---------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        callback = self._user_callbacks.get("assign")
+        if callback is not None:
+            callback(self, partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._finish_in_hand()
+        self._drain(self._forward_timeout)
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        safe = [
+            TopicPartition(t, p, o) for t, p, o in self._barrier.committable() if (t, p) in keys
+        ]
+        if safe:
+            try:
+                super().commit(offsets=safe, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("commit on revoke failed (records will be redelivered): %s", exc)
+        self._forget(keys)
+        callback = self._user_callbacks.get("revoke")
+        if callback is not None:
+            callback(self, partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._forget({(tp.topic, tp.partition) for tp in partitions})
+        callback = self._user_callbacks.get("lost") or self._user_callbacks.get("revoke")
+        if callback is not None:
+            callback(self, partitions)
+
+    def _forget(self, keys: set[_Key]) -> None:
+        for key in keys:
+            self._barrier.forget(*key)
+            self._waiting.pop(key, None)
+            self._user_paused.discard(key)
+
+    # -- consuming ---------------------------------------------------------------------------
+
+    def poll(self, timeout: float | None = None) -> Message | None:
+        """The next message for the application (retry records only once due), or None."""
+        self._finish_in_hand()
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        while True:
+            wait = self._maintain(deadline)
+            msg = super().poll(wait)
+            if msg is not None:
+                if msg.error() is not None:
+                    return msg
+                admitted = self._admit(msg)
+                if admitted is not None:
+                    self._in_hand.append(admitted)
+                    return admitted
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]:
+        """Up to ``num_messages`` messages (retry records only once due)."""
+        self._finish_in_hand()
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        while True:
+            wait = self._maintain(deadline)
+            batch = super().consume(num_messages, wait)
+            out = []
+            for msg in batch:
+                if msg.error() is not None:
+                    out.append(msg)
+                    continue
+                admitted = self._admit(msg)
+                if admitted is not None:
+                    self._in_hand.append(admitted)
+                    out.append(admitted)
+            if out or (deadline is not None and time.monotonic() >= deadline):
+                return out
+
+    def _admit(self, msg: Message) -> Message | None:
+        """Track ``msg``, or hold it back: retry records not yet due, undeserializable records."""
+        topic = msg.topic()
+        if topic in self._tiers:
+            due = headers.due(msg)
+            if due is not None and due > time.time() * 1000:
+                tp = TopicPartition(topic, msg.partition(), msg.offset())
+                super().pause([tp])
+                super().seek(tp)
+                self._waiting[(topic, msg.partition())] = due
+                return None
+        self._barrier.track(topic, msg.partition(), msg.offset())
+        if self._key_deserializer is not None or self._value_deserializer is not None:
+            return self._deserialize(msg)
+        return msg
+
+    def _deserialize(self, msg: Message) -> Message | None:
+        raw = (msg.key(), msg.value())
+        try:
+            if self._key_deserializer is not None:
+                ctx = SerializationContext(msg.topic(), MessageField.KEY, msg.headers())
+                msg.set_key(self._key_deserializer(raw[0], ctx))
+            if self._value_deserializer is not None:
+                ctx = SerializationContext(msg.topic(), MessageField.VALUE, msg.headers())
+                msg.set_value(self._value_deserializer(raw[1], ctx))
+        except Exception as exc:
+            msg.set_key(raw[0])
+            msg.set_value(raw[1])
+            error = DeserializationError(f"cannot deserialize record: {exc}")
+            error.__cause__ = exc
+            log.warning(
+                "record %s [%d] @%d cannot be deserialized; sending it to the DLQ: %s",
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+                exc,
+            )
+            self._route(msg, error, reason=headers.DESERIALIZATION)
+            return None
+        self._raw[id(msg)] = raw
+        return msg
+
+    def _finish_in_hand(self) -> None:
+        """The application asked for more: every message it holds and did not fail is done."""
+        if not self._in_hand:
+            return
+        complete = self._barrier.complete
+        for msg in self._in_hand:
+            complete(msg.topic(), msg.partition(), msg.offset())
+        self._in_hand.clear()
+        if self._raw:
+            self._raw.clear()
+
+    def _maintain(self, deadline: float | None) -> float:
+        """Housekeeping between polls; returns how long the next poll may block."""
+        self._producer.poll(0)
+        if self._forwards:
+            self._send_forwards()
+        now = time.monotonic()
+        if self._auto_commit and now - self._last_store >= _STORE_INTERVAL:
+            self._last_store = now
+            self._store_offsets()
+        wait = 0.1 if self._in_flight or self._forwards else 1.0
+        if self._waiting:
+            now_ms = time.time() * 1000
+            due_now = [key for key, due in self._waiting.items() if due <= now_ms]
+            for key in due_now:
+                del self._waiting[key]
+                if key not in self._user_paused:
+                    super().resume([TopicPartition(*key)])
+            if self._waiting:
+                next_due = min(self._waiting.values())
+                wait = min(wait, max(0.0, (next_due - now_ms) / 1000))
+        if deadline is not None:
+            wait = min(wait, max(0.0, deadline - now))
+        return wait
+
+    def _store_offsets(self) -> None:
+        moved = self._barrier.advanced()
+        if not moved:
+            return
+        try:
+            super().store_offsets(offsets=[TopicPartition(t, p, o) for t, p, o in moved])
+        except KafkaException as exc:  # a partition revoked in the meantime
+            log.debug("store_offsets skipped: %s", exc)
+
+    # -- failures ----------------------------------------------------------------------------
+
+    def fail(self, msg: Message, exc: BaseException) -> None:
+        """Route ``msg`` to its next retry tier or the DLQ; its offset waits for the broker's ack."""
+        for i, held in enumerate(self._in_hand):
+            if held is msg:
+                del self._in_hand[i]
+                break
+        else:
+            raise ResilientKafkaError(
+                "fail() needs a message this consumer handed out and that is still in hand "
+                f"({msg.topic()} [{msg.partition()}] @{msg.offset()}); call it before the next "
+                "poll()/consume()"
+            )
+        self._route(msg, exc)
+
+    def _route(self, msg: Message, exc: BaseException, reason: str | None = None) -> None:
+        now_ms = int(time.time() * 1000)
+        prev = headers.header_dict(msg)
+        attempt = (headers.attempt(msg) or 0) + 1
+        first = int(prev.get(headers.FIRST_FAILURE, b"0") or 0) or now_ms
+        source_topic = self._tiers[msg.topic()][0] if msg.topic() in self._tiers else msg.topic()
+        due_ms = None
+        if reason is None:
+            timeout = self._retry.timeout
+            if not self._retry.is_retryable(exc):
+                reason = headers.NON_RETRYABLE
+            elif timeout is not None and now_ms - first >= timeout * 1000:
+                reason = headers.TIMEOUT
+            elif attempt > self._retry.attempts:
+                reason = headers.EXHAUSTED
+        if reason is None:
+            target = self._retry.topic(source_topic, self._group, attempt)
+            due_ms = now_ms + int(self._retry.delay(attempt) * 1000)
+        else:
+            target = self.dead_letter_topic(source_topic)
+        key, value = self._raw.pop(id(msg), None) or (msg.key(), msg.value())
+        hdrs = self._sized_headers(msg, exc, attempt, first, key, value, due_ms, reason)
+        kind, ts = msg.timestamp()
+        forward = _Forward(
+            (msg.topic(), msg.partition(), msg.offset()),
+            target,
+            key,
+            value,
+            hdrs,
+            ts if kind else 0,
+        )
+        self._forwards.append(forward)
+        self._send_forwards()
+
+    def _sized_headers(
+        self,
+        msg: Message,
+        exc: BaseException,
+        attempt: int,
+        first: int,
+        key: bytes | None,
+        value: bytes | None,
+        due_ms: int | None,
+        reason: str | None,
+    ) -> headers.HeaderList:
+        """Headers that keep the record under ``message.max.bytes``: drop the stack trace, then
+        shorten the exception message, before a forward could fail because of our diagnostics."""
+        common = {
+            "exc": exc,
+            "attempt_no": attempt,
+            "first_failure_ms": first,
+            "group": self._group,
+            "max_text_bytes": self._dead_letter.max_text_bytes,
+            "due_ms": due_ms,
+            "reason": reason,
+        }
+        hdrs = headers.forward_headers(msg, **common)  # type: ignore[arg-type]
+        if headers.size_of(key, value, hdrs) <= self._max_bytes:
+            return hdrs
+        hdrs = headers.forward_headers(msg, include_stacktrace=False, **common)  # type: ignore[arg-type]
+        if headers.size_of(key, value, hdrs) <= self._max_bytes:
+            return hdrs
+        return headers.forward_headers(  # type: ignore[arg-type]
+            msg, include_stacktrace=False, message_limit=64, **common
+        )
+
+    def _send_forwards(self) -> None:
+        now = time.monotonic()
+        waiting = []
+        for forward in self._forwards:
+            if forward.next_try > now:
+                waiting.append(forward)
+                continue
+            try:
+                self._producer.produce(
+                    forward.target,
+                    value=forward.value,
+                    key=forward.key,
+                    headers=forward.headers,
+                    timestamp=forward.timestamp,
+                    on_delivery=lambda err, _m, f=forward: self._forwarded(f, err),
+                )
+                self._in_flight += 1
+            except BufferError:
+                self._producer.poll(0.05)
+                waiting.append(forward)
+            except KafkaException as exc:
+                self._forward_failed(forward, exc.args[0] if exc.args else exc)
+                waiting.append(forward)
+        self._forwards = waiting
+
+    def _forwarded(self, forward: _Forward, err: KafkaError | None) -> None:
+        self._in_flight -= 1
+        if err is None:
+            self._barrier.complete(*forward.source)
+            return
+        self._forward_failed(forward, err)
+        self._forwards.append(forward)
+
+    def _forward_failed(self, forward: _Forward, err: object) -> None:
+        forward.attempts += 1
+        first, most = _FORWARD_BACKOFF
+        backoff = min(most, first * 2 ** (forward.attempts - 1))
+        forward.next_try = time.monotonic() + backoff
+        log.error(
+            "forward of %s [%d] @%d to %s failed (attempt %d, retrying in %.1fs; its offset is "
+            "held): %s",
+            *forward.source,
+            forward.target,
+            forward.attempts,
+            backoff,
+            err,
+        )
+
+    def _drain(self, timeout: float) -> bool:
+        """Wait until every forward is acknowledged; False if ``timeout`` passed first."""
+        deadline = time.monotonic() + timeout
+        while self._forwards or self._in_flight:
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "%d forward(s) still unacknowledged after %.0fs; their offsets stay "
+                    "uncommitted and the records will be redelivered",
+                    len(self._forwards) + self._in_flight,
+                    timeout,
+                )
+                return False
+            self._producer.poll(0.05)
+            if self._forwards:
+                self._send_forwards()
+        return True
+
+    # -- committing --------------------------------------------------------------------------
+
+    def commit(
+        self,
+        message: Message | None = None,
+        offsets: list[TopicPartition] | None = None,
+        asynchronous: bool = True,
+    ) -> list[TopicPartition] | None:
+        """Commit, but never past a record that is not done, whatever is passed.
+
+        Messages in hand that were not failed count as processed (commit follows processing).
+        """
+        self._finish_in_hand()
+        self._producer.poll(0)
+        safe = {(t, p): o for t, p, o in self._barrier.committable()}
+        if message is not None:
+            requested = [TopicPartition(message.topic(), message.partition(), message.offset() + 1)]
+        elif offsets is not None:
+            requested = offsets
+        else:
+            requested = [TopicPartition(t, p, o) for (t, p), o in safe.items()]
+        clamped = []
+        for tp in requested:
+            limit = safe.get((tp.topic, tp.partition), -1)
+            if limit >= 0:
+                clamped.append(TopicPartition(tp.topic, tp.partition, min(tp.offset, limit)))
+        if not clamped:
+            return None
+        result: list[TopicPartition] | None = super().commit(
+            offsets=clamped, asynchronous=asynchronous
+        )
+        return result
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self._user_paused.update((tp.topic, tp.partition) for tp in partitions)
+        super().pause(partitions)
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        self._user_paused -= keys
+        # partitions holding a retry record that is not due yet resume when it is
+        super().resume([tp for tp in partitions if (tp.topic, tp.partition) not in self._waiting])
+
+    # -- handler mode ------------------------------------------------------------------------
+
+    def run(self, handler: Handler, *, poll_timeout: float = 0.5) -> None:
+        """Process messages with ``handler`` until :meth:`stop`, SIGINT or SIGTERM.
+
+        ``handler(msg)`` returning means success; raising routes the message to its next retry
+        tier or the DLQ. On the way out: finish the message in hand, wait for pending forwards,
+        commit, close.
+        """
+        restore = self._install_signal_handlers()
+        try:
+            while not self._stop.is_set():
+                msg = self.poll(poll_timeout)
+                if msg is None:
+                    continue
+                error = msg.error()
+                if error is not None:
+                    if error.fatal():
+                        raise KafkaException(error)
+                    log.debug("consumer event: %s", error)
+                    continue
+                try:
+                    handler(msg)
+                except Exception as exc:
+                    self.fail(msg, exc)
+        finally:
+            restore()
+            self.close()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish the message in hand and shut down (any thread)."""
+        self._stop.set()
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def on_signal(signum: int, frame: object) -> None:
+            log.info("signal %d: stopping after the message in hand", signum)
+            self.stop()
+
+        for sig in previous:
+            signal.signal(sig, on_signal)
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
+
+    def close(self) -> None:
+        """Finish the message in hand, wait (bounded) for forwards, commit what is safe, close."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finish_in_hand()
+        self._drain(self._forward_timeout)
+        safe = [TopicPartition(t, p, o) for t, p, o in self._barrier.committable()]
+        if safe:
+            try:
+                super().commit(offsets=safe, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("final commit failed (records will be redelivered): %s", exc)
+        self._producer.close()  # flushes what is left, then releases the connection
+        super().close()
+
+    def __repr__(self) -> str:  # never the config: it may hold secrets
+        return f"<ResilientConsumer group={self._group!r} {self._where}>"

@@ -1,0 +1,152 @@
+"""The ``rk.*`` headers on retry and DLQ records, and helpers to read them from a message.
+
+Values are UTF-8 text (numbers in decimal) so any tool can read them. On every hop the ``rk.*``
+headers are replaced, never appended, so a record cannot grow with its retries.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+PREFIX = "rk."
+ORIGINAL_TOPIC = "rk.original.topic"
+ORIGINAL_PARTITION = "rk.original.partition"
+ORIGINAL_OFFSET = "rk.original.offset"
+ORIGINAL_TIMESTAMP = "rk.original.timestamp"
+ATTEMPT = "rk.attempt"
+FIRST_FAILURE = "rk.first.failure"
+DUE = "rk.due"
+EXCEPTION_TYPE = "rk.exception.type"
+EXCEPTION_MESSAGE = "rk.exception.message"
+EXCEPTION_STACKTRACE = "rk.exception.stacktrace"
+CONSUMER_GROUP = "rk.consumer.group"
+REASON = "rk.reason"
+
+# Values of rk.reason on DLQ records.
+EXHAUSTED = "exhausted"
+NON_RETRYABLE = "non_retryable"
+DESERIALIZATION = "deserialization"
+TIMEOUT = "timeout"
+
+HeaderList = list[tuple[str, bytes]]
+
+
+class Original(NamedTuple):
+    """Where a message was first consumed, before any retry hop."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int | None
+
+
+def header_dict(msg: Any) -> dict[str, bytes]:
+    """The message's headers as a dict (the last value wins for repeated names)."""
+    return {key: value for key, value in (msg.headers() or ()) if value is not None}
+
+
+def _text(headers: dict[str, bytes], name: str) -> str | None:
+    value = headers.get(name)
+    return value.decode("utf-8", "replace") if value is not None else None
+
+
+def _int(headers: dict[str, bytes], name: str) -> int | None:
+    text = _text(headers, name)
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def attempt(msg: Any) -> int:
+    """Failed attempts so far: 0 for a message that has never failed."""
+    return _int(header_dict(msg), ATTEMPT) or 0
+
+
+def due(msg: Any) -> int | None:
+    """Epoch milliseconds at which a retry record may be processed, or None."""
+    return _int(header_dict(msg), DUE)
+
+
+def original(msg: Any) -> Original:
+    """The original coordinates: from ``rk.original.*`` on a retry hop, else the message's own."""
+    headers = header_dict(msg)
+    topic = _text(headers, ORIGINAL_TOPIC)
+    partition = _int(headers, ORIGINAL_PARTITION)
+    offset = _int(headers, ORIGINAL_OFFSET)
+    if topic is not None and partition is not None and offset is not None:
+        return Original(topic, partition, offset, _int(headers, ORIGINAL_TIMESTAMP))
+    kind, timestamp = msg.timestamp()
+    return Original(msg.topic(), msg.partition(), msg.offset(), timestamp if kind else None)
+
+
+def truncate_utf8(text: str, limit: int) -> bytes:
+    """``text`` as UTF-8, cut to at most ``limit`` bytes without splitting a character."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return data
+    marker = b"...[truncated]"
+    return data[: max(0, limit - len(marker))].decode("utf-8", "ignore").encode() + marker
+
+
+def exception_type(exc: BaseException) -> str:
+    cls = type(exc)
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+
+
+def stack_trace(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
+
+
+def forward_headers(
+    msg: Any,
+    *,
+    exc: BaseException,
+    attempt_no: int,
+    first_failure_ms: int,
+    group: str,
+    max_text_bytes: int,
+    due_ms: int | None = None,
+    reason: str | None = None,
+    include_stacktrace: bool = True,
+    message_limit: int | None = None,
+) -> HeaderList:
+    """Headers for the retry or DLQ copy of ``msg``: user headers kept, ``rk.*`` replaced."""
+    orig = original(msg)
+    user: Iterable[tuple[str, bytes | None]] = msg.headers() or ()
+    headers: HeaderList = [(key, value or b"") for key, value in user if not key.startswith(PREFIX)]
+    text_limit = max_text_bytes if message_limit is None else min(message_limit, max_text_bytes)
+    headers += [
+        (ORIGINAL_TOPIC, orig.topic.encode()),
+        (ORIGINAL_PARTITION, str(orig.partition).encode()),
+        (ORIGINAL_OFFSET, str(orig.offset).encode()),
+        (ATTEMPT, str(attempt_no).encode()),
+        (FIRST_FAILURE, str(first_failure_ms).encode()),
+        (EXCEPTION_TYPE, exception_type(exc).encode()),
+        (EXCEPTION_MESSAGE, truncate_utf8(str(exc), text_limit)),
+        (CONSUMER_GROUP, group.encode()),
+    ]
+    if orig.timestamp is not None:
+        headers.append((ORIGINAL_TIMESTAMP, str(orig.timestamp).encode()))
+    if include_stacktrace:
+        headers.append((EXCEPTION_STACKTRACE, truncate_utf8(stack_trace(exc), max_text_bytes)))
+    if due_ms is not None:
+        headers.append((DUE, str(due_ms).encode()))
+    if reason is not None:
+        headers.append((REASON, reason.encode()))
+    return headers
+
+
+def size_of(key: bytes | None, value: bytes | None, headers: HeaderList) -> int:
+    """Approximate record size as the producer counts it against ``message.max.bytes``."""
+    overhead = 64  # record batch and record framing
+    return (
+        overhead
+        + len(key or b"")
+        + len(value or b"")
+        + sum(len(k) + len(v) + 10 for k, v in headers)
+    )

@@ -1,0 +1,121 @@
+"""``ResilientProducer``: a confluent-kafka Producer with safe defaults and no silent failures."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer
+
+log = logging.getLogger("resilient_kafka.producer")
+
+SAFE_DEFAULTS = {"enable.idempotence": True, "acks": "all"}
+
+DeliveryCallback = Callable[[KafkaError | None, Message], None]
+
+
+class ResilientProducer(Producer):  # type: ignore[misc]
+    """``confluent_kafka.Producer`` with ``enable.idempotence=true`` and ``acks=all`` by default.
+
+    A delivery failure is never silent: it is counted in :attr:`delivery_failures`, logged at
+    ERROR (unless the caller's own ``on_delivery`` callback receives it) and passed to the
+    optional ``on_delivery_failure`` hook.
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        on_delivery_failure: DeliveryCallback | None = None,
+    ) -> None:
+        conf = {**SAFE_DEFAULTS, **config}
+        super().__init__(conf)
+        self._where = str(conf.get("bootstrap.servers", "?"))
+        self._on_failure = on_delivery_failure
+        self.delivery_failures = 0
+
+    def produce(
+        self,
+        topic: str,
+        value: Any = None,
+        key: Any = None,
+        partition: int = -1,
+        on_delivery: DeliveryCallback | None = None,
+        timestamp: int = 0,
+        headers: Any = None,
+        *,
+        callback: DeliveryCallback | None = None,
+    ) -> None:
+        super().produce(
+            topic,
+            value=value,
+            key=key,
+            partition=partition,
+            on_delivery=self._reporter(on_delivery or callback),
+            timestamp=timestamp,
+            headers=headers,
+        )
+
+    def _reporter(self, callback: DeliveryCallback | None) -> DeliveryCallback:
+        if callback is None:
+            return self._report
+
+        def report(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                self.delivery_failures += 1
+                if self._on_failure is not None:
+                    self._on_failure(err, msg)
+            callback(err, msg)
+
+        return report
+
+    def _report(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            return
+        self.delivery_failures += 1
+        log.error(
+            "delivery to %s [%s] on %s failed: %s",
+            msg.topic(),
+            msg.partition(),
+            self._where,
+            err.str(),
+        )
+        if self._on_failure is not None:
+            self._on_failure(err, msg)
+
+    def __repr__(self) -> str:  # never the config: it may hold secrets
+        return f"<ResilientProducer {self._where}>"
+
+
+# Consumer settings that a side-channel producer should share (connection and security).
+_SHARED_PREFIXES = (
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "client.id",
+    "client.rack",
+    "client.dns.lookup",
+    "security.protocol",
+    "ssl.",
+    "ssl_",
+    "sasl.",
+    "enable.ssl.",
+    "socket.",
+    "broker.",
+    "api.version.",
+    "reconnect.",
+    "retry.backoff",
+    "connections.max.idle.ms",
+    "oauth_cb",
+    "error_cb",
+    "logger",
+    "log_level",
+    "debug",
+)
+
+
+def producer_config_from(consumer_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The connection and security part of a consumer config, for its forwarding producer."""
+    return {
+        key: value for key, value in consumer_config.items() if key.startswith(_SHARED_PREFIXES)
+    }
