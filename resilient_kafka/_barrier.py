@@ -50,11 +50,12 @@ class CommitBarrier:
             if offset > outstanding[0]:
                 state.done_early.add(offset)
             return
-        outstanding.popleft()
+        last = outstanding.popleft()
         done_early = state.done_early
         while outstanding and outstanding[0] in done_early:
-            done_early.discard(outstanding.popleft())
-        state.safe = outstanding[0] if outstanding else offset + 1
+            last = outstanding.popleft()
+            done_early.discard(last)
+        state.safe = outstanding[0] if outstanding else last + 1
 
     def pending(self, topic: str, partition: int) -> int:
         """How many records of the partition are not done yet."""

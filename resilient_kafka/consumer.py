@@ -9,6 +9,7 @@ retry/DLQ copy acknowledged by the broker.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -63,7 +64,7 @@ class _Forward:
         self.next_try = 0.0
 
 
-class ResilientConsumer(Consumer):  # type: ignore[misc]
+class ResilientConsumer(Consumer):
     """``confluent_kafka.Consumer`` that routes failures to retry topics and a DLQ.
 
     Use it as a drop-in (``poll()``/``consume()``, calling :meth:`fail` on a message that could
@@ -353,7 +354,7 @@ class ResilientConsumer(Consumer):  # type: ignore[misc]
     # -- failures ----------------------------------------------------------------------------
 
     def fail(self, msg: Message, exc: BaseException) -> None:
-        """Route ``msg`` to its next retry tier or the DLQ; its offset waits for the broker's ack."""
+        """Route ``msg`` to its next retry tier or the DLQ; its offset waits for the ack."""
         for i, held in enumerate(self._in_hand):
             if held is msg:
                 del self._in_hand[i]
@@ -413,24 +414,24 @@ class ResilientConsumer(Consumer):  # type: ignore[misc]
     ) -> headers.HeaderList:
         """Headers that keep the record under ``message.max.bytes``: drop the stack trace, then
         shorten the exception message, before a forward could fail because of our diagnostics."""
-        common = {
-            "exc": exc,
-            "attempt_no": attempt,
-            "first_failure_ms": first,
-            "group": self._group,
-            "max_text_bytes": self._dead_letter.max_text_bytes,
-            "due_ms": due_ms,
-            "reason": reason,
-        }
-        hdrs = headers.forward_headers(msg, **common)  # type: ignore[arg-type]
-        if headers.size_of(key, value, hdrs) <= self._max_bytes:
-            return hdrs
-        hdrs = headers.forward_headers(msg, include_stacktrace=False, **common)  # type: ignore[arg-type]
-        if headers.size_of(key, value, hdrs) <= self._max_bytes:
-            return hdrs
-        return headers.forward_headers(  # type: ignore[arg-type]
-            msg, include_stacktrace=False, message_limit=64, **common
+        build = functools.partial(
+            headers.forward_headers,
+            msg,
+            exc=exc,
+            attempt_no=attempt,
+            first_failure_ms=first,
+            group=self._group,
+            max_text_bytes=self._dead_letter.max_text_bytes,
+            due_ms=due_ms,
+            reason=reason,
         )
+        hdrs = build()
+        if headers.size_of(key, value, hdrs) <= self._max_bytes:
+            return hdrs
+        hdrs = build(include_stacktrace=False)
+        if headers.size_of(key, value, hdrs) <= self._max_bytes:
+            return hdrs
+        return build(include_stacktrace=False, message_limit=64)
 
     def _send_forwards(self) -> None:
         now = time.monotonic()
@@ -446,7 +447,7 @@ class ResilientConsumer(Consumer):  # type: ignore[misc]
                     key=forward.key,
                     headers=forward.headers,
                     timestamp=forward.timestamp,
-                    on_delivery=lambda err, _m, f=forward: self._forwarded(f, err),
+                    on_delivery=functools.partial(self._forwarded, forward),
                 )
                 self._in_flight += 1
             except BufferError:
@@ -457,7 +458,7 @@ class ResilientConsumer(Consumer):  # type: ignore[misc]
                 waiting.append(forward)
         self._forwards = waiting
 
-    def _forwarded(self, forward: _Forward, err: KafkaError | None) -> None:
+    def _forwarded(self, forward: _Forward, err: KafkaError | None, _msg: object) -> None:
         self._in_flight -= 1
         if err is None:
             self._barrier.complete(*forward.source)

@@ -15,7 +15,7 @@ SAFE_DEFAULTS = {"enable.idempotence": True, "acks": "all"}
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 
 
-class ResilientProducer(Producer):  # type: ignore[misc]
+class ResilientProducer(Producer):
     """``confluent_kafka.Producer`` with ``enable.idempotence=true`` and ``acks=all`` by default.
 
     A delivery failure is never silent: it is counted in :attr:`delivery_failures`, logged at
