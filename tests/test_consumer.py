@@ -1,0 +1,446 @@
+"""ResilientConsumer on the real embedded broker: tiers, DLQ, headers, barrier, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, Message, TopicPartition
+
+from resilient_kafka import (
+    ConfigurationError,
+    DeadLetterPolicy,
+    ResilientConsumer,
+    ResilientKafkaError,
+    ResilientProducer,
+    RetryPolicy,
+    headers,
+)
+from resilient_kafka.errors import TopicError
+from resilient_kafka.testing import KafkaCluster
+from tests.helpers import consume, produce
+
+RK_HEADERS = {
+    "rk.original.topic",
+    "rk.original.partition",
+    "rk.original.offset",
+    "rk.original.timestamp",
+    "rk.attempt",
+    "rk.first.failure",
+    "rk.exception.type",
+    "rk.exception.message",
+    "rk.exception.stacktrace",
+    "rk.consumer.group",
+}
+
+
+class Seen:
+    """What the handler saw: (topic, value, attempt, due_ms, seen_ms)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, int, int | None, float]] = []
+        self.lock = threading.Lock()
+
+    def add(self, msg: Message) -> None:
+        with self.lock:
+            self.rows.append(
+                (
+                    msg.topic(),
+                    msg.value().decode(),
+                    headers.attempt(msg),
+                    headers.due(msg),
+                    time.time() * 1000,
+                )
+            )
+
+    def of(self, value: str) -> list[tuple[str, str, int, int | None, float]]:
+        with self.lock:
+            return [row for row in self.rows if row[1] == value]
+
+
+def _run(consumer: ResilientConsumer, handler: Callable[[Message], None]) -> threading.Thread:
+    thread = threading.Thread(target=consumer.run, args=(handler,), daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _read_all(kafka: KafkaCluster, topic: str, count: int) -> list[Message]:
+    reader = Consumer(
+        kafka.client_config(group_id=f"reader-{uuid.uuid4().hex[:6]}", auto_offset_reset="earliest")
+    )
+    reader.subscribe([topic])
+    try:
+        return consume(reader, count)
+    finally:
+        reader.close()
+
+
+def _committed(kafka: KafkaCluster, group: str, topic: str, partitions: int) -> list[int]:
+    probe = Consumer(kafka.client_config(group_id=group))
+    try:
+        got = probe.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+    finally:
+        probe.close()
+    return [tp.offset for tp in got]
+
+
+def _group() -> str:
+    return f"g{uuid.uuid4().hex[:8]}"
+
+
+def test_failures_walk_every_tier_then_the_dlq_with_exact_headers(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    topic, group = topic_factory(1), _group()
+    records = [(f"k{i}", f"v{i}") for i in range(10)]
+    producer = ResilientProducer(kafka.producer_config())
+    for key, value in records:
+        producer.produce(topic, key=key, value=value, headers=[("trace", b"abc")])
+    assert producer.flush(10) == 0
+    producer.close()
+
+    seen = Seen()
+
+    def handler(msg: Message) -> None:
+        seen.add(msg)
+        if msg.value() == b"v4":
+            raise ValueError("payment service said no")
+
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        retry=RetryPolicy(delays=(0.4, 0.8)),
+    )
+    consumer.subscribe([topic])
+    thread = _run(consumer, handler)
+    try:
+        dlq = _read_all(kafka, f"{topic}.{group}.dlq", 1)
+    finally:
+        consumer.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+
+    hops = seen.of("v4")
+    assert [(row[0], row[2]) for row in hops] == [
+        (topic, 0),
+        (f"{topic}.{group}.retry.1", 1),
+        (f"{topic}.{group}.retry.2", 2),
+    ]
+    for _topic, _value, _attempt, due, seen_ms in hops[1:]:
+        assert due is not None
+        assert seen_ms >= due, "a retry record was handed out before its due time"
+        assert seen_ms - due < 3000, "a retry record was handed out far too late"
+    assert sorted(row[1] for row in seen.rows if row[0] == topic) == sorted(v for _, v in records)
+
+    (record,) = dlq
+    assert record.key() == b"k4" and record.value() == b"v4"
+    names = [name for name, _ in record.headers()]
+    assert len(names) == len(set(names)), f"headers repeated: {names}"
+    hdrs = headers.header_dict(record)
+    assert set(hdrs) == RK_HEADERS | {"rk.reason", "trace"}
+    assert hdrs["trace"] == b"abc"
+    assert hdrs["rk.original.topic"] == topic.encode()
+    assert hdrs["rk.original.partition"] == b"0"
+    assert hdrs["rk.original.offset"] == b"4"
+    assert hdrs["rk.attempt"] == b"3"
+    assert hdrs["rk.reason"] == b"exhausted"
+    assert hdrs["rk.exception.type"] == b"ValueError"
+    assert hdrs["rk.exception.message"] == b"payment service said no"
+    assert hdrs["rk.consumer.group"] == group.encode()
+    assert b"payment service said no" in hdrs["rk.exception.stacktrace"]
+    assert headers.original(record) == (topic, 0, 4, int(hdrs["rk.original.timestamp"]))
+    assert _committed(kafka, group, topic, 1) == [10]
+
+
+def test_main_topic_keeps_flowing_while_a_retry_waits(kafka: KafkaCluster, topic_factory) -> None:
+    topic, group = topic_factory(1), _group()
+    produce(kafka.producer_config(), topic, [(f"k{i}", f"v{i}") for i in range(30)])
+    seen = Seen()
+
+    def handler(msg: Message) -> None:
+        seen.add(msg)
+        if msg.value() == b"v0" and headers.attempt(msg) == 0:
+            raise TimeoutError("slow downstream")
+
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        retry=RetryPolicy(delays=(2.0,)),
+    )
+    consumer.subscribe([topic])
+    thread = _run(consumer, handler)
+    try:
+        _wait(lambda: len(seen.of("v0")) == 2, 30, "the retry of v0")
+    finally:
+        consumer.stop()
+        thread.join(30)
+    retry_index = next(i for i, row in enumerate(seen.rows) if row[2] == 1)
+    main_before_retry = {row[1] for row in seen.rows[:retry_index] if row[0] == topic}
+    assert len(main_before_retry) == 30, "main-topic records waited behind the retry"
+
+
+def test_classification_and_the_retry_budget(kafka: KafkaCluster, topic_factory) -> None:
+    topic, group = topic_factory(1), _group()
+    produce(kafka.producer_config(), topic, [("a", "fatal"), ("b", "other"), ("c", "slow")])
+
+    def handler(msg: Message) -> None:
+        if msg.value() == b"fatal":
+            raise RuntimeError("bad") from KeyError("missing field")
+        if msg.value() == b"other":
+            raise TypeError("not in retry_on")
+        raise ValueError("transient")
+
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        retry=RetryPolicy(
+            delays=(0.5, 0.5, 0.5), retry_on=(ValueError,), dead_letter_on=(KeyError,), timeout=0.3
+        ),
+    )
+    consumer.subscribe([topic])
+    thread = _run(consumer, handler)
+    try:
+        dlq = _read_all(kafka, f"{topic}.{group}.dlq", 3)
+    finally:
+        consumer.stop()
+        thread.join(30)
+    by_value = {m.value(): headers.header_dict(m) for m in dlq}
+    assert by_value[b"fatal"]["rk.reason"] == b"non_retryable"
+    assert by_value[b"fatal"]["rk.attempt"] == b"1"
+    assert by_value[b"other"]["rk.reason"] == b"non_retryable"
+    assert by_value[b"slow"]["rk.reason"] == b"timeout"  # first retry came after the budget
+    assert by_value[b"slow"]["rk.attempt"] == b"2"
+
+
+def test_undeserializable_records_go_to_the_dlq_with_raw_bytes(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    topic, group = topic_factory(1), _group()
+    produce(kafka.producer_config(), topic, [("a", '{"n": 1}'), ("b", "{not json"), ("c", "[2]")])
+    values: list[Any] = []
+
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        value_deserializer=lambda data, ctx: json.loads(data),
+    )
+    consumer.subscribe([topic])
+    thread = _run(consumer, lambda msg: values.append(msg.value()))
+    try:
+        (dead,) = _read_all(kafka, f"{topic}.{group}.dlq", 1)
+        _wait(lambda: len(values) == 2, 20, "the two good records")
+    finally:
+        consumer.stop()
+        thread.join(30)
+    assert values == [{"n": 1}, [2]]
+    assert dead.value() == b"{not json"
+    hdrs = headers.header_dict(dead)
+    assert hdrs["rk.reason"] == b"deserialization"
+    assert hdrs["rk.exception.type"] == b"resilient_kafka.consumer.DeserializationError"
+    assert _committed(kafka, group, topic, 1) == [3]
+
+
+def test_oversized_dead_letter_drops_diagnostics_instead_of_failing(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    topic, group = topic_factory(1), _group()
+    big_value = "x" * 9000
+    produce(kafka.producer_config(), topic, [("k", big_value)])
+
+    def handler(msg: Message) -> None:
+        raise ValueError("y" * 8000)
+
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        retry=RetryPolicy(delays=()),
+        producer_config={"message.max.bytes": 12000},
+    )
+    consumer.subscribe([topic])
+    thread = _run(consumer, handler)
+    try:
+        (dead,) = _read_all(kafka, f"{topic}.{group}.dlq", 1)
+    finally:
+        consumer.stop()
+        thread.join(30)
+    hdrs = headers.header_dict(dead)
+    assert dead.value() == big_value.encode()
+    assert "rk.exception.stacktrace" not in hdrs
+    assert hdrs["rk.exception.message"].endswith(b"[truncated]")
+    assert len(hdrs["rk.exception.message"]) <= 64
+    assert hdrs["rk.reason"] == b"exhausted"
+
+
+def test_drop_in_poll_loop_and_commit_clamped_to_safe_offsets(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    topic, group = topic_factory(1), _group()
+    produce(kafka.producer_config(), topic, [(f"k{i}", f"v{i}") for i in range(5)])
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest", enable_auto_commit=False),
+        retry=RetryPolicy(delays=(60.0,)),
+    )
+    consumer.subscribe([topic])
+    try:
+        got = []
+        deadline = time.monotonic() + 30
+        while len(got) < 5 and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            got.append(msg.value())
+            if msg.value() == b"v2":
+                failed = msg
+                consumer.fail(msg, ValueError("later"))
+        assert got == [b"v0", b"v1", b"v2", b"v3", b"v4"]
+        with pytest.raises(ResilientKafkaError, match="still in hand"):
+            consumer.fail(failed, ValueError("twice"))  # already failed: no longer in hand
+        # asking past the end commits only what is safe: v2's forward must be acked first
+        _wait(lambda: consumer._drain(0.1), 20, "the forward of v2")
+        committed = consumer.commit(offsets=[TopicPartition(topic, 0, 1000)], asynchronous=False)
+        assert [tp.offset for tp in committed or []] == [5]
+    finally:
+        consumer.close()
+    (retry,) = _read_all(kafka, f"{topic}.{group}.retry.1", 1)
+    assert retry.value() == b"v2"
+
+
+_KILLED_CONSUMER = textwrap.dedent(
+    """
+    import sys
+    from resilient_kafka import ResilientConsumer, RetryPolicy
+    bootstrap, topic, group, blackhole = sys.argv[1:5]
+    consumer = ResilientConsumer(
+        {"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+         "enable.auto.commit": False, "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
+        retry=RetryPolicy(delays=(0.1,)),
+        # forwards go to a broker that never answers: fail() can never be acknowledged
+        producer_config={"bootstrap.servers": blackhole, "message.timeout.ms": 600000},
+    )
+    consumer.subscribe([topic])
+    seen = 0
+    while seen < 10:
+        msg = consumer.poll(0.5)
+        if msg is None or msg.error():
+            continue
+        seen += 1
+        if msg.value() == b"v5":
+            consumer.fail(msg, ValueError("downstream"))
+    committed = consumer.commit(asynchronous=False)
+    print("committed", [tp.offset for tp in committed or []], flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def test_sigkill_before_the_forward_is_acked_loses_nothing(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    topic, group = topic_factory(1), _group()
+    produce(kafka.producer_config(), topic, [(f"k{i}", f"v{i}") for i in range(10)])
+    with socket.socket() as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen()
+        address = "127.0.0.1:%d" % blackhole.getsockname()[1]
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _KILLED_CONSUMER,
+                kafka.bootstrap_servers,
+                topic,
+                group,
+                address,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )
+        try:
+            assert child.stdout is not None
+            line = child.stdout.readline()
+            assert line.strip() == "committed [5]", line  # held at the unacknowledged v5
+        finally:
+            child.kill()
+            child.wait()
+
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        retry=RetryPolicy(delays=(0.1,)),
+    )
+    consumer.subscribe([topic])
+    try:
+        msg = None
+        deadline = time.monotonic() + 30
+        while msg is None and time.monotonic() < deadline:
+            candidate = consumer.poll(0.5)
+            if candidate is not None and candidate.error() is None:
+                msg = candidate
+        assert msg is not None and msg.value() == b"v5", "v5 was lost"
+        assert msg.offset() == 5
+    finally:
+        consumer.close()
+
+
+def test_bad_configuration_is_rejected_clearly(kafka: KafkaCluster, topic_factory) -> None:
+    with pytest.raises(ConfigurationError, match="needs a 'group.id'"):
+        ResilientConsumer(kafka.client_config())
+    with pytest.raises(ConfigurationError, match="needs 'bootstrap.servers'"):
+        ResilientConsumer({"group.id": "g"})
+
+    consumer = ResilientConsumer(kafka.client_config(group_id="no such topic"))
+    try:
+        with pytest.raises(ConfigurationError, match="not a legal Kafka topic name"):
+            consumer.subscribe([topic_factory(1)])
+    finally:
+        consumer.close()
+
+    consumer = ResilientConsumer(kafka.client_config(group_id=_group()))
+    try:
+        with pytest.raises(TopicError, match=r"topic\(s\) \['absent-topic'\] do not exist"):
+            consumer.subscribe(["absent-topic"])
+        with pytest.raises(ConfigurationError, match="pattern subscriptions"):
+            consumer.subscribe(["^orders.*"])
+    finally:
+        consumer.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"delays": (1.0, -2.0)}, "non-negative"),
+        ({"jitter": 1.5}, "jitter"),
+        ({"timeout": 0}, "timeout must be positive"),
+        ({"topic_template": "{topic}.retry"}, "must contain {n}"),
+        ({"retry_on": (ValueError, "nope")}, "must be exception classes"),
+    ],
+)
+def test_bad_policies_are_rejected(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        RetryPolicy(**kwargs)
+
+
+def test_policy_helpers() -> None:
+    policy = RetryPolicy.exponential(initial=1, multiplier=3, max_delay=5, attempts=4, jitter=0)
+    assert policy.delays == (1.0, 3.0, 5.0, 5.0)
+    jittery = RetryPolicy(delays=(10.0,), jitter=0.2)
+    assert all(8.0 <= jittery.delay(1) <= 12.0 for _ in range(100))
+    assert policy.topic("orders", "pay", 2) == "orders.pay.retry.2"
+    assert DeadLetterPolicy().topic("orders", "pay") == "orders.pay.dlq"
+    with pytest.raises(ConfigurationError, match="bad topic name template"):
+        DeadLetterPolicy(topic_template="{topc}.dlq").topic("o", "g")
+    with pytest.raises(ConfigurationError, match="max_text_bytes"):
+        DeadLetterPolicy(max_text_bytes=10)
