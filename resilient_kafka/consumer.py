@@ -269,6 +269,8 @@ class ResilientConsumer(Consumer):
         """Track ``msg``, or hold it back: retry records not yet due, undeserializable records."""
         topic = msg.topic()
         if topic in self._tiers:
+            if (topic, msg.partition()) in self._waiting:
+                return None  # fetched in the same batch behind a record that is not due
             due = headers.due(msg)
             if due is not None and due > time.time() * 1000:
                 tp = TopicPartition(topic, msg.partition(), msg.offset())

@@ -353,7 +353,7 @@ def test_sigkill_before_the_forward_is_acked_loses_nothing(
     with socket.socket() as blackhole:
         blackhole.bind(("127.0.0.1", 0))
         blackhole.listen()
-        address = "127.0.0.1:%d" % blackhole.getsockname()[1]
+        address = f"127.0.0.1:{blackhole.getsockname()[1]}"
         child = subprocess.Popen(
             [
                 sys.executable,
@@ -396,9 +396,9 @@ def test_sigkill_before_the_forward_is_acked_loses_nothing(
 
 
 def test_bad_configuration_is_rejected_clearly(kafka: KafkaCluster, topic_factory) -> None:
-    with pytest.raises(ConfigurationError, match="needs a 'group.id'"):
+    with pytest.raises(ConfigurationError, match=r"needs a 'group\.id'"):
         ResilientConsumer(kafka.client_config())
-    with pytest.raises(ConfigurationError, match="needs 'bootstrap.servers'"):
+    with pytest.raises(ConfigurationError, match=r"needs 'bootstrap\.servers'"):
         ResilientConsumer({"group.id": "g"})
 
     consumer = ResilientConsumer(kafka.client_config(group_id="no such topic"))
