@@ -9,7 +9,7 @@ import threading
 from collections.abc import Sequence
 
 from resilient_kafka import __version__
-from resilient_kafka.errors import ResilientKafkaError
+from resilient_kafka.errors import ConfigurationError, ResilientKafkaError
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
@@ -52,8 +52,14 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from resilient_kafka.demo import run_demo
 
+    try:
+        delays = tuple(float(d) for d in args.delays.split(",") if d.strip())
+    except ValueError:
+        raise ConfigurationError(
+            f"--delays takes seconds separated by commas, like 1,3,10; got {args.delays!r}"
+        ) from None
     return run_demo(
-        messages=args.messages, partitions=args.partitions, bootstrap_servers=args.bootstrap
+        messages=args.messages, rate=args.rate, delays=delays, bootstrap_servers=args.bootstrap
     )
 
 
@@ -78,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="run the main job end to end on the embedded broker and report"
     )
-    demo.add_argument("--messages", type=int, default=1000, help="messages to send (default 1000)")
-    demo.add_argument("--partitions", type=int, default=3, help="partitions of the demo topic")
+    demo.add_argument("--messages", type=int, default=2000, help="orders to send (default 2000)")
+    demo.add_argument("--rate", type=float, default=100.0, help="orders per second (default 100)")
+    demo.add_argument(
+        "--delays", default="1,3,10", help="retry tier delays in seconds (default 1,3,10)"
+    )
     demo.add_argument(
         "-b",
         "--bootstrap-servers",

@@ -1,13 +1,17 @@
-"""``resilient-kafka demo``: the main job end to end on a real broker, with a report.
+"""``resilient-kafka demo``: the main job end to end on a real broker, with live progress.
 
-Sends keyed messages with delivery reports, consumes them in a consumer group, commits only
-after processing, and checks that every message arrived once and every offset was committed.
+A producer streams order events; a ResilientConsumer's handler charges each order through a
+simulated flaky payment service (transient outages that retry topics absorb, poison orders that
+go straight to the DLQ, a few that keep failing until their retries run out). The run ends with
+an accounting: every order was paid, or is in the dead-letter queue — none lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import threading
 import time
 import uuid
 from collections import Counter
@@ -15,42 +19,64 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from resilient_kafka import _config
+from resilient_kafka import _config, headers
 from resilient_kafka._extras import require
+from resilient_kafka.consumer import ResilientConsumer
 from resilient_kafka.errors import ConfigurationError
+from resilient_kafka.policies import RetryPolicy
+from resilient_kafka.producer import ResilientProducer
 from resilient_kafka.testing._cluster import ExternalKafka, KafkaCluster
 
-_TIMEOUT = 60.0
+
+class PaymentDeclined(Exception):
+    """The order itself is bad (a poison record): retrying cannot help."""
+
+
+class PaymentServiceUnavailable(ConnectionError):
+    """The payment service is flaky: a later attempt may succeed."""
+
+
+class FlakyPaymentService:
+    """Deterministic per order: ~2 % poison, ~15 % fail transiently once or twice, ~1 % never
+    recover (their retries run out). The rest succeed at once."""
+
+    def __init__(self) -> None:
+        self.charges = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _roll(order_id: str) -> int:
+        return int(hashlib.sha256(order_id.encode()).hexdigest()[:8], 16) % 1000
+
+    def charge(self, order_id: str, attempt: int) -> None:
+        roll = self._roll(order_id)
+        with self._lock:
+            self.charges += 1
+        if roll < 20:
+            raise PaymentDeclined(f"card declined for {order_id}")
+        if roll < 30:
+            raise PaymentServiceUnavailable("payment service timed out")
+        if roll < 180 and attempt < 1 + roll % 2:
+            raise PaymentServiceUnavailable("payment service returned 503")
 
 
 @dataclass
-class DemoResult:
-    """What the demo saw; ``ok`` only when nothing was lost, duplicated or left uncommitted."""
+class Accounting:
+    """Where every order ended up."""
 
-    bootstrap_servers: str
-    topic: str
-    sent: int
-    delivered: int = 0
-    delivery_errors: list[str] = field(default_factory=list)
-    consumed: int = 0
-    duplicates: int = 0
-    end_offsets: dict[int, int] = field(default_factory=dict)
-    committed: dict[int, int] = field(default_factory=dict)
-    produce_seconds: float = 0.0
-    consume_seconds: float = 0.0
+    produced: set[str] = field(default_factory=set)
+    paid: set[str] = field(default_factory=set)
+    dead_lettered: dict[str, str] = field(default_factory=dict)  # order id -> rk.reason
+    handled_per_attempt: Counter[int] = field(default_factory=Counter)
+    delivery_errors: int = 0
 
     @property
-    def missing(self) -> int:
-        return self.delivered - (self.consumed - self.duplicates)
+    def lost(self) -> set[str]:
+        return self.produced - self.paid - set(self.dead_lettered)
 
     @property
-    def ok(self) -> bool:
-        return (
-            self.delivered == self.sent
-            and self.missing == 0
-            and self.duplicates == 0
-            and self.committed == self.end_offsets
-        )
+    def settled(self) -> bool:
+        return bool(self.produced) and not self.lost
 
 
 @contextlib.contextmanager
@@ -65,126 +91,188 @@ def _cluster(bootstrap_servers: str | None) -> Iterator[KafkaCluster]:
         yield broker
 
 
-def round_trip(
-    cluster: KafkaCluster, *, messages: int, partitions: int, progress: Any = None
-) -> DemoResult:
-    """Produce ``messages`` keyed records, consume and commit them, and account for each one."""
-    from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+class OrderPipeline:
+    """Producer, ResilientConsumer and a DLQ reader running against one cluster."""
 
-    run_id = uuid.uuid4().hex[:8]
-    topic = f"resilient-kafka-demo-{run_id}"
-    cluster.create_topics({topic: partitions})
-    result = DemoResult(cluster.bootstrap_servers, topic, sent=messages)
+    def __init__(
+        self,
+        cluster: KafkaCluster,
+        *,
+        messages: int,
+        rate: float,
+        delays: tuple[float, ...],
+        partitions: int = 3,
+    ) -> None:
+        run = uuid.uuid4().hex[:6]
+        self.cluster = cluster
+        self.topic = f"orders-{run}"
+        self.group = f"payments-{run}"
+        self.messages = messages
+        self.rate = rate
+        self.accounting = Accounting()
+        self.service = FlakyPaymentService()
+        self.lock = threading.Lock()
+        cluster.create_topics({self.topic: partitions})
+        self.consumer = ResilientConsumer(
+            cluster.client_config(group_id=self.group, auto_offset_reset="earliest"),
+            retry=RetryPolicy(delays=delays, dead_letter_on=(PaymentDeclined,)),
+        )
+        self.consumer.subscribe([self.topic])
+        self.dlq_topic = self.consumer.dead_letter_topic(self.topic)
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._produce, name="producer", daemon=True),
+            threading.Thread(target=self.consumer.run, args=(self._handle,), daemon=True),
+            threading.Thread(target=self._read_dlq, name="dlq-reader", daemon=True),
+        ]
 
-    def on_delivery(err: KafkaError | None, msg: Any) -> None:
-        if err is not None:
-            result.delivery_errors.append(str(err))
-            return
-        result.delivered += 1
-        partition = msg.partition()
-        result.end_offsets[partition] = max(result.end_offsets.get(partition, 0), msg.offset() + 1)
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
 
-    producer = Producer(cluster.producer_config({"enable.idempotence": True, "acks": "all"}))
-    task = progress.add_task("producing", total=messages) if progress else None
-    started = time.monotonic()
-    for i in range(messages):
-        while True:
-            try:
-                producer.produce(
-                    topic, key=f"order-{i}", value=f"{run_id}:{i}", on_delivery=on_delivery
-                )
+    def stop(self) -> None:
+        self._stop.set()
+        self.consumer.stop()
+        for thread in self._threads:
+            thread.join(60)
+
+    def _handle(self, msg: Any) -> None:
+        order_id = msg.key().decode()
+        attempt = headers.attempt(msg)
+        with self.lock:
+            self.accounting.handled_per_attempt[attempt] += 1
+        self.service.charge(order_id, attempt)
+        with self.lock:
+            self.accounting.paid.add(order_id)
+
+    def _produce(self) -> None:
+        producer = ResilientProducer(self.cluster.producer_config())
+
+        def delivered(err: Any, msg: Any) -> None:
+            with self.lock:
+                if err is None:
+                    self.accounting.produced.add(msg.key().decode())
+                else:
+                    self.accounting.delivery_errors += 1
+
+        started = time.monotonic()
+        for i in range(self.messages):
+            if self._stop.is_set():
                 break
-            except BufferError:  # local queue full: serve delivery reports, then try again
-                producer.poll(0.1)
-        producer.poll(0)
-        if progress:
-            progress.update(task, completed=i + 1)
-    remaining = producer.flush(_TIMEOUT)
-    producer.close()
-    result.produce_seconds = time.monotonic() - started
-    if remaining:
-        result.delivery_errors.append(f"{remaining} message(s) still undelivered after flush")
+            order = f"order-{i:06d}"
+            value = f'{{"order": "{order}", "amount_cents": {100 + i % 900}}}'
+            producer.produce(self.topic, key=order, value=value, on_delivery=delivered)
+            producer.poll(0)
+            ahead = (i + 1) / self.rate - (time.monotonic() - started)
+            if ahead > 0:
+                self._stop.wait(ahead)
+        producer.flush(30)
+        producer.close()
 
-    consumer = Consumer(
-        cluster.client_config(
-            {
-                "group.id": f"resilient-kafka-demo-{run_id}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-            }
+    def _read_dlq(self) -> None:
+        from confluent_kafka import Consumer
+
+        reader = Consumer(
+            self.cluster.client_config(
+                group_id=f"{self.group}-dlq-audit", auto_offset_reset="earliest"
+            )
         )
-    )
-    seen: Counter[str] = Counter()
-    task = progress.add_task("consuming", total=result.delivered) if progress else None
-    started = time.monotonic()
-    deadline = started + _TIMEOUT
-    try:
-        consumer.subscribe([topic])
-        while len(seen) < result.delivered and time.monotonic() < deadline:
-            batch = consumer.consume(500, timeout=0.5)
-            for msg in batch:
-                if msg.error():
-                    continue
-                seen[(msg.value() or b"").decode()] += 1
-            if batch:
-                consumer.commit(asynchronous=False)  # commit only what was processed
-            if progress:
-                progress.update(task, completed=len(seen))
-        result.consume_seconds = time.monotonic() - started
-        committed = consumer.committed(
-            [TopicPartition(topic, p) for p in range(partitions)], timeout=10
-        )
-        result.committed = {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
-    finally:
-        consumer.close()
-    result.consumed = sum(seen.values())
-    result.duplicates = sum(count - 1 for count in seen.values())
-    with contextlib.suppress(Exception):
-        cluster.delete_topics([topic])
-    return result
+        reader.subscribe([self.dlq_topic])
+        try:
+            while not self._stop.is_set():
+                for msg in reader.consume(100, timeout=0.2):
+                    if msg.error() is None:
+                        reason = headers.header_dict(msg).get(headers.REASON, b"?").decode()
+                        with self.lock:
+                            self.accounting.dead_lettered[msg.key().decode()] = reason
+        finally:
+            reader.close()
+
+    def settled(self) -> bool:
+        """Every order produced, and each one paid or dead-lettered."""
+        with self.lock:
+            acc = self.accounting
+            return len(acc.produced) + acc.delivery_errors >= self.messages and acc.settled
+
+
+def _progress_table(pipeline: OrderPipeline, rich_table: Any, elapsed: float) -> Any:
+    acc = pipeline.accounting
+    with pipeline.lock:
+        reasons = Counter(acc.dead_lettered.values())
+        rows = [
+            ("orders produced", f"{len(acc.produced)} / {pipeline.messages}"),
+            ("paid", str(len(acc.paid))),
+            ("first attempts", str(acc.handled_per_attempt[0])),
+            *(
+                (f"retries from tier {n}", str(acc.handled_per_attempt[n]))
+                for n in range(1, len(pipeline.consumer.retry_topics(pipeline.topic)) + 1)
+            ),
+            ("dead-lettered", f"{len(acc.dead_lettered)}  {dict(reasons) or ''}"),
+            ("not yet settled", str(len(acc.lost))),
+        ]
+    table = rich_table.Table(title=f"orders → payments  ({elapsed:.0f}s)")
+    table.add_column("stage")
+    table.add_column("orders", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
 
 
 def run_demo(
-    messages: int = 1000, partitions: int = 3, bootstrap_servers: str | None = None
+    messages: int = 2000,
+    rate: float = 100.0,
+    delays: tuple[float, ...] = (1.0, 3.0, 10.0),
+    bootstrap_servers: str | None = None,
+    timeout: float = 300.0,
 ) -> int:
-    """Run the demo with progress bars and print a report; exit code 0 when nothing was lost."""
-    if messages < 1 or partitions < 1:
+    """Run the pipeline with a live view and print the accounting; 0 when nothing was lost."""
+    if messages < 1 or rate <= 0:
         raise ConfigurationError(
-            f"--messages and --partitions must be positive (got {messages} and {partitions})"
+            f"--messages and --rate must be positive (got {messages} and {rate})"
         )
     rich_console = require("rich.console", extra="demo", purpose="resilient-kafka demo")
-    rich_progress = require("rich.progress", extra="demo", purpose="resilient-kafka demo")
+    rich_live = require("rich.live", extra="demo", purpose="resilient-kafka demo")
     rich_table = require("rich.table", extra="demo", purpose="resilient-kafka demo")
     console = rich_console.Console()
 
     with _cluster(bootstrap_servers) as cluster:
         kind = "embedded Tansu broker" if not isinstance(cluster, ExternalKafka) else "cluster"
         console.print(f"Using the {kind} at [bold]{cluster.bootstrap_servers}[/bold]")
-        with rich_progress.Progress(console=console, transient=True) as progress:
-            result = round_trip(
-                cluster, messages=messages, partitions=partitions, progress=progress
-            )
-
-    table = rich_table.Table(title=f"Round trip through {result.topic}")
-    table.add_column("what")
-    table.add_column("value", justify="right")
-    rate = result.delivered / result.produce_seconds if result.produce_seconds else 0.0
-    table.add_row("sent", str(result.sent))
-    table.add_row("delivered (acks=all)", f"{result.delivered}  ({rate:,.0f} msg/s)")
-    table.add_row("delivery errors", str(len(result.delivery_errors)))
-    table.add_row("consumed", f"{result.consumed}  in {result.consume_seconds:.1f}s")
-    table.add_row("missing", str(result.missing))
-    table.add_row("duplicates", str(result.duplicates))
-    for partition in sorted(result.end_offsets):
-        table.add_row(
-            f"partition {partition} end / committed",
-            f"{result.end_offsets[partition]} / {result.committed.get(partition, '-')}",
+        pipeline = OrderPipeline(cluster, messages=messages, rate=rate, delays=delays)
+        console.print(
+            f"{messages} orders at {rate:g}/s into [bold]{pipeline.topic}[/bold]; retry tiers "
+            f"{', '.join(pipeline.consumer.retry_topics(pipeline.topic))}; "
+            f"DLQ {pipeline.dlq_topic}"
         )
-    console.print(table)
-    for error in result.delivery_errors[:5]:
-        console.print(f"[red]delivery error:[/red] {error}")
-    if result.ok:
-        console.print("[green]OK[/green]: every message delivered, consumed once and committed.")
+        started = time.monotonic()
+        pipeline.start()
+        try:
+            with rich_live.Live(console=console, refresh_per_second=4, transient=False) as live:
+                while time.monotonic() - started < timeout:
+                    live.update(_progress_table(pipeline, rich_table, time.monotonic() - started))
+                    if pipeline.settled():
+                        break
+                    time.sleep(0.25)
+                live.update(_progress_table(pipeline, rich_table, time.monotonic() - started))
+        finally:
+            pipeline.stop()
+
+    acc = pipeline.accounting
+    lost = acc.lost
+    summary = rich_table.Table(title="Accounting")
+    summary.add_column("orders")
+    summary.add_column("count", justify="right")
+    summary.add_row("produced (acknowledged)", str(len(acc.produced)))
+    summary.add_row("paid", str(len(acc.paid & acc.produced)))
+    for reason, count in sorted(Counter(acc.dead_lettered.values()).items()):
+        summary.add_row(f"in the DLQ ({reason})", str(count))
+    summary.add_row("payment calls", str(pipeline.service.charges))
+    summary.add_row("lost", str(len(lost)))
+    console.print(summary)
+    if acc.delivery_errors:
+        console.print(f"[red]{acc.delivery_errors} orders could not be produced[/red]")
+    if acc.settled and not acc.delivery_errors:
+        console.print("[green]OK[/green]: every order was paid or is in the DLQ; 0 lost.")
         return 0
-    console.print("[red]FAILED[/red]: see the table above.")
+    console.print(f"[red]FAILED[/red]: {len(lost)} orders unaccounted for: {sorted(lost)[:10]}")
     return 1

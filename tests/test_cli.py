@@ -62,30 +62,38 @@ def test_broker_command_on_a_busy_port_fails_clearly() -> None:
     assert f"error: cannot start the embedded broker: port {port} on 127.0.0.1" in done.stderr
 
 
-def test_demo_round_trip_on_the_embedded_broker() -> None:
+def test_demo_accounts_for_every_order_on_the_embedded_broker() -> None:
     done = subprocess.run(
-        [*CLI, "demo", "--messages", "300", "--partitions", "2"],
+        [*CLI, "demo", "--messages", "400", "--rate", "2000", "--delays", "0.2,0.4,0.6"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
         env=_ENV,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "Using the embedded Tansu broker" in done.stdout
-    assert re.search(r"consumed\s+│\s+300\b", done.stdout), done.stdout
-    assert "OK: every message delivered, consumed once and committed." in done.stdout
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    assert "Using the embedded Tansu broker" in out
+    assert re.search(r"produced \(acknowledged\)\s+│\s+400\b", out), out
+    assert re.search(r"in the DLQ \(non_retryable\)\s+│\s+[1-9]", out), out
+    assert re.search(r"in the DLQ \(exhausted\)\s+│\s+[1-9]", out), out
+    assert re.search(r"retries from tier 3\s+│\s+[1-9]", out), out
+    assert re.search(r"lost\s+│\s+0\b", out), out
+    assert "OK: every order was paid or is in the DLQ; 0 lost." in out
 
 
 def test_demo_against_an_external_cluster(kafka: KafkaCluster, capsys) -> None:
-    assert main(["demo", "--messages", "50", "-b", kafka.bootstrap_servers]) == 0
+    args = ["demo", "--messages", "60", "--rate", "1000", "--delays", "0.1"]
+    assert main([*args, "-b", kafka.bootstrap_servers]) == 0
     out = capsys.readouterr().out
     assert f"Using the cluster at {kafka.bootstrap_servers}" in out
-    assert "OK:" in out
+    assert "0 lost" in out
 
 
 def test_demo_rejects_bad_arguments(capsys) -> None:
     assert main(["demo", "--messages", "0"]) == 1
-    assert "--messages and --partitions must be positive" in capsys.readouterr().err
+    assert "--messages and --rate must be positive" in capsys.readouterr().err
+    assert main(["demo", "--delays", "1,soon"]) == 1
+    assert "--delays takes seconds separated by commas" in capsys.readouterr().err
 
 
 def test_demo_without_its_extra_says_what_to_install(monkeypatch) -> None:
