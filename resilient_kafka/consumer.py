@@ -118,6 +118,7 @@ class ResilientConsumer(Consumer):
         self._tiers: dict[str, tuple[str, int]] = {}  # retry topic -> (source topic, tier)
         self._waiting: dict[_Key, int] = {}  # partitions paused until a retry record is due (ms)
         self._user_paused: set[_Key] = set()
+        self._to_resume: set[_Key] = set()  # newly assigned, possibly still paused from before
         self._last_store = 0.0
         self._stop = threading.Event()
         self._closed = False
@@ -194,6 +195,10 @@ class ResilientConsumer(Consumer):
     # -- rebalance ---------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # librdkafka keeps a partition's pause flag across revoke/assign, but our reasons to
+        # pause it were forgotten on revoke: resume once the assignment is in place (next poll),
+        # unless the application pauses it again in its own callback.
+        self._to_resume.update((tp.topic, tp.partition) for tp in partitions)
         callback = self._user_callbacks.get("assign")
         if callback is not None:
             callback(self, partitions)
@@ -325,6 +330,11 @@ class ResilientConsumer(Consumer):
         self._producer.poll(0)
         if self._forwards:
             self._send_forwards()
+        if self._to_resume:
+            keys = self._to_resume - self._user_paused - self._waiting.keys()
+            self._to_resume.clear()
+            if keys:
+                super().resume([TopicPartition(t, p) for t, p in keys])
         now = time.monotonic()
         if self._auto_commit and now - self._last_store >= _STORE_INTERVAL:
             self._last_store = now
@@ -437,8 +447,10 @@ class ResilientConsumer(Consumer):
 
     def _send_forwards(self) -> None:
         now = time.monotonic()
-        waiting = []
-        for forward in self._forwards:
+        # take the list first: delivery callbacks fired by poll() below may append to it
+        pending, self._forwards = self._forwards, []
+        waiting = self._forwards
+        for forward in pending:
             if forward.next_try > now:
                 waiting.append(forward)
                 continue
@@ -458,7 +470,6 @@ class ResilientConsumer(Consumer):
             except KafkaException as exc:
                 self._forward_failed(forward, exc.args[0] if exc.args else exc)
                 waiting.append(forward)
-        self._forwards = waiting
 
     def _forwarded(self, forward: _Forward, err: KafkaError | None, _msg: object) -> None:
         self._in_flight -= 1

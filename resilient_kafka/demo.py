@@ -184,7 +184,8 @@ class OrderPipeline:
                     if msg.error() is None:
                         reason = headers.header_dict(msg).get(headers.REASON, b"?").decode()
                         with self.lock:
-                            self.accounting.dead_lettered[msg.key().decode()] = reason
+                            order = (msg.key() or b"").decode()
+                            self.accounting.dead_lettered[order] = reason
         finally:
             reader.close()
 

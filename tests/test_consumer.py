@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -444,3 +445,98 @@ def test_policy_helpers() -> None:
         DeadLetterPolicy(topic_template="{topc}.dlq").topic("o", "g")
     with pytest.raises(ConfigurationError, match="max_text_bytes"):
         DeadLetterPolicy(max_text_bytes=10)
+
+
+def test_a_failed_forward_is_retried_and_holds_the_offset_until_acked(
+    kafka: KafkaCluster, topic_factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    from confluent_kafka import KafkaError, KafkaException
+
+    topic, group = topic_factory(1), _group()
+    produce(kafka.producer_config(), topic, [("k0", "v0")])
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest", enable_auto_commit=False),
+        retry=RetryPolicy(delays=(60.0,)),
+    )
+    real_produce = consumer._producer.produce
+    calls = []
+
+    def flaky_produce(*args: Any, **kwargs: Any) -> None:
+        calls.append(args[0])
+        if len(calls) == 1:  # refused locally
+            raise KafkaException(KafkaError(KafkaError._QUEUE_FULL))
+        if len(calls) == 2:  # accepted, then reported failed
+            callback = kwargs["on_delivery"]
+            kwargs["on_delivery"] = lambda err, msg: callback(
+                KafkaError(KafkaError._MSG_TIMED_OUT), msg
+            )
+        real_produce(*args, **kwargs)
+
+    consumer._producer.produce = flaky_produce  # type: ignore[method-assign]
+    consumer.subscribe([topic])
+    try:
+        msg = None
+        deadline = time.monotonic() + 30
+        while msg is None and time.monotonic() < deadline:
+            candidate = consumer.poll(0.5)
+            if candidate is not None and candidate.error() is None:
+                msg = candidate
+        assert msg is not None
+        with caplog.at_level(logging.ERROR, logger="resilient_kafka.consumer"):
+            consumer.fail(msg, ValueError("downstream"))
+            assert consumer.commit(asynchronous=False) is None  # nothing safe yet
+            _wait(lambda: consumer._drain(0.1), 20, "the forward to be acknowledged")
+        assert len(calls) == 3
+        assert sum("forward of" in r.getMessage() for r in caplog.records) == 2
+        committed = consumer.commit(asynchronous=False)
+        assert [tp.offset for tp in committed or []] == [1]
+    finally:
+        consumer.close()
+
+
+def test_rebalance_while_retries_are_pending_loses_nothing(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    topic, group = topic_factory(2), _group()
+    values = [f"v{i}" for i in range(20)]
+    produce(kafka.producer_config(), topic, [(f"k{i}", v) for i, v in enumerate(values)])
+    seen = Seen()
+    assigned: dict[str, list[int]] = {}
+
+    def handler(msg: Message) -> None:
+        seen.add(msg)
+        if headers.attempt(msg) == 0:
+            raise ConnectionError("downstream blip")
+
+    def conf() -> dict[str, Any]:
+        return kafka.client_config(group_id=group, auto_offset_reset="earliest")
+
+    first = ResilientConsumer(conf(), retry=RetryPolicy(delays=(3.0,)))
+    first.subscribe(
+        [topic], on_assign=lambda c, ps: assigned.setdefault("first", []).append(len(ps))
+    )
+    first_thread = _run(first, handler)
+    second = ResilientConsumer(conf(), retry=RetryPolicy(delays=(3.0,)))
+    try:
+        _wait(lambda: len(seen.rows) >= 20, 30, "every first attempt")
+        # a second member joins while 20 retries wait, then leaves again
+        second.subscribe(
+            [topic], on_assign=lambda c, ps: assigned.setdefault("second", []).append(len(ps))
+        )
+        second_thread = _run(second, handler)
+        _wait(lambda: "second" in assigned, 40, "the second consumer to be assigned")
+        second.stop()
+        second_thread.join(30)
+        _wait(
+            lambda: {row[1] for row in seen.rows if row[2] == 1} == set(values),
+            60,
+            "every retry to be processed",
+        )
+    finally:
+        first.stop()
+        second.stop()
+        first_thread.join(30)
+    for _topic, _value, attempt, due, seen_ms in seen.rows:
+        if attempt == 1:
+            assert due is not None and seen_ms >= due
+    assert len(assigned["first"]) >= 2, "the first consumer saw no rebalance"
