@@ -540,3 +540,45 @@ def test_rebalance_while_retries_are_pending_loses_nothing(
         if attempt == 1:
             assert due is not None and seen_ms >= due
     assert len(assigned["first"]) >= 2, "the first consumer saw no rebalance"
+
+
+_SIGNALLED_CONSUMER = textwrap.dedent(
+    """
+    import sys
+    from resilient_kafka import ResilientConsumer
+    bootstrap, topic, group = sys.argv[1:4]
+    consumer = ResilientConsumer(
+        {"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+         "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
+    )
+    consumer.subscribe([topic])
+    consumer.run(lambda msg: print(msg.value().decode(), flush=True))
+    print("stopped", flush=True)
+    """
+)
+
+
+def test_run_in_the_main_thread_stops_cleanly_on_sigterm(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    import signal
+
+    topic, group = topic_factory(1), _group()
+    produce(kafka.producer_config(), topic, [(f"k{i}", f"v{i}") for i in range(5)])
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SIGNALLED_CONSUMER, kafka.bootstrap_servers, topic, group],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    try:
+        assert child.stdout is not None
+        lines = [child.stdout.readline().strip() for _ in range(5)]
+        assert lines == [f"v{i}" for i in range(5)]
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=30) == 0
+        assert child.stdout.read().strip() == "stopped"
+    finally:
+        child.kill()
+        child.wait()
+    assert _committed(kafka, group, topic, 1) == [5]  # the last message in hand was committed
