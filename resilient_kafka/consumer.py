@@ -119,6 +119,7 @@ class ResilientConsumer(Consumer):
         self._waiting: dict[_Key, int] = {}  # partitions paused until a retry record is due (ms)
         self._user_paused: set[_Key] = set()
         self._to_resume: set[_Key] = set()  # newly assigned, possibly still paused from before
+        self._prepared: set[str] = set()  # source topics whose retry/DLQ topics exist
         self._last_store = 0.0
         self._stop = threading.Event()
         self._closed = False
@@ -172,6 +173,7 @@ class ResilientConsumer(Consumer):
             )
         wanted: dict[str, int] = {}
         tier_topics: list[str] = []
+        self._prepared.update(topics)
         for topic in topics:
             partitions = len(metadata.topics[topic].partitions)
             for n, name in enumerate(self.retry_topics(topic), start=1):
@@ -191,6 +193,21 @@ class ResilientConsumer(Consumer):
                 timeout=self._forward_timeout,
             )
         return tier_topics
+
+    def _prepare_for_assign(self, topic: str) -> None:
+        """With assign() instead of subscribe(), create the topic's retry/DLQ topics on its
+        first failure so the copy has somewhere to go (the tiers are consumed only when the
+        application assigns them too)."""
+        log.warning(
+            "%s: retry tiers are consumed automatically only with subscribe(); with assign(), "
+            "assign %s too",
+            topic,
+            ", ".join(self.retry_topics(topic)) or "no tiers",
+        )
+        try:
+            self._prepare_topics([topic])
+        except ResilientKafkaError as exc:  # the forward retries with back-off meanwhile
+            log.error("cannot prepare retry/DLQ topics for %s: %s", topic, exc)
 
     # -- rebalance ---------------------------------------------------------------------------
 
@@ -385,6 +402,8 @@ class ResilientConsumer(Consumer):
         attempt = (headers.attempt(msg) or 0) + 1
         first = int(prev.get(headers.FIRST_FAILURE, b"0") or 0) or now_ms
         source_topic = self._tiers[msg.topic()][0] if msg.topic() in self._tiers else msg.topic()
+        if source_topic not in self._prepared:
+            self._prepare_for_assign(source_topic)
         due_ms = None
         if reason is None:
             timeout = self._retry.timeout

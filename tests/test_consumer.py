@@ -582,3 +582,26 @@ def test_run_in_the_main_thread_stops_cleanly_on_sigterm(
         child.kill()
         child.wait()
     assert _committed(kafka, group, topic, 1) == [5]  # the last message in hand was committed
+
+
+def test_assign_mode_creates_the_dlq_on_first_failure(kafka: KafkaCluster, topic_factory) -> None:
+    topic, group = topic_factory(1), _group()
+    produce(kafka.producer_config(), topic, [("k", "v")])
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, enable_auto_commit=False), retry=RetryPolicy(delays=())
+    )
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    try:
+        msg = None
+        deadline = time.monotonic() + 30
+        while msg is None and time.monotonic() < deadline:
+            candidate = consumer.poll(0.5)
+            if candidate is not None and candidate.error() is None:
+                msg = candidate
+        assert msg is not None
+        consumer.fail(msg, ValueError("no tiers: straight to the DLQ"))
+        _wait(lambda: consumer._drain(0.1), 20, "the DLQ copy")
+    finally:
+        consumer.close()
+    (dead,) = _read_all(kafka, f"{topic}.{group}.dlq", 1)
+    assert headers.header_dict(dead)["rk.reason"] == b"exhausted"
