@@ -74,3 +74,18 @@ def wait_for_topics(admin: Any, wanted: Mapping[str, int], timeout: float) -> No
                 dict.fromkeys(missing, "not visible in metadata"),
             )
         time.sleep(0.05)
+
+
+def delete_topics(admin: Any, names: list[str], *, timeout: float = 30.0) -> None:
+    """Delete topics; TopicError names each one that could not be deleted."""
+    if not names:
+        return
+    futures = admin.delete_topics(names, operation_timeout=timeout, request_timeout=timeout)
+    errors: dict[str, str] = {}
+    for name, future in futures.items():
+        try:
+            future.result(timeout=timeout)
+        except Exception as exc:
+            errors[name] = str(exc)
+    if errors:
+        raise TopicError(f"could not delete topic(s): {errors}", errors)

@@ -102,6 +102,16 @@ def _committed(kafka: KafkaCluster, group: str, topic: str, partitions: int) -> 
     return [tp.offset for tp in got]
 
 
+def _first_message(consumer: ResilientConsumer, timeout: float = 30.0) -> Message:
+    """Poll until a message (not an error event) arrives; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = consumer.poll(0.5)
+        if msg is not None and msg.error() is None:
+            return msg
+    raise AssertionError(f"no message within {timeout}s")
+
+
 def _group() -> str:
     return f"g{uuid.uuid4().hex[:8]}"
 
@@ -384,13 +394,8 @@ def test_sigkill_before_the_forward_is_acked_loses_nothing(
     )
     consumer.subscribe([topic])
     try:
-        msg = None
-        deadline = time.monotonic() + 30
-        while msg is None and time.monotonic() < deadline:
-            candidate = consumer.poll(0.5)
-            if candidate is not None and candidate.error() is None:
-                msg = candidate
-        assert msg is not None and msg.value() == b"v5", "v5 was lost"
+        msg = _first_message(consumer)
+        assert msg.value() == b"v5", "v5 was lost"
         assert msg.offset() == 5
     finally:
         consumer.close()
@@ -475,13 +480,7 @@ def test_a_failed_forward_is_retried_and_holds_the_offset_until_acked(
     consumer._producer.produce = flaky_produce  # type: ignore[method-assign]
     consumer.subscribe([topic])
     try:
-        msg = None
-        deadline = time.monotonic() + 30
-        while msg is None and time.monotonic() < deadline:
-            candidate = consumer.poll(0.5)
-            if candidate is not None and candidate.error() is None:
-                msg = candidate
-        assert msg is not None
+        msg = _first_message(consumer)
         with caplog.at_level(logging.ERROR, logger="resilient_kafka.consumer"):
             consumer.fail(msg, ValueError("downstream"))
             assert consumer.commit(asynchronous=False) is None  # nothing safe yet
@@ -592,13 +591,7 @@ def test_assign_mode_creates_the_dlq_on_first_failure(kafka: KafkaCluster, topic
     )
     consumer.assign([TopicPartition(topic, 0, 0)])
     try:
-        msg = None
-        deadline = time.monotonic() + 30
-        while msg is None and time.monotonic() < deadline:
-            candidate = consumer.poll(0.5)
-            if candidate is not None and candidate.error() is None:
-                msg = candidate
-        assert msg is not None
+        msg = _first_message(consumer)
         consumer.fail(msg, ValueError("no tiers: straight to the DLQ"))
         _wait(lambda: consumer._drain(0.1), 20, "the DLQ copy")
     finally:

@@ -6,7 +6,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from resilient_kafka import _admin, _config
-from resilient_kafka.errors import TopicError
 
 # Tansu answers JoinGroup only after about half of session.timeout.ms; 6 s (the broker's usual
 # group.min.session.timeout.ms) keeps a join near 3 s and still works on Apache Kafka.
@@ -74,19 +73,8 @@ class KafkaCluster:
 
     def delete_topics(self, names: Iterable[str], *, timeout: float = _ADMIN_TIMEOUT) -> None:
         """Delete topics; raises :class:`TopicError` for any that could not be deleted."""
-        names = list(names)
-        if not names:
-            return
         admin = self.admin()  # must outlive the futures: a destroyed handle fails them
-        futures = admin.delete_topics(names, operation_timeout=timeout, request_timeout=timeout)
-        errors: dict[str, str] = {}
-        for name, future in futures.items():
-            try:
-                future.result(timeout=timeout)
-            except Exception as exc:
-                errors[name] = str(exc)
-        if errors:
-            raise TopicError(f"could not delete topic(s): {errors}", errors)
+        _admin.delete_topics(admin, list(names), timeout=timeout)
 
     def list_topics(self, timeout: float = 10.0) -> dict[str, int]:
         """``{topic: partition count}`` for every topic the cluster reports."""
