@@ -22,7 +22,14 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 from resilient_kafka import _admin, headers
 from resilient_kafka._barrier import CommitBarrier
-from resilient_kafka.errors import ConfigurationError, ResilientKafkaError, TopicError
+from resilient_kafka._outage import BREAKER, DLQ_FLOOD, FloodGuard, Outage
+from resilient_kafka.breaker import CLOSED, BreakerWatch, CircuitBreakerError, probe_due_at
+from resilient_kafka.errors import (
+    ConfigurationError,
+    DeadLetterFloodError,
+    ResilientKafkaError,
+    TopicError,
+)
 from resilient_kafka.policies import DeadLetterPolicy, RetryPolicy
 from resilient_kafka.producer import ResilientProducer, producer_config_from
 
@@ -34,6 +41,8 @@ _Key = tuple[str, int]
 
 _STORE_INTERVAL = 0.05  # seconds between offset-store calls: batches the per-message work
 _FORWARD_BACKOFF = (0.1, 5.0)  # first and maximum back-off of a failed forward
+_BREAKER_CHECK_INTERVAL = 0.5  # seconds between looks at shared breaker state during an outage
+_BLOCKING_SHARE = 0.8  # blocking retries may use this share of max.poll.interval.ms
 
 
 class DeserializationError(ResilientKafkaError):
@@ -83,6 +92,8 @@ class ResilientConsumer(Consumer):
         producer_config: Mapping[str, Any] | None = None,
         topic_replication_factor: int = -1,
         forward_timeout: float = 30.0,
+        breakers: Sequence[Any] = (),
+        breaker_scope: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         conf = dict(config)
         group = conf.get("group.id")
@@ -98,6 +109,18 @@ class ResilientConsumer(Consumer):
         self._retry = retry if retry is not None else RetryPolicy()
         self._dead_letter = dead_letter if dead_letter is not None else DeadLetterPolicy()
         self._auto_commit = str(conf.get("enable.auto.commit", True)).lower() in ("true", "1")
+        max_poll = float(conf.get("max.poll.interval.ms", 300_000)) / 1000
+        if self._retry.blocking and self._retry.blocking_budget > max_poll * _BLOCKING_SHARE:
+            raise ConfigurationError(
+                f"blocking retries can wait up to {self._retry.blocking_budget:.1f}s per message, "
+                f"which does not fit in max.poll.interval.ms={max_poll * 1000:.0f} (keep them "
+                f"under {max_poll * _BLOCKING_SHARE:.1f}s, or let retry topics take the longer "
+                "delays)"
+            )
+        names = [getattr(b, "name", None) for b in breakers]
+        unknown = set(breaker_scope or {}) - set(names)
+        if unknown:
+            raise ConfigurationError(f"breaker_scope names unknown breakers: {sorted(unknown)}")
         conf["enable.auto.offset.store"] = False  # offsets are stored only past done records
         super().__init__(conf)
         self._connection = producer_config_from(conf)
@@ -123,6 +146,28 @@ class ResilientConsumer(Consumer):
         self._last_store = 0.0
         self._stop = threading.Event()
         self._closed = False
+        # outages: a breaker refusing calls, or a flood of dead letters
+        self._breakers = list(breakers)
+        self._breaker_scope = {k: set(v) for k, v in (breaker_scope or {}).items()}
+        self._watch = BreakerWatch()
+        for breaker in self._breakers:
+            breaker.add_listener(self._watch)
+        self._opens_at_handout = 0
+        self._outage: Outage | None = None
+        self._probe_ready: Message | None = None
+        self._last_breaker_check = 0.0
+        self._flood = FloodGuard(self._dead_letter) if self._dead_letter.guarded else None
+        self._blocking = None
+        if self._retry.blocking:
+            import tenacity
+
+            self._blocking = tenacity.Retrying(
+                stop=self._retry.blocking_stop,
+                wait=self._retry.blocking_wait or tenacity.wait_none(),
+                retry=tenacity.retry_if_exception(self._retry_in_place),
+                sleep=self._stop.wait,
+                reraise=True,
+            )
         self._user_callbacks: dict[str, Callable[..., Any] | None] = {}
 
     # -- subscription ------------------------------------------------------------------------
@@ -248,6 +293,14 @@ class ResilientConsumer(Consumer):
             self._barrier.forget(*key)
             self._waiting.pop(key, None)
             self._user_paused.discard(key)
+        outage = self._outage
+        if outage is not None:
+            outage.partitions -= keys
+            held = outage.held
+            if held is not None and (held.topic(), held.partition()) in keys:
+                outage.held = None  # its new owner will see it; probe with the next record
+                outage.probing = False
+                self._probe_ready = None
 
     # -- consuming ---------------------------------------------------------------------------
 
@@ -257,6 +310,8 @@ class ResilientConsumer(Consumer):
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         while True:
             wait = self._maintain(deadline)
+            if self._probe_ready is not None:
+                return self._hand_out_probe()
             msg = super().poll(wait)
             if msg is not None:
                 if msg.error() is not None:
@@ -264,6 +319,7 @@ class ResilientConsumer(Consumer):
                 admitted = self._admit(msg)
                 if admitted is not None:
                     self._in_hand.append(admitted)
+                    self._opens_at_handout = self._watch.opens
                     return admitted
             if deadline is not None and time.monotonic() >= deadline:
                 return None
@@ -274,7 +330,10 @@ class ResilientConsumer(Consumer):
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         while True:
             wait = self._maintain(deadline)
+            if self._probe_ready is not None:
+                return [self._hand_out_probe()]
             batch = super().consume(num_messages, wait)
+            self._opens_at_handout = self._watch.opens
             out = []
             for msg in batch:
                 if msg.error() is not None:
@@ -331,13 +390,31 @@ class ResilientConsumer(Consumer):
         self._raw[id(msg)] = raw
         return msg
 
+    def _hand_out_probe(self) -> Message:
+        msg = self._probe_ready
+        assert msg is not None
+        self._probe_ready = None
+        self._in_hand.append(msg)
+        self._opens_at_handout = self._watch.opens
+        log.info(
+            "probing the downstream with %s [%d] @%d", msg.topic(), msg.partition(), msg.offset()
+        )
+        return msg
+
     def _finish_in_hand(self) -> None:
         """The application asked for more: every message it holds and did not fail is done."""
         if not self._in_hand:
             return
         complete = self._barrier.complete
+        outage = self._outage
         for msg in self._in_hand:
             complete(msg.topic(), msg.partition(), msg.offset())
+            if outage is not None and outage.probing and outage.held in (None, msg):
+                self._end_outage(seek_past=msg if outage.held is msg else None)
+                outage = None
+        if self._flood is not None:
+            for _ in self._in_hand:
+                self._flood.record(False)
         self._in_hand.clear()
         if self._raw:
             self._raw.clear()
@@ -350,9 +427,17 @@ class ResilientConsumer(Consumer):
         if self._to_resume:
             keys = self._to_resume - self._user_paused - self._waiting.keys()
             self._to_resume.clear()
+            if self._outage is not None:  # newly assigned partitions wait out the outage too
+                held_back = {key for key in keys if self._in_scope(key, self._outage)}
+                if held_back:
+                    super().pause([TopicPartition(t, p) for t, p in held_back])
+                    self._outage.partitions |= held_back
+                keys -= held_back
             if keys:
                 super().resume([TopicPartition(t, p) for t, p in keys])
         now = time.monotonic()
+        if self._outage is not None:
+            self._tend_outage(now)
         if self._auto_commit and now - self._last_store >= _STORE_INTERVAL:
             self._last_store = now
             self._store_offsets()
@@ -367,6 +452,9 @@ class ResilientConsumer(Consumer):
             if self._waiting:
                 next_due = min(self._waiting.values())
                 wait = min(wait, max(0.0, (next_due - now_ms) / 1000))
+        outage = self._outage
+        if outage is not None and not outage.probing:
+            wait = min(wait, max(0.0, outage.next_probe - now))
         if deadline is not None:
             wait = min(wait, max(0.0, deadline - now))
         return wait
@@ -384,8 +472,8 @@ class ResilientConsumer(Consumer):
 
     def fail(self, msg: Message, exc: BaseException) -> None:
         """Route ``msg`` to its next retry tier or the DLQ; its offset waits for the ack."""
-        for i, held in enumerate(self._in_hand):
-            if held is msg:
+        for i, in_hand in enumerate(self._in_hand):
+            if in_hand is msg:
                 del self._in_hand[i]
                 break
         else:
@@ -394,9 +482,17 @@ class ResilientConsumer(Consumer):
                 f"({msg.topic()} [{msg.partition()}] @{msg.offset()}); call it before the next "
                 "poll()/consume()"
             )
-        self._route(msg, exc)
+        outage = self._outage
+        probe = outage is not None and outage.probing and outage.held in (None, msg)
+        if self._is_outage(exc):
+            self._hold(msg, BREAKER)  # refused, or it tripped a breaker: not the message's fault
+            return
+        held = self._route(msg, exc)
+        if probe and not held:  # the downstream answered; this record just failed on its own
+            self._end_outage(seek_past=msg)
 
-    def _route(self, msg: Message, exc: BaseException, reason: str | None = None) -> None:
+    def _route(self, msg: Message, exc: BaseException, reason: str | None = None) -> bool:
+        """Send ``msg`` on to a retry tier or the DLQ; True if it was held back (DLQ flood)."""
         now_ms = int(time.time() * 1000)
         prev = headers.header_dict(msg)
         attempt = (headers.attempt(msg) or 0) + 1
@@ -417,6 +513,17 @@ class ResilientConsumer(Consumer):
             target = self._retry.topic(source_topic, self._group, attempt)
             due_ms = now_ms + int(self._retry.delay(attempt) * 1000)
         else:
+            if self._flood is not None:
+                if self._flood.would_flood():
+                    if self._dead_letter.on_flood == "raise":
+                        raise DeadLetterFloodError(
+                            f"{self._flood.consecutive} consecutive / {self._flood.dead} recent "
+                            f"dead letters: {msg.topic()} [{msg.partition()}] @{msg.offset()} "
+                            "not dead-lettered (DeadLetterPolicy limits exceeded)"
+                        ) from exc
+                    self._hold(msg, DLQ_FLOOD)
+                    return True
+                self._flood.record(True)
             target = self.dead_letter_topic(source_topic)
         key, value = self._raw.pop(id(msg), None) or (msg.key(), msg.value())
         hdrs = self._sized_headers(msg, exc, attempt, first, key, value, due_ms, reason)
@@ -431,6 +538,7 @@ class ResilientConsumer(Consumer):
         )
         self._forwards.append(forward)
         self._send_forwards()
+        return False
 
     def _sized_headers(
         self,
@@ -530,6 +638,115 @@ class ResilientConsumer(Consumer):
                 self._send_forwards()
         return True
 
+    # -- outages -----------------------------------------------------------------------------
+
+    def _is_outage(self, exc: BaseException) -> bool:
+        """A breaker refused the call, or this message's handling tripped one."""
+        return isinstance(exc, CircuitBreakerError) or self._watch.opens != self._opens_at_handout
+
+    def _retry_in_place(self, exc: BaseException) -> bool:
+        return (
+            not self._stop.is_set() and not self._is_outage(exc) and self._retry.is_retryable(exc)
+        )
+
+    def _in_scope(self, key: _Key, outage: Outage) -> bool:
+        if outage.reason != BREAKER or not self._breaker_scope or not outage.breakers:
+            return True
+        source = self._tiers[key[0]][0] if key[0] in self._tiers else key[0]
+        return any(source in self._breaker_scope.get(b.name, ()) for b in outage.breakers)
+
+    def _hold(self, msg: Message, reason: str) -> None:
+        """Keep ``msg`` (not failed, no attempt counted), pause, and schedule a probe."""
+        key = (msg.topic(), msg.partition())
+        outage = self._outage
+        if outage is None:
+            open_breakers = [b for b in self._breakers if b.current_state != CLOSED]
+            outage = self._outage = Outage(
+                reason, open_breakers, self._dead_letter.flood_backoff[0]
+            )
+            paused = [
+                TopicPartition(tp.topic, tp.partition)
+                for tp in self.assignment()
+                if self._in_scope((tp.topic, tp.partition), outage)
+            ]
+            super().pause(paused)
+            outage.partitions.update((tp.topic, tp.partition) for tp in paused)
+            log.warning(
+                "%s: pausing %d partition(s) instead of failing messages; holding %s [%d] @%d",
+                "downstream breaker open" if reason == BREAKER else "dead-letter flood",
+                len(paused),
+                *key,
+                msg.offset(),
+            )
+        elif outage.probing:
+            outage.backoff = min(self._dead_letter.flood_backoff[1], outage.backoff * 2)
+        if key not in outage.partitions:
+            super().pause([TopicPartition(*key)])
+            outage.partitions.add(key)
+        held = outage.held
+        if (
+            held is None
+            or held is msg
+            or ((held.topic(), held.partition()) == key and msg.offset() < held.offset())
+        ):
+            outage.held = msg
+        if held is None or (held.topic(), held.partition()) != key or msg.offset() <= held.offset():
+            super().seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+        outage.probing = False
+        outage.next_probe = self._next_probe(outage)
+
+    def _next_probe(self, outage: Outage) -> float:
+        now = time.monotonic()
+        if outage.reason == BREAKER:
+            dues = [d for d in (probe_due_at(b) for b in outage.breakers) if d is not None]
+            if dues:
+                return now + max(0.0, min(dues) - time.time())
+        return now + outage.backoff
+
+    def _tend_outage(self, now: float) -> None:
+        outage = self._outage
+        assert outage is not None
+        if outage.probing:
+            return
+        if outage.breakers and now - self._last_breaker_check >= _BREAKER_CHECK_INTERVAL:
+            self._last_breaker_check = now
+            if all(b.current_state == CLOSED for b in outage.breakers):
+                self._end_outage(seek_past=None)  # closed elsewhere (shared state)
+                return
+        if now < outage.next_probe:
+            return
+        outage.probing = True
+        if outage.held is not None:
+            self._probe_ready = outage.held
+        else:  # the held record's partition moved: let the next record through as the trial
+            super().resume([TopicPartition(t, p) for t, p in outage.partitions])
+
+    def _end_outage(self, seek_past: Message | None) -> None:
+        outage = self._outage
+        if outage is None:
+            return
+        self._outage = None
+        self._probe_ready = None
+        if seek_past is not None:
+            super().seek(
+                TopicPartition(seek_past.topic(), seek_past.partition(), seek_past.offset() + 1)
+            )
+        keys = outage.partitions - self._user_paused - self._waiting.keys()
+        if keys:
+            super().resume([TopicPartition(t, p) for t, p in keys])
+        if self._flood is not None:
+            self._flood.reset()
+        log.warning(
+            "downstream recovered after %.1fs: resuming %d partition(s)",
+            time.monotonic() - outage.started,
+            len(keys),
+        )
+
+    @property
+    def outage(self) -> Outage | None:
+        """The current outage (partitions paused because the downstream is down), or None."""
+        return self._outage
+
     # -- committing --------------------------------------------------------------------------
 
     def commit(
@@ -595,7 +812,10 @@ class ResilientConsumer(Consumer):
                     log.debug("consumer event: %s", error)
                     continue
                 try:
-                    handler(msg)
+                    if self._blocking is None:
+                        handler(msg)
+                    else:
+                        self._blocking(handler, msg)
                 except Exception as exc:
                     self.fail(msg, exc)
         finally:

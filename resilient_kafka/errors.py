@@ -37,3 +37,7 @@ class TopicError(ResilientKafkaError):
     def __init__(self, message: str, errors: dict[str, str]) -> None:
         super().__init__(message)
         self.errors = errors
+
+
+class DeadLetterFloodError(ResilientKafkaError):
+    """More records would go to the DLQ than ``DeadLetterPolicy`` allows (``on_flood="raise"``)."""

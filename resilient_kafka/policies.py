@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from resilient_kafka.errors import ConfigurationError
 
@@ -46,6 +47,11 @@ class RetryPolicy:
     ``__cause__`` chain) go straight to the DLQ, anything else is non-retryable too. ``timeout``
     is a budget in seconds from the first failure: a failure after it dead-letters.
     ``jitter`` spreads each due time by up to that fraction of its delay (0.1 = ±10 %).
+
+    ``blocking_stop``/``blocking_wait`` (tenacity strategies, e.g. ``stop_after_attempt(3)`` and
+    ``wait_exponential(0.1, max=2)``) retry a retryable failure in place first, in ``run()``; only
+    when they give up does the message go to a retry topic. Their worst-case total wait must fit
+    in ``max.poll.interval.ms`` (checked when the consumer is built).
     """
 
     delays: tuple[float, ...] = (1.0, 10.0, 60.0)
@@ -54,7 +60,10 @@ class RetryPolicy:
     timeout: float | None = None
     jitter: float = 0.0
     topic_template: str = "{topic}.{group}.retry.{n}"
+    blocking_stop: Any = None
+    blocking_wait: Any = None
     _random: random.Random = field(default_factory=random.Random, repr=False, compare=False)
+    _blocking_budget: float = field(default=0.0, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         delays = tuple(self.delays)
@@ -69,6 +78,8 @@ class RetryPolicy:
             raise ConfigurationError(f"retry timeout must be positive seconds, got {self.timeout}")
         if not 0 <= self.jitter < 1:
             raise ConfigurationError(f"jitter must be in [0, 1), got {self.jitter}")
+        if self.blocking_stop is not None or self.blocking_wait is not None:
+            object.__setattr__(self, "_blocking_budget", _worst_case_wait(self))
         if "{n}" not in self.topic_template:
             raise ConfigurationError(
                 f"retry topic template {self.topic_template!r} must contain {{n}} (the tier)"
@@ -94,6 +105,16 @@ class RetryPolicy:
         return cls(delays=delays, jitter=jitter, **kwargs)  # type: ignore[arg-type]
 
     @property
+    def blocking(self) -> bool:
+        """Whether failures are first retried in place (tenacity ``blocking_stop``/``_wait``)."""
+        return self.blocking_stop is not None
+
+    @property
+    def blocking_budget(self) -> float:
+        """The longest the in-place retries of one message can wait, in seconds."""
+        return self._blocking_budget
+
+    @property
     def attempts(self) -> int:
         """How many retries a message gets before the DLQ."""
         return len(self.delays)
@@ -117,19 +138,82 @@ class RetryPolicy:
         return topic_name(self.topic_template, topic=source, group=group, n=tier)
 
 
+def _worst_case_wait(policy: RetryPolicy) -> float:
+    """Simulate the blocking retries (handler time taken as zero) and add up their waits."""
+    import tenacity
+
+    if policy.blocking_stop is None:
+        raise ConfigurationError(
+            "blocking_wait needs blocking_stop too (e.g. tenacity.stop_after_attempt(3))"
+        )
+    wait = policy.blocking_wait or tenacity.wait_none()
+    worst = 0.0
+    for _run in range(20):  # random waits (jitter): take the largest of several runs
+        state = tenacity.RetryCallState(tenacity.Retrying(), fn=None, args=(), kwargs={})
+        state.start_time = 0.0
+        total = 0.0
+        for attempt in range(1, 10_001):
+            state.attempt_number = attempt
+            state.outcome_timestamp = total
+            sleep = float(wait(state))
+            state.upcoming_sleep = sleep
+            if policy.blocking_stop(state):
+                break
+            total += sleep
+            state.idle_for = total
+        else:
+            raise ConfigurationError(
+                "blocking retries never stop within 10000 attempts: give blocking_stop a bound "
+                "such as tenacity.stop_after_attempt(3) | tenacity.stop_after_delay(10)"
+            )
+        worst = max(worst, total)
+    return worst
+
+
 @dataclass(frozen=True)
 class DeadLetterPolicy:
     """Where messages that will not be retried go, and how their diagnostics are bounded.
 
     ``max_text_bytes`` bounds each of the exception message and stack trace headers (UTF-8).
+
+    Flood guard: when more than ``max_consecutive`` records in a row, or more than ``max_ratio``
+    of the last ``ratio_window`` outcomes, would be dead-lettered, the downstream is taken to be
+    down: with ``on_flood="pause"`` the consumer holds the record, pauses and probes with
+    ``flood_backoff`` (first, max seconds; doubling) instead of draining the topic into the DLQ;
+    with ``"raise"`` it raises :class:`DeadLetterFloodError`. A lone poison record among
+    successes still goes to the DLQ.
     """
 
     topic_template: str = "{topic}.{group}.dlq"
     max_text_bytes: int = 8192
+    max_consecutive: int | None = None
+    max_ratio: float | None = None
+    ratio_window: int = 100
+    on_flood: Literal["pause", "raise"] = "pause"
+    flood_backoff: tuple[float, float] = (1.0, 60.0)
 
     def __post_init__(self) -> None:
         if self.max_text_bytes < 64:
             raise ConfigurationError(f"max_text_bytes must be >= 64, got {self.max_text_bytes}")
+        if self.max_consecutive is not None and self.max_consecutive < 1:
+            raise ConfigurationError(f"max_consecutive must be >= 1, got {self.max_consecutive}")
+        if self.max_ratio is not None and not 0 < self.max_ratio < 1:
+            raise ConfigurationError(f"max_ratio must be in (0, 1), got {self.max_ratio}")
+        if self.ratio_window < 10:
+            raise ConfigurationError(f"ratio_window must be >= 10, got {self.ratio_window}")
+        if self.on_flood not in ("pause", "raise"):
+            raise ConfigurationError(f"on_flood must be 'pause' or 'raise', got {self.on_flood!r}")
+        first, most = self.flood_backoff
+        if not 0 < first <= most:
+            raise ConfigurationError(
+                "flood_backoff must be (first, max) with 0 < first <= max, "
+                f"got {self.flood_backoff}"
+            )
+
+    @property
+    def guarded(self) -> bool:
+        """Whether a flood of dead letters is treated as an outage."""
+        return self.max_consecutive is not None or self.max_ratio is not None
 
     def topic(self, source: str, group: str) -> str:
         return topic_name(self.topic_template, topic=source, group=group)
