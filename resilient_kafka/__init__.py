@@ -7,9 +7,11 @@ confluent-kafka, with metrics, tracing and a chaos suite that proves nothing is 
 from importlib.metadata import PackageNotFoundError, version
 
 from resilient_kafka import headers
+from resilient_kafka.breaker import CircuitBreaker, CircuitBreakerError
 from resilient_kafka.consumer import DeserializationError, ResilientConsumer
 from resilient_kafka.errors import (
     ConfigurationError,
+    DeadLetterFloodError,
     MissingDependencyError,
     ResilientKafkaError,
 )
@@ -22,7 +24,10 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "CircuitBreaker",
+    "CircuitBreakerError",
     "ConfigurationError",
+    "DeadLetterFloodError",
     "DeadLetterPolicy",
     "DeserializationError",
     "MissingDependencyError",

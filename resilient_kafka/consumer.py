@@ -297,8 +297,9 @@ class ResilientConsumer(Consumer):
         if outage is not None:
             outage.partitions -= keys
             held = outage.held
-            if held is not None and (held.topic(), held.partition()) in keys:
-                outage.held = None  # its new owner will see it; probe with the next record
+            if held is None or (held.topic(), held.partition()) in keys:
+                # its new owner will see it; probe again with the next record, on schedule
+                outage.held = None
                 outage.probing = False
                 self._probe_ready = None
 
@@ -427,11 +428,13 @@ class ResilientConsumer(Consumer):
         if self._to_resume:
             keys = self._to_resume - self._user_paused - self._waiting.keys()
             self._to_resume.clear()
-            if self._outage is not None:  # newly assigned partitions wait out the outage too
-                held_back = {key for key in keys if self._in_scope(key, self._outage)}
+            outage = self._outage
+            # newly assigned partitions wait out the outage too, unless a trial is under way
+            if outage is not None and not (outage.probing and outage.held is None):
+                held_back = {key for key in keys if self._in_scope(key, outage)}
                 if held_back:
                     super().pause([TopicPartition(t, p) for t, p in held_back])
-                    self._outage.partitions |= held_back
+                    outage.partitions |= held_back
                 keys -= held_back
             if keys:
                 super().resume([TopicPartition(t, p) for t, p in keys])
@@ -678,8 +681,9 @@ class ResilientConsumer(Consumer):
                 *key,
                 msg.offset(),
             )
-        elif outage.probing:
+        elif outage.probing:  # the probe failed: back off, and re-pause what a trial resumed
             outage.backoff = min(self._dead_letter.flood_backoff[1], outage.backoff * 2)
+            super().pause([TopicPartition(t, p) for t, p in outage.partitions])
         if key not in outage.partitions:
             super().pause([TopicPartition(*key)])
             outage.partitions.add(key)

@@ -30,7 +30,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def broker_processes() -> set[int]:
-    """PIDs of every live Tansu broker and moto S3 server on this machine."""
+    """PIDs of every live Tansu broker, moto S3 server and test redis-server on this machine."""
     found = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -43,7 +43,8 @@ def broker_processes() -> set[int]:
             continue
         is_tansu = argv[0].endswith(b"tansu") and b"broker" in argv
         is_moto = b"moto.server" in argv
-        if (is_tansu or is_moto) and pid_alive(int(entry.name)):
+        is_redis = b"redis-server" in argv[0]  # it rewrites its title: no args to match
+        if (is_tansu or is_moto or is_redis) and pid_alive(int(entry.name)):
             found.add(int(entry.name))
     return found
 
