@@ -22,20 +22,35 @@ class Outage:
         "held",
         "next_probe",
         "partitions",
+        "probe_deadline",
+        "probes",
         "probing",
         "reason",
+        "rewind",
         "started",
+        "trial",
+        "trial_msg",
     )
 
     def __init__(self, reason: str, breakers: list[Any], backoff: float) -> None:
         self.reason = reason
         self.breakers = breakers  # the registered breakers that were open when it began
         self.partitions: set[tuple[str, int]] = set()
-        self.held: Any = None  # the record to probe with; None after its partition was revoked
+        self.held: Any = None  # the first refused record; None after its partition was revoked
+        self.rewind: dict[tuple[str, int], int] = {}  # lowest refused offset per partition
         self.next_probe = 0.0  # time.monotonic() at which to probe
         self.probing = False  # a probe is out: waiting for its result
+        self.probes = 0
+        # a trial: one partition resumed until its first record arrives (then paused again)
+        self.trial: tuple[str, int] | None = None
+        self.trial_msg: Any = None
+        self.probe_deadline = 0.0
         self.backoff = backoff
         self.started = time.monotonic()
+
+    def is_probe(self, msg: Any) -> bool:
+        """Whether ``msg`` is the record currently probing the downstream."""
+        return self.probing and (msg is self.held or msg is self.trial_msg)
 
 
 class FloodGuard:

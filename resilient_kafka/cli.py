@@ -58,8 +58,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigurationError(
             f"--delays takes seconds separated by commas, like 1,3,10; got {args.delays!r}"
         ) from None
+    outage = None
+    if args.outage.strip().lower() != "none":
+        try:
+            start, duration = (float(part) for part in args.outage.split(","))
+        except ValueError:
+            raise ConfigurationError(
+                f"--outage takes START,DURATION in seconds (or none); got {args.outage!r}"
+            ) from None
+        outage = (start, start + duration)
     return run_demo(
-        messages=args.messages, rate=args.rate, delays=delays, bootstrap_servers=args.bootstrap
+        messages=args.messages,
+        rate=args.rate,
+        delays=delays,
+        outage=outage,
+        bootstrap_servers=args.bootstrap,
     )
 
 
@@ -88,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=100.0, help="orders per second (default 100)")
     demo.add_argument(
         "--delays", default="1,3,10", help="retry tier delays in seconds (default 1,3,10)"
+    )
+    demo.add_argument(
+        "--outage",
+        default="8,10",
+        help="payment service outage START,DURATION in seconds, or none (default 8,10)",
     )
     demo.add_argument(
         "-b",

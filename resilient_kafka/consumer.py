@@ -43,6 +43,7 @@ _STORE_INTERVAL = 0.05  # seconds between offset-store calls: batches the per-me
 _FORWARD_BACKOFF = (0.1, 5.0)  # first and maximum back-off of a failed forward
 _BREAKER_CHECK_INTERVAL = 0.5  # seconds between looks at shared breaker state during an outage
 _BLOCKING_SHARE = 0.8  # blocking retries may use this share of max.poll.interval.ms
+_TRIAL_WAIT = 2.0  # seconds to wait for a trial partition's first record before the next one
 
 
 class DeserializationError(ResilientKafkaError):
@@ -296,12 +297,16 @@ class ResilientConsumer(Consumer):
         outage = self._outage
         if outage is not None:
             outage.partitions -= keys
+            for key in keys:
+                outage.rewind.pop(key, None)
             held = outage.held
-            if held is None or (held.topic(), held.partition()) in keys:
-                # its new owner will see it; probe again with the next record, on schedule
-                outage.held = None
-                outage.probing = False
+            if held is not None and (held.topic(), held.partition()) in keys:
+                outage.held = None  # its new owner will see it
                 self._probe_ready = None
+            if outage.trial in keys:
+                outage.trial = outage.trial_msg = None
+            if outage.probing and outage.held is None and outage.trial is None:
+                outage.probing = False  # the probe went with its partition: probe again
 
     # -- consuming ---------------------------------------------------------------------------
 
@@ -360,6 +365,8 @@ class ResilientConsumer(Consumer):
                 super().seek(tp)
                 self._waiting[(topic, msg.partition())] = due
                 return None
+        if self._outage is not None and not self._admit_during_outage(msg):
+            return None
         self._barrier.track(topic, msg.partition(), msg.offset())
         if self._key_deserializer is not None or self._value_deserializer is not None:
             return self._deserialize(msg)
@@ -410,8 +417,8 @@ class ResilientConsumer(Consumer):
         outage = self._outage
         for msg in self._in_hand:
             complete(msg.topic(), msg.partition(), msg.offset())
-            if outage is not None and outage.probing and outage.held in (None, msg):
-                self._end_outage(seek_past=msg if outage.held is msg else None)
+            if outage is not None and outage.is_probe(msg):
+                self._end_outage(seek_past=msg)
                 outage = None
         if self._flood is not None:
             for _ in self._in_hand:
@@ -429,8 +436,7 @@ class ResilientConsumer(Consumer):
             keys = self._to_resume - self._user_paused - self._waiting.keys()
             self._to_resume.clear()
             outage = self._outage
-            # newly assigned partitions wait out the outage too, unless a trial is under way
-            if outage is not None and not (outage.probing and outage.held is None):
+            if outage is not None:  # newly assigned partitions wait out the outage too
                 held_back = {key for key in keys if self._in_scope(key, outage)}
                 if held_back:
                     super().pause([TopicPartition(t, p) for t, p in held_back])
@@ -448,9 +454,10 @@ class ResilientConsumer(Consumer):
         if self._waiting:
             now_ms = time.time() * 1000
             due_now = [key for key, due in self._waiting.items() if due <= now_ms]
+            outage_partitions = self._outage.partitions if self._outage is not None else ()
             for key in due_now:
                 del self._waiting[key]
-                if key not in self._user_paused:
+                if key not in self._user_paused and key not in outage_partitions:
                     super().resume([TopicPartition(*key)])
             if self._waiting:
                 next_due = min(self._waiting.values())
@@ -486,7 +493,7 @@ class ResilientConsumer(Consumer):
                 "poll()/consume()"
             )
         outage = self._outage
-        probe = outage is not None and outage.probing and outage.held in (None, msg)
+        probe = outage is not None and outage.is_probe(msg)
         if self._is_outage(exc):
             self._hold(msg, BREAKER)  # refused, or it tripped a breaker: not the message's fault
             return
@@ -694,9 +701,9 @@ class ResilientConsumer(Consumer):
             or ((held.topic(), held.partition()) == key and msg.offset() < held.offset())
         ):
             outage.held = msg
-        if held is None or (held.topic(), held.partition()) != key or msg.offset() <= held.offset():
-            super().seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+        self._rewind(outage, key, msg.offset())
         outage.probing = False
+        outage.trial = outage.trial_msg = None
         outage.next_probe = self._next_probe(outage)
 
     def _next_probe(self, outage: Outage) -> float:
@@ -707,10 +714,46 @@ class ResilientConsumer(Consumer):
                 return now + max(0.0, min(dues) - time.time())
         return now + outage.backoff
 
+    def _rewind(self, outage: Outage, key: _Key, offset: int) -> None:
+        """Pause the partition and make it re-deliver from the lowest refused offset, so that
+        no record is ever skipped while it stays paused."""
+        lowest = min(offset, outage.rewind.get(key, offset))
+        outage.rewind[key] = lowest
+        tp = TopicPartition(key[0], key[1], lowest)
+        super().pause([tp])
+        super().seek(tp)
+
+    def _admit_during_outage(self, msg: Message) -> bool:
+        """The trial record passes (its partition is paused again behind it); a record that
+        slipped out of another paused partition is rewound to, not handed out."""
+        outage = self._outage
+        assert outage is not None
+        key = (msg.topic(), msg.partition())
+        if key == outage.trial and outage.trial_msg is None:
+            outage.trial_msg = msg
+            super().pause([TopicPartition(*key)])
+            super().seek(TopicPartition(key[0], key[1], msg.offset() + 1))
+            outage.rewind.pop(key, None)
+            self._opens_at_handout = self._watch.opens
+            log.info("probing the downstream with %s [%d] @%d", *key, msg.offset())
+            return True
+        if key in outage.partitions:
+            self._rewind(outage, key, msg.offset())
+            return False
+        return True
+
     def _tend_outage(self, now: float) -> None:
         outage = self._outage
         assert outage is not None
         if outage.probing:
+            trial_silent = outage.trial is not None and outage.trial_msg is None
+            if trial_silent and now >= outage.probe_deadline:
+                # nothing arrived from the trial partition (empty, or a retry not due): next one
+                topic, partition = outage.trial  # type: ignore[misc]
+                super().pause([TopicPartition(topic, partition)])
+                outage.trial = None
+                outage.probing = False
+                outage.next_probe = now
             return
         if outage.breakers and now - self._last_breaker_check >= _BREAKER_CHECK_INTERVAL:
             self._last_breaker_check = now
@@ -719,11 +762,28 @@ class ResilientConsumer(Consumer):
                 return
         if now < outage.next_probe:
             return
+        # Alternate the held record with a one-record trial from another paused partition: a
+        # record that fails on its own must not keep the breaker open for everyone.
+        k = outage.probes
+        outage.probes += 1
+        held = outage.held
+        held_key = (held.topic(), held.partition()) if held is not None else None
+        # partitions known to hold refused records first: an empty one only costs a wait
+        others = sorted(
+            outage.partitions - {held_key}, key=lambda key: (key not in outage.rewind, key)
+        )
         outage.probing = True
-        if outage.held is not None:
-            self._probe_ready = outage.held
-        else:  # the held record's partition moved: let the next record through as the trial
-            super().resume([TopicPartition(t, p) for t, p in outage.partitions])
+        if held is not None and (k % 2 == 0 or not others):
+            self._probe_ready = held
+            return
+        if not others:
+            outage.probing = False
+            outage.next_probe = now + outage.backoff
+            return
+        outage.trial = others[(k // 2) % len(others)]
+        outage.trial_msg = None
+        outage.probe_deadline = now + _TRIAL_WAIT
+        super().resume([TopicPartition(*outage.trial)])
 
     def _end_outage(self, seek_past: Message | None) -> None:
         outage = self._outage

@@ -2,7 +2,9 @@
 
 A producer streams order events; a ResilientConsumer's handler charges each order through a
 simulated flaky payment service (transient outages that retry topics absorb, poison orders that
-go straight to the DLQ, a few that keep failing until their retries run out). The run ends with
+go straight to the DLQ, a few that keep failing until their retries run out). It is guarded by a
+circuit breaker. Midway the service goes down entirely: the breaker opens, consumption pauses,
+the DLQ does not grow, a probe finds the service back and the backlog drains. The run ends with
 an accounting: every order was paid, or is in the dead-letter queue — none lost.
 """
 
@@ -21,6 +23,7 @@ from typing import Any
 
 from resilient_kafka import _config, headers
 from resilient_kafka._extras import require
+from resilient_kafka.breaker import CircuitBreaker
 from resilient_kafka.consumer import ResilientConsumer
 from resilient_kafka.errors import ConfigurationError
 from resilient_kafka.policies import RetryPolicy
@@ -36,13 +39,28 @@ class PaymentServiceUnavailable(ConnectionError):
     """The payment service is flaky: a later attempt may succeed."""
 
 
-class FlakyPaymentService:
-    """Deterministic per order: ~2 % poison, ~15 % fail transiently once or twice, ~1 % never
-    recover (their retries run out). The rest succeed at once."""
+class CardIssuerUnavailable(ConnectionError):
+    """This order's card issuer cannot be reached: retryable, but says nothing about the
+    payment service itself, so it does not trip the breaker."""
 
-    def __init__(self) -> None:
+
+class FlakyPaymentService:
+    """Deterministic per order: ~2 % poison (declined), ~12 % fail once and ~3 % twice with a
+    503, ~1 % never recover (their issuer is unreachable; retries run out). The rest succeed at
+    once. During ``outage`` every call fails."""
+
+    def __init__(self, outage: tuple[float, float] | None = None) -> None:
         self.charges = 0
+        self.calls_during_outage = 0
         self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self._outage = outage  # (start, end) in seconds after start: everything fails
+
+    def down(self) -> bool:
+        if self._outage is None:
+            return False
+        start, end = self._outage
+        return start <= time.monotonic() - self._started < end
 
     @staticmethod
     def _roll(order_id: str) -> int:
@@ -52,11 +70,15 @@ class FlakyPaymentService:
         roll = self._roll(order_id)
         with self._lock:
             self.charges += 1
+        if self.down():
+            with self._lock:
+                self.calls_during_outage += 1
+            raise PaymentServiceUnavailable("payment service is down")
         if roll < 20:
             raise PaymentDeclined(f"card declined for {order_id}")
         if roll < 30:
-            raise PaymentServiceUnavailable("payment service timed out")
-        if roll < 180 and attempt < 1 + roll % 2:
+            raise CardIssuerUnavailable(f"card issuer for {order_id} timed out")
+        if roll < 180 and attempt < (2 if roll >= 150 else 1):
             raise PaymentServiceUnavailable("payment service returned 503")
 
 
@@ -69,6 +91,8 @@ class Accounting:
     dead_lettered: dict[str, str] = field(default_factory=dict)  # order id -> rk.reason
     handled_per_attempt: Counter[int] = field(default_factory=Counter)
     delivery_errors: int = 0
+    timeline: dict[str, float] = field(default_factory=dict)  # event -> seconds after start
+    dlq_at: dict[str, int] = field(default_factory=dict)  # event -> DLQ size then
 
     @property
     def lost(self) -> set[str]:
@@ -101,6 +125,7 @@ class OrderPipeline:
         messages: int,
         rate: float,
         delays: tuple[float, ...],
+        outage: tuple[float, float] | None = None,
         partitions: int = 3,
     ) -> None:
         run = uuid.uuid4().hex[:6]
@@ -110,12 +135,20 @@ class OrderPipeline:
         self.messages = messages
         self.rate = rate
         self.accounting = Accounting()
-        self.service = FlakyPaymentService()
+        self.service = FlakyPaymentService(outage)
         self.lock = threading.Lock()
         cluster.create_topics({self.topic: partitions})
+        # declined cards and unreachable issuers say nothing about the payment service's health
+        self.breaker = CircuitBreaker(
+            "payments",
+            fail_max=5,
+            reset_timeout=2.0,
+            exclude=[PaymentDeclined, CardIssuerUnavailable],
+        )
         self.consumer = ResilientConsumer(
             cluster.client_config(group_id=self.group, auto_offset_reset="earliest"),
             retry=RetryPolicy(delays=delays, dead_letter_on=(PaymentDeclined,)),
+            breakers=[self.breaker],
         )
         self.consumer.subscribe([self.topic])
         self.dlq_topic = self.consumer.dead_letter_topic(self.topic)
@@ -141,7 +174,7 @@ class OrderPipeline:
         attempt = headers.attempt(msg)
         with self.lock:
             self.accounting.handled_per_attempt[attempt] += 1
-        self.service.charge(order_id, attempt)
+        self.breaker.call(self.service.charge, order_id, attempt)
         with self.lock:
             self.accounting.paid.add(order_id)
 
@@ -189,6 +222,22 @@ class OrderPipeline:
         finally:
             reader.close()
 
+    def observe(self, elapsed: float) -> None:
+        """Note the outage timeline: service down, consumer paused, service up, resumed."""
+        acc = self.accounting
+        down, paused = self.service.down(), self.consumer.outage is not None
+        with self.lock:
+            dlq = len(acc.dead_lettered)
+            for event, happened in (
+                ("service down", down),
+                ("consumer paused", paused),
+                ("service back", "service down" in acc.timeline and not down),
+                ("consumer resumed", "consumer paused" in acc.timeline and not paused),
+            ):
+                if happened and event not in acc.timeline:
+                    acc.timeline[event] = elapsed
+                    acc.dlq_at[event] = dlq
+
     def settled(self) -> bool:
         """Every order produced, and each one paid or dead-lettered."""
         with self.lock:
@@ -198,6 +247,8 @@ class OrderPipeline:
 
 def _progress_table(pipeline: OrderPipeline, rich_table: Any, elapsed: float) -> Any:
     acc = pipeline.accounting
+    outage = pipeline.consumer.outage
+    paused = len(outage.partitions) if outage is not None else 0
     with pipeline.lock:
         reasons = Counter(acc.dead_lettered.values())
         rows = [
@@ -210,6 +261,9 @@ def _progress_table(pipeline: OrderPipeline, rich_table: Any, elapsed: float) ->
             ),
             ("dead-lettered", f"{len(acc.dead_lettered)}  {dict(reasons) or ''}"),
             ("not yet settled", str(len(acc.lost))),
+            ("payment service", "DOWN" if pipeline.service.down() else "up"),
+            ("circuit breaker", pipeline.breaker.current_state),
+            ("paused partitions", str(paused)),
         ]
     table = rich_table.Table(title=f"orders → payments  ({elapsed:.0f}s)")
     table.add_column("stage")
@@ -223,6 +277,7 @@ def run_demo(
     messages: int = 2000,
     rate: float = 100.0,
     delays: tuple[float, ...] = (1.0, 3.0, 10.0),
+    outage: tuple[float, float] | None = (8.0, 18.0),
     bootstrap_servers: str | None = None,
     timeout: float = 300.0,
 ) -> int:
@@ -239,7 +294,9 @@ def run_demo(
     with _cluster(bootstrap_servers) as cluster:
         kind = "embedded Tansu broker" if not isinstance(cluster, ExternalKafka) else "cluster"
         console.print(f"Using the {kind} at [bold]{cluster.bootstrap_servers}[/bold]")
-        pipeline = OrderPipeline(cluster, messages=messages, rate=rate, delays=delays)
+        pipeline = OrderPipeline(
+            cluster, messages=messages, rate=rate, delays=delays, outage=outage
+        )
         console.print(
             f"{messages} orders at {rate:g}/s into [bold]{pipeline.topic}[/bold]; retry tiers "
             f"{', '.join(pipeline.consumer.retry_topics(pipeline.topic))}; "
@@ -250,6 +307,7 @@ def run_demo(
         try:
             with rich_live.Live(console=console, refresh_per_second=4, transient=False) as live:
                 while time.monotonic() - started < timeout:
+                    pipeline.observe(time.monotonic() - started)
                     live.update(_progress_table(pipeline, rich_table, time.monotonic() - started))
                     if pipeline.settled():
                         break
@@ -270,6 +328,18 @@ def run_demo(
     summary.add_row("payment calls", str(pipeline.service.charges))
     summary.add_row("lost", str(len(lost)))
     console.print(summary)
+    if acc.timeline:
+        timeline = rich_table.Table(title="Outage timeline")
+        timeline.add_column("event")
+        timeline.add_column("at", justify="right")
+        timeline.add_column("DLQ size", justify="right")
+        for event, at in sorted(acc.timeline.items(), key=lambda item: item[1]):
+            timeline.add_row(event, f"{at:.1f}s", str(acc.dlq_at[event]))
+        console.print(timeline)
+        console.print(
+            f"payment calls while the service was down: {pipeline.service.calls_during_outage} "
+            "(failures before the breaker opened, then one probe per reset timeout)"
+        )
     if acc.delivery_errors:
         console.print(f"[red]{acc.delivery_errors} orders could not be produced[/red]")
     if acc.settled and not acc.delivery_errors:
