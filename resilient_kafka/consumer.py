@@ -355,6 +355,9 @@ class ResilientConsumer(Consumer):
     def _admit(self, msg: Message) -> Message | None:
         """Track ``msg``, or hold it back: retry records not yet due, undeserializable records."""
         topic = msg.topic()
+        # outage first: a not-due check below would seek past records refused earlier
+        if self._outage is not None and not self._admit_during_outage(msg):
+            return None
         if topic in self._tiers:
             if (topic, msg.partition()) in self._waiting:
                 return None  # fetched in the same batch behind a record that is not due
@@ -365,8 +368,6 @@ class ResilientConsumer(Consumer):
                 super().seek(tp)
                 self._waiting[(topic, msg.partition())] = due
                 return None
-        if self._outage is not None and not self._admit_during_outage(msg):
-            return None
         self._barrier.track(topic, msg.partition(), msg.offset())
         if self._key_deserializer is not None or self._value_deserializer is not None:
             return self._deserialize(msg)
@@ -730,6 +731,13 @@ class ResilientConsumer(Consumer):
         assert outage is not None
         key = (msg.topic(), msg.partition())
         if key == outage.trial and outage.trial_msg is None:
+            due = headers.due(msg) if key[0] in self._tiers else None
+            if due is not None and due > time.time() * 1000:  # not due: try another partition
+                self._rewind(outage, key, msg.offset())
+                outage.trial = None
+                outage.probing = False
+                outage.next_probe = time.monotonic()
+                return False
             outage.trial_msg = msg
             super().pause([TopicPartition(*key)])
             super().seek(TopicPartition(key[0], key[1], msg.offset() + 1))
