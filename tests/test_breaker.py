@@ -403,47 +403,6 @@ def test_flood_guard_ratio_and_policy_validation() -> None:
         )
 
 
-def test_retries_falling_due_during_an_outage_are_not_skipped(
-    kafka: KafkaCluster, topic_factory
-) -> None:
-    """Retry partitions that wait for a due time when the breaker opens must stay paused and
-    re-deliver every record afterwards (a resumed partition would skip records untracked)."""
-    topic, group = topic_factory(3), f"g{uuid.uuid4().hex[:8]}"
-    values = [f"v{i}" for i in range(30)]
-    produce(kafka.producer_config(), topic, [(f"k{i}", v) for i, v in enumerate(values)])
-    downstream = Downstream(healthy=True)
-    # a business error: retried through the tier, but says nothing about the downstream
-    breaker = CircuitBreaker("payments", fail_max=1, reset_timeout=0.5, exclude=[LookupError])
-
-    def handler(msg: Message) -> None:
-        if headers.attempt(msg) == 0:
-            breaker.call(_raise, LookupError("not yet"))
-        breaker.call(downstream.charge, msg)
-
-    consumer = ResilientConsumer(
-        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
-        retry=RetryPolicy(delays=(1.5,), jitter=0.6),
-        breakers=[breaker],
-    )
-    consumer.subscribe([topic])
-    thread = _start(consumer, handler)
-    try:
-        # every record is now waiting in a retry partition; the downstream goes down as the
-        # first ones fall due, and stays down while the rest fall due too
-        downstream.healthy = False
-        _wait(lambda: consumer.outage is not None, 30, "the breaker to open")
-        _wait(lambda: downstream.calls >= 4, 30, "a few failed probes")
-        downstream.healthy = True
-        _wait(lambda: downstream.paid_values() == set(values), 40, "every record to be paid")
-    finally:
-        _stop((consumer, thread))
-    assert {attempt for _, attempt in downstream.paid} == {1}
-
-
-def _raise(exc: BaseException) -> None:
-    raise exc
-
-
 def test_order_pipeline_through_an_outage_loses_nothing(kafka: KafkaCluster) -> None:
     """The demo's main job, shortened: flaky per-order failures through three retry tiers, a
     full payment-service outage midway, and an accounting in which every order is paid or in
@@ -462,11 +421,15 @@ def test_order_pipeline_through_an_outage_loses_nothing(kafka: KafkaCluster) -> 
             pipeline.observe(time.monotonic() - started)
             return pipeline.settled()
 
-        _wait(settled, 90, "every order to be paid or dead-lettered")
+        deadline = time.monotonic() + 90
+        while not settled() and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         pipeline.stop()
     acc = pipeline.accounting
-    assert not acc.lost
+    assert len(acc.produced) == 2000
+    lost = sorted(acc.lost)
+    assert not lost, f"{len(lost)} orders neither paid nor dead-lettered: {lost[:5]}"
     assert acc.dlq_at["service back"] == acc.dlq_at["service down"], "the DLQ grew in the outage"
     assert acc.timeline["consumer paused"] - acc.timeline["service down"] < 2.0
     assert acc.timeline["consumer resumed"] - acc.timeline["service back"] < 8.0
