@@ -94,6 +94,8 @@ def test_demo_rejects_bad_arguments(capsys) -> None:
     assert "--messages and --rate must be positive" in capsys.readouterr().err
     assert main(["demo", "--delays", "1,soon"]) == 1
     assert "--delays takes seconds separated by commas" in capsys.readouterr().err
+    assert main(["demo", "--outage", "soon"]) == 1
+    assert "--outage takes START,DURATION" in capsys.readouterr().err
 
 
 def test_demo_without_its_extra_says_what_to_install(monkeypatch) -> None:
