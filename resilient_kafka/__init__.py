@@ -6,7 +6,7 @@ confluent-kafka, with metrics, tracing and a chaos suite that proves nothing is 
 
 from importlib.metadata import PackageNotFoundError, version
 
-from resilient_kafka import headers
+from resilient_kafka import dlq, headers
 from resilient_kafka.breaker import CircuitBreaker, CircuitBreakerError
 from resilient_kafka.consumer import DeserializationError, ResilientConsumer
 from resilient_kafka.errors import (
@@ -36,5 +36,6 @@ __all__ = [
     "ResilientProducer",
     "RetryPolicy",
     "__version__",
+    "dlq",
     "headers",
 ]

@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="use this cluster instead of an embedded broker (default: $KAFKA_BOOTSTRAP_SERVERS)",
     )
     demo.set_defaults(func=_cmd_demo)
+
+    from resilient_kafka import _dlq_cli
+
+    _dlq_cli.add_parser(commands)
     return parser
 
 
