@@ -15,6 +15,7 @@ from resilient_kafka.errors import (
     MissingDependencyError,
     ResilientKafkaError,
 )
+from resilient_kafka.metrics import serve_metrics
 from resilient_kafka.policies import DeadLetterPolicy, RetryPolicy
 from resilient_kafka.producer import ResilientProducer
 
@@ -38,4 +39,5 @@ __all__ = [
     "__version__",
     "dlq",
     "headers",
+    "serve_metrics",
 ]

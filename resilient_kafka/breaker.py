@@ -83,8 +83,36 @@ class BreakerWatch(pybreaker.CircuitBreakerListener):
     def __init__(self) -> None:
         self.opens = 0
         self._lock = threading.Lock()
+        self._metrics: dict[int, Any] = {}  # id(breaker) -> BreakerMetrics
+
+    def track(self, breaker: Any, fam: Any) -> None:
+        """Feed this breaker's calls and states into the metric families ``fam``."""
+        from resilient_kafka.metrics import BreakerMetrics
+
+        name = getattr(breaker, "name", None) or f"breaker-{id(breaker):x}"
+        self._metrics[id(breaker)] = BreakerMetrics(fam, name, breaker.current_state)
 
     def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
         if new_state is not None and new_state.name == OPEN:
             with self._lock:
                 self.opens += 1
+        metrics = self._metrics.get(id(cb))
+        if metrics is not None and new_state is not None:
+            metrics.set_state(new_state.name)
+
+    def success(self, cb: Any) -> None:
+        metrics = self._metrics.get(id(cb))
+        if metrics is not None:
+            metrics.call("successful")
+
+    def failure(self, cb: Any, exc: BaseException) -> None:
+        metrics = self._metrics.get(id(cb))
+        if metrics is not None:
+            metrics.call("failed")
+
+    def refused(self, breakers: Iterable[Any]) -> None:
+        """A call was refused: count it against the registered breakers that are open."""
+        for breaker in breakers:
+            metrics = self._metrics.get(id(breaker))
+            if metrics is not None and breaker.current_state == OPEN:
+                metrics.not_permitted()

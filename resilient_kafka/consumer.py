@@ -30,6 +30,7 @@ from resilient_kafka.errors import (
     ResilientKafkaError,
     TopicError,
 )
+from resilient_kafka.metrics import ConsumerMetrics, families
 from resilient_kafka.policies import DeadLetterPolicy, RetryPolicy
 from resilient_kafka.producer import ResilientProducer, producer_config_from
 
@@ -95,6 +96,9 @@ class ResilientConsumer(Consumer):
         forward_timeout: float = 30.0,
         breakers: Sequence[Any] = (),
         breaker_scope: Mapping[str, Sequence[str]] | None = None,
+        metrics: bool = True,
+        registry: Any = None,
+        metrics_port: int | None = None,
     ) -> None:
         conf = dict(config)
         group = conf.get("group.id")
@@ -123,10 +127,28 @@ class ResilientConsumer(Consumer):
         if unknown:
             raise ConfigurationError(f"breaker_scope names unknown breakers: {sorted(unknown)}")
         conf["enable.auto.offset.store"] = False  # offsets are stored only past done records
+        self._metrics: ConsumerMetrics | None = None
+        self.metrics_url: str | None = None
+        if metrics:
+            self._metrics = ConsumerMetrics(families(registry), group)
+            user_stats_cb = conf.get("stats_cb")
+            metrics_sink = self._metrics
+
+            def stats_cb(stats_json: str) -> None:
+                metrics_sink.stats(stats_json)
+                if user_stats_cb is not None:
+                    user_stats_cb(stats_json)
+
+            conf["stats_cb"] = stats_cb
+            conf.setdefault("statistics.interval.ms", 5000)  # lag comes from statistics
         super().__init__(conf)
         self._connection = producer_config_from(conf)
         pconf = {**self._connection, **(producer_config or {})}
-        self._producer = ResilientProducer(pconf)
+        self._producer = ResilientProducer(pconf, metrics=metrics, registry=registry)
+        if metrics_port is not None:
+            from resilient_kafka.metrics import serve_metrics
+
+            self._metrics_server, self.metrics_url = serve_metrics(metrics_port, registry=registry)
         self._max_bytes = int(pconf.get("message.max.bytes", 1_000_000))
         self._where = str(conf.get("bootstrap.servers") or conf.get("metadata.broker.list"))
         self._key_deserializer = key_deserializer
@@ -144,6 +166,8 @@ class ResilientConsumer(Consumer):
         self._user_paused: set[_Key] = set()
         self._to_resume: set[_Key] = set()  # newly assigned, possibly still paused from before
         self._prepared: set[str] = set()  # source topics whose retry/DLQ topics exist
+        self._assigned_count = 0
+        self._last_gauges = 0.0
         self._last_store = 0.0
         self._stop = threading.Event()
         self._closed = False
@@ -153,6 +177,8 @@ class ResilientConsumer(Consumer):
         self._watch = BreakerWatch()
         for breaker in self._breakers:
             breaker.add_listener(self._watch)
+            if self._metrics is not None:
+                self._watch.track(breaker, self._metrics.fam)
         self._opens_at_handout = 0
         self._outage: Outage | None = None
         self._probe_ready: Message | None = None
@@ -168,6 +194,7 @@ class ResilientConsumer(Consumer):
                 retry=tenacity.retry_if_exception(self._retry_in_place),
                 sleep=self._stop.wait,
                 reraise=True,
+                before_sleep=self._blocking_retry_noted,
             )
         self._user_callbacks: dict[str, Callable[..., Any] | None] = {}
 
@@ -220,6 +247,9 @@ class ResilientConsumer(Consumer):
         wanted: dict[str, int] = {}
         tier_topics: list[str] = []
         self._prepared.update(topics)
+        if self._metrics is not None:
+            for topic in topics:
+                self._metrics.prepare_topic(topic)
         for topic in topics:
             partitions = len(metadata.topics[topic].partitions)
             for n, name in enumerate(self.retry_topics(topic), start=1):
@@ -262,6 +292,9 @@ class ResilientConsumer(Consumer):
         # pause it were forgotten on revoke: resume once the assignment is in place (next poll),
         # unless the application pauses it again in its own callback.
         self._to_resume.update((tp.topic, tp.partition) for tp in partitions)
+        self._assigned_count += len(partitions)
+        if self._metrics is not None:
+            self._metrics.rebalance("assign", self._assigned_count)
         callback = self._user_callbacks.get("assign")
         if callback is not None:
             callback(self, partitions)
@@ -269,6 +302,7 @@ class ResilientConsumer(Consumer):
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._finish_in_hand()
         self._drain(self._forward_timeout)
+        self._sync_offset_store()
         keys = {(tp.topic, tp.partition) for tp in partitions}
         safe = [
             TopicPartition(t, p, o) for t, p, o in self._barrier.committable() if (t, p) in keys
@@ -279,12 +313,18 @@ class ResilientConsumer(Consumer):
             except KafkaException as exc:
                 log.warning("commit on revoke failed (records will be redelivered): %s", exc)
         self._forget(keys)
+        self._assigned_count = max(0, self._assigned_count - len(partitions))
+        if self._metrics is not None:
+            self._metrics.rebalance("revoke", self._assigned_count)
         callback = self._user_callbacks.get("revoke")
         if callback is not None:
             callback(self, partitions)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._forget({(tp.topic, tp.partition) for tp in partitions})
+        self._assigned_count = max(0, self._assigned_count - len(partitions))
+        if self._metrics is not None:
+            self._metrics.rebalance("lost", self._assigned_count)
         callback = self._user_callbacks.get("lost") or self._user_callbacks.get("revoke")
         if callback is not None:
             callback(self, partitions)
@@ -318,6 +358,7 @@ class ResilientConsumer(Consumer):
             wait = self._maintain(deadline)
             if self._probe_ready is not None:
                 return self._hand_out_probe()
+            started = time.monotonic()
             msg = super().poll(wait)
             if msg is not None:
                 if msg.error() is not None:
@@ -326,6 +367,10 @@ class ResilientConsumer(Consumer):
                 if admitted is not None:
                     self._in_hand.append(admitted)
                     self._opens_at_handout = self._watch.opens
+                    if self._metrics is not None:
+                        topic = admitted.topic()
+                        self._metrics.consumed(topic)
+                        self._metrics.poll(topic, time.monotonic() - started)
                     return admitted
             if deadline is not None and time.monotonic() >= deadline:
                 return None
@@ -338,9 +383,11 @@ class ResilientConsumer(Consumer):
             wait = self._maintain(deadline)
             if self._probe_ready is not None:
                 return [self._hand_out_probe()]
+            started = time.monotonic()
             batch = super().consume(num_messages, wait)
             self._opens_at_handout = self._watch.opens
             out = []
+            metrics = self._metrics
             for msg in batch:
                 if msg.error() is not None:
                     out.append(msg)
@@ -349,6 +396,10 @@ class ResilientConsumer(Consumer):
                 if admitted is not None:
                     self._in_hand.append(admitted)
                     out.append(admitted)
+                    if metrics is not None:
+                        metrics.consumed(admitted.topic())
+            if metrics is not None and out and out[-1].error() is None:
+                metrics.poll(out[-1].topic(), time.monotonic() - started)
             if out or (deadline is not None and time.monotonic() >= deadline):
                 return out
 
@@ -362,12 +413,17 @@ class ResilientConsumer(Consumer):
             if (topic, msg.partition()) in self._waiting:
                 return None  # fetched in the same batch behind a record that is not due
             due = headers.due(msg)
-            if due is not None and due > time.time() * 1000:
+            now_ms = time.time() * 1000
+            if due is not None and due > now_ms:
                 tp = TopicPartition(topic, msg.partition(), msg.offset())
                 super().pause([tp])
                 super().seek(tp)
                 self._waiting[(topic, msg.partition())] = due
                 return None
+            if due is not None and self._metrics is not None:
+                tier = self._tiers[topic][1]
+                nominal = self._retry.delays[tier - 1] if tier <= self._retry.attempts else 0.0
+                self._metrics.retry_delay(topic, (now_ms - due) / 1000 + nominal)
         self._barrier.track(topic, msg.partition(), msg.offset())
         if self._key_deserializer is not None or self._value_deserializer is not None:
             return self._deserialize(msg)
@@ -424,6 +480,10 @@ class ResilientConsumer(Consumer):
         if self._flood is not None:
             for _ in self._in_hand:
                 self._flood.record(False)
+        if self._metrics is not None:
+            success = self._metrics.success
+            for msg in self._in_hand:
+                success(msg.topic())
         self._in_hand.clear()
         if self._raw:
             self._raw.clear()
@@ -448,6 +508,9 @@ class ResilientConsumer(Consumer):
         now = time.monotonic()
         if self._outage is not None:
             self._tend_outage(now)
+        if self._metrics is not None and now - self._last_gauges >= 0.5:
+            self._last_gauges = now
+            self._update_pause_gauges()
         if self._auto_commit and now - self._last_store >= _STORE_INTERVAL:
             self._last_store = now
             self._store_offsets()
@@ -469,6 +532,13 @@ class ResilientConsumer(Consumer):
         if deadline is not None:
             wait = min(wait, max(0.0, deadline - now))
         return wait
+
+    def _sync_offset_store(self) -> None:
+        """Store every safe offset now: librdkafka's own auto-commit (periodic, on revoke and
+        on close) commits the stored offsets, and must not commit an older position after an
+        explicit commit of a newer one."""
+        if self._auto_commit:
+            self._store_offsets()
 
     def _store_offsets(self) -> None:
         moved = self._barrier.advanced()
@@ -496,6 +566,8 @@ class ResilientConsumer(Consumer):
         outage = self._outage
         probe = outage is not None and outage.is_probe(msg)
         if self._is_outage(exc):
+            if isinstance(exc, CircuitBreakerError):
+                self._watch.refused(self._breakers)
             self._hold(msg, BREAKER)  # refused, or it tripped a breaker: not the message's fault
             return
         held = self._route(msg, exc)
@@ -549,6 +621,13 @@ class ResilientConsumer(Consumer):
         )
         self._forwards.append(forward)
         self._send_forwards()
+        if self._metrics is not None:
+            error_type = headers.exception_type(exc)
+            if reason is None:
+                self._metrics.outcome(msg.topic(), "retry_scheduled", error_type)
+                self._metrics.retry(msg.topic(), "topic", error_type)
+            else:
+                self._metrics.outcome(msg.topic(), "dead_lettered", error_type)
         return False
 
     def _sized_headers(
@@ -649,11 +728,28 @@ class ResilientConsumer(Consumer):
                 self._send_forwards()
         return True
 
+    def _update_pause_gauges(self) -> None:
+        assert self._metrics is not None
+        outage = self._outage
+        paused = self._metrics.paused
+        circuit = len(outage.partitions) if outage is not None and outage.reason == BREAKER else 0
+        flood = len(outage.partitions) if outage is not None and outage.reason != BREAKER else 0
+        paused("circuit_open", circuit)
+        paused("dlq_flood", flood)
+        paused("retry_backoff", len(self._waiting))
+        paused("manual", len(self._user_paused))
+
     # -- outages -----------------------------------------------------------------------------
 
     def _is_outage(self, exc: BaseException) -> bool:
         """A breaker refused the call, or this message's handling tripped one."""
         return isinstance(exc, CircuitBreakerError) or self._watch.opens != self._opens_at_handout
+
+    def _blocking_retry_noted(self, state: Any) -> None:
+        if self._metrics is not None and self._in_hand and state.outcome is not None:
+            exc = state.outcome.exception()
+            error_type = headers.exception_type(exc) if exc is not None else ""
+            self._metrics.retry(self._in_hand[-1].topic(), "blocking", error_type)
 
     def _retry_in_place(self, exc: BaseException) -> bool:
         return (
@@ -833,6 +929,7 @@ class ResilientConsumer(Consumer):
         """
         self._finish_in_hand()
         self._producer.poll(0)
+        self._sync_offset_store()
         safe = {(t, p): o for t, p, o in self._barrier.committable()}
         if message is not None:
             requested = [TopicPartition(message.topic(), message.partition(), message.offset() + 1)]
@@ -883,13 +980,21 @@ class ResilientConsumer(Consumer):
                         raise KafkaException(error)
                     log.debug("consumer event: %s", error)
                     continue
+                started = time.monotonic()
                 try:
                     if self._blocking is None:
                         handler(msg)
                     else:
                         self._blocking(handler, msg)
                 except Exception as exc:
+                    if self._metrics is not None:
+                        self._metrics.process(
+                            msg.topic(), time.monotonic() - started, headers.exception_type(exc)
+                        )
                     self.fail(msg, exc)
+                else:
+                    if self._metrics is not None:
+                        self._metrics.process(msg.topic(), time.monotonic() - started, "")
         finally:
             restore()
             self.close()
@@ -923,6 +1028,7 @@ class ResilientConsumer(Consumer):
         self._closed = True
         self._finish_in_hand()
         self._drain(self._forward_timeout)
+        self._sync_offset_store()
         safe = [TopicPartition(t, p, o) for t, p, o in self._barrier.committable()]
         if safe:
             try:
@@ -931,6 +1037,9 @@ class ResilientConsumer(Consumer):
                 log.warning("final commit failed (records will be redelivered): %s", exc)
         self._producer.close()  # flushes what is left, then releases the connection
         super().close()
+        server = getattr(self, "_metrics_server", None)
+        if server is not None:
+            server.shutdown()
 
     def __repr__(self) -> str:  # never the config: it may hold secrets
         return f"<ResilientConsumer group={self._group!r} {self._where}>"

@@ -149,6 +149,7 @@ class OrderPipeline:
             cluster.client_config(group_id=self.group, auto_offset_reset="earliest"),
             retry=RetryPolicy(delays=delays, dead_letter_on=(PaymentDeclined,)),
             breakers=[self.breaker],
+            metrics_port=0,
         )
         self.consumer.subscribe([self.topic])
         self.dlq_topic = self.consumer.dead_letter_topic(self.topic)
@@ -297,6 +298,7 @@ def run_demo(
         pipeline = OrderPipeline(
             cluster, messages=messages, rate=rate, delays=delays, outage=outage
         )
+        console.print(f"Prometheus metrics: {pipeline.consumer.metrics_url}")
         console.print(
             f"{messages} orders at {rate:g}/s into [bold]{pipeline.topic}[/bold]; retry tiers "
             f"{', '.join(pipeline.consumer.retry_topics(pipeline.topic))}; "

@@ -28,9 +28,17 @@ class ResilientProducer(Producer):
         config: Mapping[str, Any],
         *,
         on_delivery_failure: DeliveryCallback | None = None,
+        metrics: bool = True,
+        registry: Any = None,
     ) -> None:
         conf = {**SAFE_DEFAULTS, **config}
         super().__init__(conf)
+        self._fam = None
+        if metrics:
+            from resilient_kafka.metrics import families
+
+            self._fam = families(registry)
+        self._sent: dict[str, Any] = {}
         self._where = str(conf.get("bootstrap.servers", "?"))
         self._on_failure = on_delivery_failure
         self.delivery_failures = 0
@@ -62,6 +70,8 @@ class ResilientProducer(Producer):
             return self._report
 
         def report(err: KafkaError | None, msg: Message) -> None:
+            if self._fam is not None:
+                self._count(err, msg)
             if err is not None:
                 self.delivery_failures += 1
                 if self._on_failure is not None:
@@ -70,7 +80,28 @@ class ResilientProducer(Producer):
 
         return report
 
+    def _count(self, err: KafkaError | None, msg: Message) -> None:
+        """Sent-messages counter and send duration, at the delivery report."""
+        fam = self._fam
+        assert fam is not None
+        topic = msg.topic() or ""
+        if err is None:
+            inc = self._sent.get(topic)
+            if inc is None:
+                inc = self._sent[topic] = fam.sent.labels("kafka", "send", topic, "").inc
+            inc()
+            latency = msg.latency()
+            if latency is not None:
+                fam.operation_duration.labels("kafka", "send", "send", topic, "", "").observe(
+                    latency
+                )
+            return
+        error_type = fam.error_type(err.name())
+        fam.sent.labels("kafka", "send", topic, error_type).inc()
+
     def _report(self, err: KafkaError | None, msg: Message) -> None:
+        if self._fam is not None:
+            self._count(err, msg)
         if err is None:
             return
         self.delivery_failures += 1

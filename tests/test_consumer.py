@@ -598,3 +598,26 @@ def test_assign_mode_creates_the_dlq_on_first_failure(kafka: KafkaCluster, topic
         consumer.close()
     (dead,) = _read_all(kafka, f"{topic}.{group}.dlq", 1)
     assert headers.header_dict(dead)["rk.reason"] == b"exhausted"
+
+
+def test_close_never_commits_an_older_stored_offset(
+    kafka: KafkaCluster, topic_factory, monkeypatch
+) -> None:
+    """librdkafka's close-time auto-commit commits the *stored* offsets; a stale stored offset
+    must not overwrite the final commit (found as an intermittent CI failure)."""
+    import resilient_kafka.consumer as consumer_module
+
+    monkeypatch.setattr(consumer_module, "_STORE_INTERVAL", 3600.0)  # no periodic stores
+    topic, group = topic_factory(1), _group()
+    produce(kafka.producer_config(), topic, [(f"k{i}", f"v{i}") for i in range(5)])
+    consumer = ResilientConsumer(kafka.client_config(group_id=group, auto_offset_reset="earliest"))
+    consumer.subscribe([topic])
+    try:
+        _first_message(consumer)
+        _first_message(consumer)  # v0 is now done
+        consumer._store_offsets()  # the store position is 1: stale from here on
+        for _ in range(3):
+            _first_message(consumer)
+    finally:
+        consumer.close()  # v0..v4 done: the final commit is 5
+    assert _committed(kafka, group, topic, 1) == [5]

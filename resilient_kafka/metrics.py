@@ -1,0 +1,299 @@
+"""Prometheus metrics: the four semconv-derived messaging metrics plus library metrics.
+
+Families are created once per registry, so several consumers and producers in one process share
+them (labelled by group and topic) instead of colliding. Label values are bounded: topics, group,
+outcome, mode, breaker names and an ``error_type`` capped at 20 distinct values (then
+``_OTHER``); never keys, offsets or exception messages.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+# messaging semconv histogram boundaries (= prometheus_client's defaults)
+SEMCONV_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
+RETRY_DELAY_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+OUTCOMES = ("success", "retry_scheduled", "dead_lettered", "duplicate_skipped")
+PAUSE_REASONS = ("circuit_open", "dlq_flood", "retry_backoff", "manual")
+BREAKER_STATES = ("closed", "open", "half_open")
+_MAX_ERROR_TYPES = 20
+OTHER = "_OTHER"
+
+_SYSTEM = "kafka"
+_GROUP = "messaging_consumer_group_name"
+_DEST = "messaging_destination_name"
+
+
+class Families:
+    """Every metric family of the library in one registry."""
+
+    def __init__(self, registry: CollectorRegistry, namespace: str) -> None:
+        ns = namespace
+        self.error_types: set[str] = set()
+        self._lock = threading.Lock()
+        sc = ["messaging_system", "messaging_operation_name"]
+        self.consumed = Counter(
+            "messaging_client_consumed_messages",
+            "Messages handed to the application by poll()/consume().",
+            [*sc, _DEST, _GROUP, "error_type"],
+            registry=registry,
+        )
+        self.sent = Counter(
+            "messaging_client_sent_messages",
+            "Messages sent, counted at the delivery report (success or final failure).",
+            [*sc, _DEST, "error_type"],
+            registry=registry,
+        )
+        self.operation_duration = Histogram(
+            "messaging_client_operation_duration_seconds",
+            "Duration of send (produce to ack), poll (that returned messages) and commit.",
+            [*sc, "messaging_operation_type", _DEST, _GROUP, "error_type"],
+            buckets=SEMCONV_BUCKETS,
+            registry=registry,
+        )
+        self.process_duration = Histogram(
+            "messaging_process_duration_seconds",
+            "Duration of each handler invocation in run().",
+            [*sc, _DEST, _GROUP, "error_type"],
+            buckets=SEMCONV_BUCKETS,
+            registry=registry,
+        )
+        self.handled = Counter(
+            f"{ns}_messages_handled",
+            "One per handled delivery, by final disposition.",
+            [_DEST, _GROUP, "outcome", "error_type"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            f"{ns}_retries",
+            "Retries: in place (blocking) or through a retry topic.",
+            [_DEST, _GROUP, "mode", "error_type"],
+            registry=registry,
+        )
+        self.retry_delay = Histogram(
+            f"{ns}_retry_delay_seconds",
+            "Time from a failure to the re-attempt of its retry record.",
+            [_DEST, _GROUP],
+            buckets=RETRY_DELAY_BUCKETS,
+            registry=registry,
+        )
+        self.breaker_state = Gauge(
+            f"{ns}_circuitbreaker_state",
+            "1 for the breaker's current state, 0 for the others.",
+            ["name", "state"],
+            registry=registry,
+        )
+        self.breaker_calls = Counter(
+            f"{ns}_circuitbreaker_calls",
+            "Calls through a breaker: successful, failed, or ignored (excluded exceptions).",
+            ["name", "kind"],
+            registry=registry,
+        )
+        self.breaker_not_permitted = Counter(
+            f"{ns}_circuitbreaker_not_permitted_calls",
+            "Calls refused because the breaker was open.",
+            ["name"],
+            registry=registry,
+        )
+        self.paused = Gauge(
+            f"{ns}_consumer_paused_partitions",
+            "Partitions currently paused, by reason.",
+            [_GROUP, "reason"],
+            registry=registry,
+        )
+        self.rebalances = Counter(
+            f"{ns}_consumer_rebalances",
+            "Rebalance callbacks: assign, revoke, lost.",
+            [_GROUP, "event"],
+            registry=registry,
+        )
+        self.assigned = Gauge(
+            f"{ns}_consumer_assigned_partitions",
+            "Partitions currently assigned.",
+            [_GROUP],
+            registry=registry,
+        )
+        self.lag = Gauge(
+            f"{ns}_consumer_lag",
+            "Records behind the high watermark, from librdkafka statistics.",
+            [_GROUP, _DEST, "messaging_destination_partition_id"],
+            registry=registry,
+        )
+        self.dedup_lookups = Counter(
+            f"{ns}_dedup_lookups",
+            "Dedup store lookups: hit, miss, error.",
+            [_DEST, _GROUP, "result"],
+            registry=registry,
+        )
+        self.build_info = Gauge(
+            f"{ns}_build_info",
+            "Versions of resilient-kafka, confluent-kafka and librdkafka.",
+            ["version", "confluent_kafka_version", "librdkafka_version"],
+            registry=registry,
+        )
+        import confluent_kafka
+
+        from resilient_kafka import __version__
+
+        self.build_info.labels(
+            __version__, confluent_kafka.version()[0], confluent_kafka.libversion()[0]
+        ).set(1)
+
+    def error_type(self, value: str) -> str:
+        """``value`` while fewer than 20 distinct error types were seen, else ``_OTHER``."""
+        if not value or value in self.error_types:
+            return value
+        with self._lock:
+            if len(self.error_types) < _MAX_ERROR_TYPES:
+                self.error_types.add(value)
+                return value
+        return OTHER
+
+
+_families: weakref.WeakKeyDictionary[CollectorRegistry, Families] = weakref.WeakKeyDictionary()
+_families_lock = threading.Lock()
+
+
+def families(
+    registry: CollectorRegistry | None = None, namespace: str = "resilient_kafka"
+) -> Families:
+    """The library's metric families in ``registry`` (the global one by default)."""
+    registry = REGISTRY if registry is None else registry
+    with _families_lock:
+        found = _families.get(registry)
+        if found is None:
+            found = _families[registry] = Families(registry, namespace)
+        return found
+
+
+class ConsumerMetrics:
+    """One consumer's view of the families: label children bound per topic, pre-created at 0."""
+
+    def __init__(self, fam: Families, group: str) -> None:
+        self.fam = fam
+        self.group = group
+        self._consumed: dict[str, Any] = {}
+        self._success: dict[str, Any] = {}
+        for reason in PAUSE_REASONS:
+            fam.paused.labels(group, reason).set(0)
+        for event in ("assign", "revoke", "lost"):
+            fam.rebalances.labels(group, event)
+        fam.assigned.labels(group).set(0)
+
+    def prepare_topic(self, topic: str) -> None:
+        """Create the known label combinations of ``topic`` at 0."""
+        fam, group = self.fam, self.group
+        self._consumed[topic] = fam.consumed.labels(_SYSTEM, "poll", topic, group, "").inc
+        self._success[topic] = fam.handled.labels(topic, group, "success", "").inc
+        for outcome in OUTCOMES:
+            fam.handled.labels(topic, group, outcome, "")
+        for mode in ("blocking", "topic"):
+            fam.retries.labels(topic, group, mode, "")
+        fam.dedup_lookups.labels(topic, group, "hit")
+        fam.dedup_lookups.labels(topic, group, "miss")
+
+    def consumed(self, topic: str) -> None:
+        inc = self._consumed.get(topic)
+        if inc is None:
+            self.prepare_topic(topic)
+            inc = self._consumed[topic]
+        inc()
+
+    def success(self, topic: str) -> None:
+        inc = self._success.get(topic)
+        if inc is None:
+            self.prepare_topic(topic)
+            inc = self._success[topic]
+        inc()
+
+    def outcome(self, topic: str, outcome: str, error_type: str) -> None:
+        self.fam.handled.labels(topic, self.group, outcome, self.fam.error_type(error_type)).inc()
+
+    def retry(self, topic: str, mode: str, error_type: str) -> None:
+        self.fam.retries.labels(topic, self.group, mode, self.fam.error_type(error_type)).inc()
+
+    def retry_delay(self, topic: str, seconds: float) -> None:
+        self.fam.retry_delay.labels(topic, self.group).observe(max(0.0, seconds))
+
+    def process(self, topic: str, seconds: float, error_type: str) -> None:
+        self.fam.process_duration.labels(
+            _SYSTEM, "process", topic, self.group, self.fam.error_type(error_type)
+        ).observe(seconds)
+
+    def poll(self, topic: str, seconds: float) -> None:
+        self.fam.operation_duration.labels(
+            _SYSTEM, "poll", "receive", topic, self.group, ""
+        ).observe(seconds)
+
+    def commit(self, seconds: float, error_type: str = "") -> None:
+        self.fam.operation_duration.labels(
+            _SYSTEM, "commit", "settle", "", self.group, self.fam.error_type(error_type)
+        ).observe(seconds)
+
+    def rebalance(self, event: str, assigned: int | None = None) -> None:
+        self.fam.rebalances.labels(self.group, event).inc()
+        if assigned is not None:
+            self.fam.assigned.labels(self.group).set(assigned)
+
+    def paused(self, reason: str, count: int) -> None:
+        self.fam.paused.labels(self.group, reason).set(count)
+
+    def stats(self, stats_json: str) -> None:
+        """Lag per partition from a librdkafka statistics document (``consumer_lag_stored``:
+        the library stores offsets only past done records, so this is the true backlog)."""
+        try:
+            stats = json.loads(stats_json)
+        except ValueError:
+            return
+        for topic, info in (stats.get("topics") or {}).items():
+            for partition, p in (info.get("partitions") or {}).items():
+                if partition == "-1":
+                    continue
+                lag = p.get("consumer_lag_stored", -1)
+                if lag is None or lag < 0:
+                    lag = p.get("consumer_lag", -1)
+                if lag is not None and lag >= 0:
+                    self.fam.lag.labels(self.group, topic, partition).set(lag)
+
+
+class BreakerMetrics:
+    """pybreaker listener feeding the breaker metrics."""
+
+    def __init__(self, fam: Families, name: str, state: str) -> None:
+        self.fam = fam
+        self.name = name
+        for kind in ("successful", "failed", "ignored"):
+            fam.breaker_calls.labels(name, kind)
+        fam.breaker_not_permitted.labels(name)
+        self.set_state(state)
+
+    def set_state(self, state: str) -> None:
+        state = state.replace("-", "_")
+        for known in BREAKER_STATES:
+            self.fam.breaker_state.labels(self.name, known).set(1 if known == state else 0)
+
+    def call(self, kind: str) -> None:
+        self.fam.breaker_calls.labels(self.name, kind).inc()
+
+    def not_permitted(self) -> None:
+        self.fam.breaker_not_permitted.labels(self.name).inc()
+
+
+def serve_metrics(
+    port: int = 0, addr: str = "127.0.0.1", registry: CollectorRegistry | None = None
+) -> tuple[Any, str]:
+    """Serve ``/metrics`` over HTTP in a daemon thread; returns ``(server, url)``.
+
+    ``port=0`` picks a free port. Call ``server.shutdown()`` to stop it.
+    """
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(
+        port, addr=addr, registry=REGISTRY if registry is None else registry
+    )
+    return server, f"http://{addr}:{server.server_port}/metrics"
