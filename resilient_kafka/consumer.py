@@ -17,7 +17,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from resilient_kafka import _admin, headers
@@ -158,7 +165,8 @@ class ResilientConsumer(Consumer):
 
         self._barrier = CommitBarrier()
         self._in_hand: list[Message] = []
-        self._raw: dict[int, tuple[bytes | None, bytes | None]] = {}
+        # raw key/value of deserialized records (kept with the message, so ids are not reused)
+        self._raw: dict[int, tuple[Message, bytes | None, bytes | None]] = {}
         self._forwards: list[_Forward] = []  # waiting to be (re-)produced
         self._in_flight = 0  # produced, not yet acknowledged
         self._tiers: dict[str, tuple[str, int]] = {}  # retry topic -> (source topic, tier)
@@ -168,6 +176,8 @@ class ResilientConsumer(Consumer):
         self._prepared: set[str] = set()  # source topics whose retry/DLQ topics exist
         self._assigned_count = 0
         self._last_gauges = 0.0
+        strategy = str(conf.get("partition.assignment.strategy", ""))
+        self._cooperative = "cooperative" in strategy
         self._last_store = 0.0
         self._stop = threading.Event()
         self._closed = False
@@ -292,6 +302,7 @@ class ResilientConsumer(Consumer):
         # pause it were forgotten on revoke: resume once the assignment is in place (next poll),
         # unless the application pauses it again in its own callback.
         self._to_resume.update((tp.topic, tp.partition) for tp in partitions)
+        self._start_tiers_at_beginning(partitions)
         self._assigned_count += len(partitions)
         if self._metrics is not None:
             self._metrics.rebalance("assign", self._assigned_count)
@@ -299,8 +310,32 @@ class ResilientConsumer(Consumer):
         if callback is not None:
             callback(self, partitions)
 
+    def _start_tiers_at_beginning(self, partitions: list[TopicPartition]) -> None:
+        """A retry tier partition this group never committed on must be read from its start,
+        whatever ``auto.offset.reset`` says for the source topics (librdkafka's default,
+        latest, would skip retry copies written before this member got the partition)."""
+        tiers = [tp for tp in partitions if tp.topic in self._tiers]
+        if not tiers:
+            return
+        try:
+            committed = self.committed(
+                [TopicPartition(tp.topic, tp.partition) for tp in tiers], timeout=10
+            )
+        except KafkaException as exc:
+            log.warning("cannot read committed offsets of retry tiers: %s", exc)
+            return
+        fresh = {(tp.topic, tp.partition) for tp in committed if tp.offset < 0}
+        for tp in partitions:
+            if (tp.topic, tp.partition) in fresh:
+                tp.offset = OFFSET_BEGINNING
+        if fresh:
+            if self._cooperative:
+                self.incremental_assign(partitions)
+            else:
+                super().assign(partitions)
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._finish_in_hand()
+        self._drop_in_hand()  # only when closing: a poll() finished them before this callback
         self._drain(self._forward_timeout)
         self._sync_offset_store()
         keys = {(tp.topic, tp.partition) for tp in partitions}
@@ -345,6 +380,8 @@ class ResilientConsumer(Consumer):
                 self._probe_ready = None
             if outage.trial in keys:
                 outage.trial = outage.trial_msg = None
+                outage.probing = False
+                outage.next_probe = time.monotonic()
             if outage.probing and outage.held is None and outage.trial is None:
                 outage.probing = False  # the probe went with its partition: probe again
 
@@ -357,7 +394,10 @@ class ResilientConsumer(Consumer):
         while True:
             wait = self._maintain(deadline)
             if self._probe_ready is not None:
-                return self._hand_out_probe()
+                probe = self._hand_out_probe()
+                if probe is not None:
+                    return probe
+                continue
             started = time.monotonic()
             msg = super().poll(wait)
             if msg is not None:
@@ -382,22 +422,29 @@ class ResilientConsumer(Consumer):
         while True:
             wait = self._maintain(deadline)
             if self._probe_ready is not None:
-                return [self._hand_out_probe()]
+                probe = self._hand_out_probe()
+                if probe is not None:
+                    return [probe]
+                continue
             started = time.monotonic()
             batch = super().consume(num_messages, wait)
             self._opens_at_handout = self._watch.opens
             out = []
             metrics = self._metrics
-            for msg in batch:
-                if msg.error() is not None:
-                    out.append(msg)
-                    continue
-                admitted = self._admit(msg)
-                if admitted is not None:
-                    self._in_hand.append(admitted)
-                    out.append(admitted)
-                    if metrics is not None:
-                        metrics.consumed(admitted.topic())
+            try:
+                for msg in batch:
+                    if msg.error() is not None:
+                        out.append(msg)
+                        continue
+                    admitted = self._admit(msg)
+                    if admitted is not None:
+                        self._in_hand.append(admitted)
+                        out.append(admitted)
+                        if metrics is not None:
+                            metrics.consumed(admitted.topic())
+            except BaseException:
+                self._unwind(batch, out)
+                raise
             if metrics is not None and out and out[-1].error() is None:
                 metrics.poll(out[-1].topic(), time.monotonic() - started)
             if out or (deadline is not None and time.monotonic() >= deadline):
@@ -405,10 +452,19 @@ class ResilientConsumer(Consumer):
 
     def _admit(self, msg: Message) -> Message | None:
         """Track ``msg``, or hold it back: retry records not yet due, undeserializable records."""
-        topic = msg.topic()
         # outage first: a not-due check below would seek past records refused earlier
-        if self._outage is not None and not self._admit_during_outage(msg):
-            return None
+        if self._outage is not None:
+            if not self._admit_during_outage(msg):
+                return None
+            if msg is self._outage.trial_msg:
+                admitted = self._admit_checked(msg)
+                if admitted is None and self._outage is not None:
+                    self._abandon_trial()
+                return admitted
+        return self._admit_checked(msg)
+
+    def _admit_checked(self, msg: Message) -> Message | None:
+        topic = msg.topic()
         if topic in self._tiers:
             if (topic, msg.partition()) in self._waiting:
                 return None  # fetched in the same batch behind a record that is not due
@@ -452,19 +508,49 @@ class ResilientConsumer(Consumer):
             )
             self._route(msg, error, reason=headers.DESERIALIZATION)
             return None
-        self._raw[id(msg)] = raw
+        self._raw[id(msg)] = (msg, raw[0], raw[1])
         return msg
 
-    def _hand_out_probe(self) -> Message:
+    def _unwind(self, batch: list[Message], admitted: list[Message]) -> None:
+        """An exception stopped a batch: nothing of it reaches the application, so take its
+        records out of hand and seek every partition back to its first record of the batch."""
+        taken = {id(m) for m in admitted}
+        self._in_hand = [m for m in self._in_hand if id(m) not in taken]
+        first: dict[_Key, int] = {}
+        for msg in batch:
+            offset = msg.offset()
+            if msg.error() is None and offset is not None:
+                key = (msg.topic(), msg.partition())
+                first[key] = min(first.get(key, offset), offset)
+        for (topic, partition), offset in first.items():
+            try:
+                super().seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:
+                log.warning("cannot rewind %s [%d] to %d: %s", topic, partition, offset, exc)
+
+    def _hand_out_probe(self) -> Message | None:
         msg = self._probe_ready
         assert msg is not None
         self._probe_ready = None
+        deserializing = self._key_deserializer is not None or self._value_deserializer is not None
+        # held before it was deserialized: deserialize now, never hand out raw bytes
+        if deserializing and id(msg) not in self._raw and self._deserialize(msg) is None:
+            outage = self._outage
+            if outage is not None and outage.probing:  # dead-lettered, not held again
+                self._end_outage(seek_past=msg)
+            return None
         self._in_hand.append(msg)
         self._opens_at_handout = self._watch.opens
         log.info(
             "probing the downstream with %s [%d] @%d", msg.topic(), msg.partition(), msg.offset()
         )
         return msg
+
+    def _drop_in_hand(self) -> None:
+        """Forget records in hand without completing them: they will be delivered again."""
+        for msg in self._in_hand:
+            self._raw.pop(id(msg), None)
+        self._in_hand.clear()
 
     def _finish_in_hand(self) -> None:
         """The application asked for more: every message it holds and did not fail is done."""
@@ -484,9 +570,10 @@ class ResilientConsumer(Consumer):
             success = self._metrics.success
             for msg in self._in_hand:
                 success(msg.topic())
-        self._in_hand.clear()
         if self._raw:
-            self._raw.clear()
+            for msg in self._in_hand:
+                self._raw.pop(id(msg), None)
+        self._in_hand.clear()
 
     def _maintain(self, deadline: float | None) -> float:
         """Housekeeping between polls; returns how long the next poll may block."""
@@ -608,7 +695,8 @@ class ResilientConsumer(Consumer):
                     return True
                 self._flood.record(True)
             target = self.dead_letter_topic(source_topic)
-        key, value = self._raw.pop(id(msg), None) or (msg.key(), msg.value())
+        entry = self._raw.pop(id(msg), None)
+        key, value = (entry[1], entry[2]) if entry is not None else (msg.key(), msg.value())
         hdrs = self._sized_headers(msg, exc, attempt, first, key, value, due_ms, reason)
         kind, ts = msg.timestamp()
         forward = _Forward(
@@ -686,6 +774,9 @@ class ResilientConsumer(Consumer):
                 waiting.append(forward)
             except KafkaException as exc:
                 self._forward_failed(forward, exc.args[0] if exc.args else exc)
+                waiting.append(forward)
+            except (TypeError, ValueError) as exc:  # e.g. a value that is not bytes
+                self._forward_failed(forward, exc)
                 waiting.append(forward)
 
     def _forwarded(self, forward: _Forward, err: KafkaError | None, _msg: object) -> None:
@@ -837,7 +928,9 @@ class ResilientConsumer(Consumer):
             outage.trial_msg = msg
             super().pause([TopicPartition(*key)])
             super().seek(TopicPartition(key[0], key[1], msg.offset() + 1))
-            outage.rewind.pop(key, None)
+            held = outage.held
+            if held is None or (held.topic(), held.partition()) != key:
+                outage.rewind.pop(key, None)  # a skip-ahead trial keeps the held record's
             self._opens_at_handout = self._watch.opens
             log.info("probing the downstream with %s [%d] @%d", *key, msg.offset())
             return True
@@ -845,6 +938,16 @@ class ResilientConsumer(Consumer):
             self._rewind(outage, key, msg.offset())
             return False
         return True
+
+    def _abandon_trial(self) -> None:
+        """The trial record was not handed out (not due, undeserializable): try again soon."""
+        outage = self._outage
+        assert outage is not None
+        if outage.trial is not None:
+            super().pause([TopicPartition(*outage.trial)])
+        outage.trial = outage.trial_msg = None
+        outage.probing = False
+        outage.next_probe = time.monotonic()
 
     def _tend_outage(self, now: float) -> None:
         outage = self._outage
@@ -874,19 +977,25 @@ class ResilientConsumer(Consumer):
         held_key = (held.topic(), held.partition()) if held is not None else None
         # partitions known to hold refused records first: an empty one only costs a wait
         others = sorted(
-            outage.partitions - {held_key}, key=lambda key: (key not in outage.rewind, key)
+            outage.partitions - {held_key} - self._waiting.keys(),
+            key=lambda key: (key not in outage.rewind, key),
         )
         outage.probing = True
-        if held is not None and (k % 2 == 0 or not others):
+        if held is not None and k % 2 == 0:
             self._probe_ready = held
             return
-        if not others:
+        outage.trial_msg = None
+        outage.probe_deadline = now + _TRIAL_WAIT
+        if others:
+            outage.trial = others[(k // 2) % len(others)]
+        elif held_key is not None:
+            # nothing else to try: the record after the held one (the held record may be poison)
+            outage.trial = held_key
+            super().seek(TopicPartition(held_key[0], held_key[1], held.offset() + 1))
+        else:
             outage.probing = False
             outage.next_probe = now + outage.backoff
             return
-        outage.trial = others[(k // 2) % len(others)]
-        outage.trial_msg = None
-        outage.probe_deadline = now + _TRIAL_WAIT
         super().resume([TopicPartition(*outage.trial)])
 
     def _end_outage(self, seek_past: Message | None) -> None:
@@ -896,9 +1005,11 @@ class ResilientConsumer(Consumer):
         self._outage = None
         self._probe_ready = None
         if seek_past is not None:
-            super().seek(
-                TopicPartition(seek_past.topic(), seek_past.partition(), seek_past.offset() + 1)
-            )
+            key = (seek_past.topic(), seek_past.partition())
+            target = seek_past.offset() + 1
+            if seek_past is not outage.held and key in outage.rewind:
+                target = min(target, outage.rewind[key])  # a skip-ahead trial: held comes again
+            super().seek(TopicPartition(key[0], key[1], target))
         keys = outage.partitions - self._user_paused - self._waiting.keys()
         if keys:
             super().resume([TopicPartition(t, p) for t, p in keys])
@@ -949,6 +1060,25 @@ class ResilientConsumer(Consumer):
         )
         return result
 
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        """``Consumer.assign``; source topics get their retry/DLQ topics prepared, and retry
+        tiers assigned alongside are recognised as tiers (due times honoured)."""
+        topics = {tp.topic for tp in partitions}
+        derived: set[str] = set()
+        for topic in topics:
+            try:
+                derived.update(self.retry_topics(topic))
+                derived.add(self.dead_letter_topic(topic))
+            except ConfigurationError:
+                continue  # names that cannot have tiers (e.g. a tier of a tier)
+        sources = sorted(t for t in topics - derived if t not in self._prepared)
+        if sources:
+            try:
+                self._prepare_topics(sources)
+            except ResilientKafkaError as exc:
+                log.error("cannot prepare retry/DLQ topics for %s: %s", sources, exc)
+        super().assign(partitions)
+
     def pause(self, partitions: list[TopicPartition]) -> None:
         self._user_paused.update((tp.topic, tp.partition) for tp in partitions)
         super().pause(partitions)
@@ -995,6 +1125,7 @@ class ResilientConsumer(Consumer):
                 else:
                     if self._metrics is not None:
                         self._metrics.process(msg.topic(), time.monotonic() - started, "")
+                    self._finish_in_hand()  # the handler returned: done
         finally:
             restore()
             self.close()
@@ -1026,7 +1157,9 @@ class ResilientConsumer(Consumer):
         if self._closed:
             return
         self._closed = True
-        self._finish_in_hand()
+        # records still in hand were not reported processed (no next poll, no commit): they
+        # are redelivered, never committed unseen (a handler may have crashed on them)
+        self._drop_in_hand()
         self._drain(self._forward_timeout)
         self._sync_offset_store()
         safe = [TopicPartition(t, p, o) for t, p, o in self._barrier.committable()]
@@ -1035,8 +1168,8 @@ class ResilientConsumer(Consumer):
                 super().commit(offsets=safe, asynchronous=False)
             except KafkaException as exc:
                 log.warning("final commit failed (records will be redelivered): %s", exc)
+        super().close()  # may run the revoke callback, which still needs the producer
         self._producer.close()  # flushes what is left, then releases the connection
-        super().close()
         server = getattr(self, "_metrics_server", None)
         if server is not None:
             server.shutdown()

@@ -618,6 +618,57 @@ def test_close_never_commits_an_older_stored_offset(
         consumer._store_offsets()  # the store position is 1: stale from here on
         for _ in range(3):
             _first_message(consumer)
+        assert consumer.poll(0.5) is None  # asking for more: v4 is done too
     finally:
         consumer.close()  # v0..v4 done: the final commit is 5
     assert _committed(kafka, group, topic, 1) == [5]
+
+
+def test_close_after_a_crashed_handler_does_not_commit_the_record(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    """A record in hand when close() is called was never reported processed: redeliver it."""
+    topic, group = topic_factory(1), _group()
+    produce(kafka.producer_config(), topic, [("k0", "v0"), ("k1", "v1")])
+    consumer = ResilientConsumer(kafka.client_config(group_id=group, auto_offset_reset="earliest"))
+    consumer.subscribe([topic])
+    try:
+        _first_message(consumer)  # v0
+        crashed = _first_message(consumer)  # v1: the handler raises and the app just closes
+        assert crashed.value() == b"v1"
+    finally:
+        consumer.close()
+    assert _committed(kafka, group, topic, 1) == [1]  # v0 done, v1 will be delivered again
+
+
+def test_retry_tiers_are_read_from_the_start_whatever_auto_offset_reset_says(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    """With librdkafka's default auto.offset.reset=latest, a member that takes over a retry
+    partition this group never committed on must still read the retry copies already there."""
+    topic, group = topic_factory(1), _group()
+    # the first member reads the source from the start (Tansu resolves "latest" unreliably:
+    # its ListOffsets is wrong); the member taking over the tier uses librdkafka's default
+    first = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        retry=RetryPolicy(delays=(2.0,)),
+    )
+    first.subscribe([topic])
+    try:
+        produce(kafka.producer_config(), topic, [("k", "needs a retry")])
+        msg = _first_message(first)
+        first.fail(msg, ConnectionError("blip"))  # the copy goes to retry.1, due in 2 s
+        _wait(lambda: first._drain(0.1), 20, "the retry copy to be acknowledged")
+    finally:
+        first.close()  # before the copy is due: nothing was ever committed on the tier
+
+    conf = kafka.client_config(group_id=group)  # auto.offset.reset: default (latest)
+    assert "auto.offset.reset" not in conf
+    second = ResilientConsumer(conf, retry=RetryPolicy(delays=(2.0,)))
+    second.subscribe([topic])
+    try:
+        retried = _first_message(second, timeout=40)
+    finally:
+        second.close()
+    assert retried.topic() == f"{topic}.{group}.retry.1"
+    assert retried.value() == b"needs a retry" and headers.attempt(retried) == 1
