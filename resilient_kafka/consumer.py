@@ -61,7 +61,17 @@ class DeserializationError(ResilientKafkaError):
 class _Forward:
     """A retry or DLQ copy on its way to the broker; holds its source offset until acked."""
 
-    __slots__ = ("attempts", "headers", "key", "next_try", "source", "target", "timestamp", "value")
+    __slots__ = (
+        "attempts",
+        "headers",
+        "key",
+        "next_try",
+        "source",
+        "span",
+        "target",
+        "timestamp",
+        "value",
+    )
 
     def __init__(
         self,
@@ -80,6 +90,7 @@ class _Forward:
         self.timestamp = timestamp
         self.attempts = 0
         self.next_try = 0.0
+        self.span: Any = None
 
 
 class ResilientConsumer(Consumer):
@@ -106,6 +117,8 @@ class ResilientConsumer(Consumer):
         metrics: bool = True,
         registry: Any = None,
         metrics_port: int | None = None,
+        tracer_provider: Any = None,
+        trace_parent: str = "creation_context",
     ) -> None:
         conf = dict(config)
         group = conf.get("group.id")
@@ -151,7 +164,17 @@ class ResilientConsumer(Consumer):
         super().__init__(conf)
         self._connection = producer_config_from(conf)
         pconf = {**self._connection, **(producer_config or {})}
-        self._producer = ResilientProducer(pconf, metrics=metrics, registry=registry)
+        if trace_parent not in ("creation_context", "link_only"):
+            raise ConfigurationError(
+                f"trace_parent must be 'creation_context' or 'link_only', got {trace_parent!r}"
+            )
+        from resilient_kafka.tracing import tracer_for
+
+        self._tracing = tracer_for(tracer_provider)
+        self._parent_on_creation = trace_parent == "creation_context"
+        self._producer = ResilientProducer(
+            pconf, metrics=metrics, registry=registry, tracer_provider=tracer_provider
+        )
         if metrics_port is not None:
             from resilient_kafka.metrics import serve_metrics
 
@@ -699,6 +722,20 @@ class ResilientConsumer(Consumer):
         key, value = (entry[1], entry[2]) if entry is not None else (msg.key(), msg.value())
         hdrs = self._sized_headers(msg, exc, attempt, first, key, value, due_ms, reason)
         kind, ts = msg.timestamp()
+        span = None
+        if self._tracing is not None:
+            span, hdrs = self._tracing.start_send(
+                target,
+                hdrs,
+                key,
+                link_context=self._tracing.creation_context(msg.headers()),
+                attributes={
+                    "resilient_kafka.forward.reason": "retry" if reason is None else "dlq",
+                    "resilient_kafka.retry.attempt": attempt,
+                    "resilient_kafka.original.destination": source_topic,
+                },
+            )
+            self._trace_route(target, attempt, due_ms, reason)
         forward = _Forward(
             (msg.topic(), msg.partition(), msg.offset()),
             target,
@@ -707,6 +744,7 @@ class ResilientConsumer(Consumer):
             hdrs,
             ts if kind else 0,
         )
+        forward.span = span
         self._forwards.append(forward)
         self._send_forwards()
         if self._metrics is not None:
@@ -760,13 +798,14 @@ class ResilientConsumer(Consumer):
                 waiting.append(forward)
                 continue
             try:
-                self._producer.produce(
+                self._producer._produce_untraced(
                     forward.target,
-                    value=forward.value,
-                    key=forward.key,
-                    headers=forward.headers,
-                    timestamp=forward.timestamp,
-                    on_delivery=functools.partial(self._forwarded, forward),
+                    forward.value,
+                    forward.key,
+                    -1,
+                    self._producer._reporter(functools.partial(self._forwarded, forward)),
+                    forward.timestamp,
+                    forward.headers,
                 )
                 self._in_flight += 1
             except BufferError:
@@ -779,13 +818,40 @@ class ResilientConsumer(Consumer):
                 self._forward_failed(forward, exc)
                 waiting.append(forward)
 
-    def _forwarded(self, forward: _Forward, err: KafkaError | None, _msg: object) -> None:
+    def _forwarded(self, forward: _Forward, err: KafkaError | None, msg: Any) -> None:
         self._in_flight -= 1
         if err is None:
             self._barrier.complete(*forward.source)
+            if forward.span is not None:
+                from resilient_kafka.tracing import Tracing
+
+                Tracing.end_send(forward.span, None, msg)
             return
         self._forward_failed(forward, err)
         self._forwards.append(forward)
+
+    def _trace_route(
+        self, target: str, attempt: int, due_ms: int | None, reason: str | None
+    ) -> None:
+        """Outcome attribute and event on the current (process) span."""
+        from opentelemetry import trace
+
+        span = trace.get_current_span()
+        if not span.is_recording():
+            return
+        if reason is None:
+            delay = (due_ms - time.time() * 1000) / 1000 if due_ms else 0.0
+            span.set_attribute("resilient_kafka.outcome", "retry_scheduled")
+            span.add_event(
+                "resilient_kafka.retry.scheduled",
+                {"messaging.destination.name": target, "attempt": attempt, "delay_s": delay},
+            )
+        else:
+            span.set_attribute("resilient_kafka.outcome", "dead_lettered")
+            span.add_event(
+                "resilient_kafka.dead_lettered",
+                {"messaging.destination.name": target, "reason": reason},
+            )
 
     def _forward_failed(self, forward: _Forward, err: object) -> None:
         forward.attempts += 1
@@ -1110,6 +1176,9 @@ class ResilientConsumer(Consumer):
                         raise KafkaException(error)
                     log.debug("consumer event: %s", error)
                     continue
+                if self._tracing is not None:
+                    self._run_traced(handler, msg)
+                    continue
                 started = time.monotonic()
                 try:
                     if self._blocking is None:
@@ -1129,6 +1198,42 @@ class ResilientConsumer(Consumer):
         finally:
             restore()
             self.close()
+
+    def _run_traced(self, handler: Handler, msg: Message) -> None:
+        """One handler call inside ``process {topic}``; forwards become its children."""
+        from opentelemetry import context, trace
+        from opentelemetry.trace import Status, StatusCode
+
+        assert self._tracing is not None
+        span = self._tracing.start_process(
+            msg, self._group, headers.attempt(msg), parent_on_creation=self._parent_on_creation
+        )
+        token = context.attach(trace.set_span_in_context(span))
+        started = time.monotonic()
+        try:
+            try:
+                if self._blocking is None:
+                    handler(msg)
+                else:
+                    self._blocking(handler, msg)
+            except Exception as exc:
+                error_type = headers.exception_type(exc)
+                span.set_attribute("error.type", error_type)
+                span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+                span.record_exception(exc)
+                if isinstance(exc, CircuitBreakerError):
+                    span.add_event("resilient_kafka.circuit_breaker.rejected")
+                if self._metrics is not None:
+                    self._metrics.process(msg.topic(), time.monotonic() - started, error_type)
+                self.fail(msg, exc)
+            else:
+                span.set_attribute("resilient_kafka.outcome", "success")
+                if self._metrics is not None:
+                    self._metrics.process(msg.topic(), time.monotonic() - started, "")
+                self._finish_in_hand()
+        finally:
+            context.detach(token)
+            span.end()
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish the message in hand and shut down (any thread)."""

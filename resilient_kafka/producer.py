@@ -30,9 +30,13 @@ class ResilientProducer(Producer):
         on_delivery_failure: DeliveryCallback | None = None,
         metrics: bool = True,
         registry: Any = None,
+        tracer_provider: Any = None,
     ) -> None:
         conf = {**SAFE_DEFAULTS, **config}
         super().__init__(conf)
+        from resilient_kafka.tracing import tracer_for
+
+        self._tracing = tracer_for(tracer_provider)
         self._fam = None
         if metrics:
             from resilient_kafka.metrics import families
@@ -55,15 +59,41 @@ class ResilientProducer(Producer):
         *,
         callback: DeliveryCallback | None = None,
     ) -> None:
+        report = self._reporter(on_delivery or callback)
+        if self._tracing is not None:
+            span, headers = self._tracing.start_send(topic, headers, key)
+            report = self._ending(span, report)
+        self._produce_untraced(topic, value, key, partition, report, timestamp, headers)
+
+    def _produce_untraced(
+        self,
+        topic: str,
+        value: Any,
+        key: Any,
+        partition: int,
+        on_delivery: DeliveryCallback,
+        timestamp: int,
+        headers: Any,
+    ) -> None:
+        """Produce with a ready delivery callback; callers that trace do it themselves."""
         super().produce(
             topic,
             value=value,
             key=key,
             partition=partition,
-            on_delivery=self._reporter(on_delivery or callback),
+            on_delivery=on_delivery,
             timestamp=timestamp,
             headers=headers,
         )
+
+    def _ending(self, span: Any, report: DeliveryCallback) -> DeliveryCallback:
+        from resilient_kafka.tracing import Tracing
+
+        def delivered(err: KafkaError | None, msg: Message) -> None:
+            Tracing.end_send(span, err, msg)
+            report(err, msg)
+
+        return delivered
 
     def _reporter(self, callback: DeliveryCallback | None) -> DeliveryCallback:
         if callback is None:

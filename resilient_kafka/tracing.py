@@ -1,0 +1,177 @@
+"""OpenTelemetry tracing with the messaging semantic conventions, across retry hops.
+
+``send {topic}`` (PRODUCER) spans for every produce the library makes, ended at the delivery
+report, their context injected into the record's headers (replacing any ``traceparent``,
+``tracestate`` or ``baggage``); ``process {topic}`` (CONSUMER) spans around each handler call in
+``run()``, parented on the record's creation context and linked to it. A record that fails twice
+and is dead-lettered is one connected trace. With no tracer provider configured, nothing is
+extracted, injected or started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+from resilient_kafka import __version__
+
+PROPAGATION_HEADERS = ("traceparent", "tracestate", "baggage")
+SCHEMA_URL = "https://opentelemetry.io/schemas/1.44.0"
+
+
+class _HeaderGetter:
+    """Reads propagation fields from Kafka headers, leniently (bytes → str, bad UTF-8 skipped)."""
+
+    def get(self, carrier: dict[str, str], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        return [value] if value is not None else None
+
+    def keys(self, carrier: dict[str, str]) -> list[str]:
+        return list(carrier)
+
+
+_GETTER = _HeaderGetter()
+
+
+def _text_headers(headers: Iterable[tuple[str, Any]] | None) -> dict[str, str]:
+    carrier: dict[str, str] = {}
+    for key, value in headers or ():
+        if key in PROPAGATION_HEADERS and value is not None:
+            try:
+                carrier[key] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+            except UnicodeDecodeError:
+                continue
+    return carrier
+
+
+def _header_list(headers: Any) -> list[tuple[str, Any]]:
+    if headers is None:
+        return []
+    if isinstance(headers, dict):
+        return list(headers.items())
+    return list(headers)
+
+
+def warn_if_double_instrumented() -> None:
+    import confluent_kafka
+
+    if getattr(confluent_kafka.Producer, "__name__", "") == "AutoInstrumentedProducer":
+        warnings.warn(
+            "ConfluentKafkaInstrumentor is active: it adds its own spans and headers on top of "
+            "resilient-kafka's; uninstrument it (ConfluentKafkaInstrumentor().uninstrument())",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def tracer_for(provider: Any = None) -> Tracing | None:
+    """A :class:`Tracing` for ``provider`` (or the global one), or None when none is set up."""
+    if provider is None:
+        provider = trace.get_tracer_provider()
+        if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+            return None
+    warn_if_double_instrumented()
+    return Tracing(provider)
+
+
+class Tracing:
+    """Span helpers bound to one tracer."""
+
+    def __init__(self, provider: Any) -> None:
+        self.tracer = provider.get_tracer("resilient_kafka", __version__, schema_url=SCHEMA_URL)
+
+    @staticmethod
+    def creation_context(headers: Any) -> Any:
+        """The context a record was sent in (from its ``traceparent``), or None."""
+        carrier = _text_headers(_header_list(headers))
+        if "traceparent" not in carrier:
+            return None
+        return propagate.extract(carrier, getter=_GETTER)  # type: ignore[arg-type]
+
+    def start_send(
+        self,
+        topic: str,
+        headers: Any,
+        key: Any,
+        *,
+        link_context: Any = None,
+        attributes: dict[str, Any] | None = None,
+    ) -> tuple[Any, list[tuple[str, Any]]]:
+        """Start ``send {topic}`` and return it with headers carrying its context."""
+        links = []
+        if link_context is not None:
+            linked = trace.get_current_span(link_context).get_span_context()
+            if linked.is_valid:
+                links.append(Link(linked))
+        attrs: dict[str, Any] = {
+            "messaging.system": "kafka",
+            "messaging.operation.name": "send",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": topic,
+        }
+        if isinstance(key, bytes):
+            with contextlib.suppress(UnicodeDecodeError):
+                attrs["messaging.kafka.message.key"] = key.decode("utf-8")
+        elif isinstance(key, str):
+            attrs["messaging.kafka.message.key"] = key
+        attrs.update(attributes or {})
+        span = self.tracer.start_span(
+            f"send {topic}", kind=SpanKind.PRODUCER, attributes=attrs, links=links
+        )
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        kept = [(k, v) for k, v in _header_list(headers) if k not in PROPAGATION_HEADERS]
+        return span, kept + [(k, v.encode()) for k, v in carrier.items()]
+
+    @staticmethod
+    def end_send(span: Any, err: Any, msg: Any) -> None:
+        """End a send span at the delivery report."""
+        if msg is not None:
+            partition = msg.partition()
+            if partition is not None and partition >= 0:
+                span.set_attribute("messaging.destination.partition.id", str(partition))
+            offset = msg.offset()
+            if err is None and offset is not None and offset >= 0:
+                span.set_attribute("messaging.kafka.offset", offset)
+        if err is not None:
+            span.set_attribute("error.type", err.name())
+            span.set_status(Status(StatusCode.ERROR, err.str()))
+        span.end()
+
+    def start_process(
+        self, msg: Any, group: str, attempt: int, *, parent_on_creation: bool = True
+    ) -> Any:
+        """Start ``process {topic}`` for a handler call (not made current here)."""
+        creation = self.creation_context(msg.headers())
+        links = []
+        if creation is not None:
+            linked = trace.get_current_span(creation).get_span_context()
+            if linked.is_valid:
+                links.append(Link(linked))
+        attrs: dict[str, Any] = {
+            "messaging.system": "kafka",
+            "messaging.operation.name": "process",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": msg.topic(),
+            "messaging.destination.partition.id": str(msg.partition()),
+            "messaging.kafka.offset": msg.offset(),
+            "messaging.consumer.group.name": group,
+            "resilient_kafka.retry.attempt": attempt,
+        }
+        key = msg.key()
+        if isinstance(key, bytes):
+            with contextlib.suppress(UnicodeDecodeError):
+                attrs["messaging.kafka.message.key"] = key.decode("utf-8")
+        context = creation if parent_on_creation else None
+        return self.tracer.start_span(
+            f"process {msg.topic()}",
+            context=context,
+            kind=SpanKind.CONSUMER,
+            attributes=attrs,
+            links=links,
+        )
