@@ -1121,9 +1121,18 @@ class ResilientConsumer(Consumer):
                 clamped.append(TopicPartition(tp.topic, tp.partition, min(tp.offset, limit)))
         if not clamped:
             return None
-        result: list[TopicPartition] | None = super().commit(
-            offsets=clamped, asynchronous=asynchronous
-        )
+        started = time.monotonic()
+        try:
+            result: list[TopicPartition] | None = super().commit(
+                offsets=clamped, asynchronous=asynchronous
+            )
+        except KafkaException as exc:
+            if self._metrics is not None:
+                error = exc.args[0] if exc.args else None
+                self._metrics.commit(time.monotonic() - started, getattr(error, "name", str)())
+            raise
+        if self._metrics is not None and not asynchronous:
+            self._metrics.commit(time.monotonic() - started)
         return result
 
     def assign(self, partitions: list[TopicPartition]) -> None:
