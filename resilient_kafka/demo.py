@@ -4,7 +4,7 @@ A producer streams order events; a ResilientConsumer's handler charges each orde
 simulated flaky payment service (transient outages that retry topics absorb, poison orders that
 go straight to the DLQ, a few that keep failing until their retries run out). It is guarded by a
 circuit breaker. Midway the service goes down entirely: the breaker opens, consumption pauses,
-the DLQ does not grow, a probe finds the service back and the backlog drains. The run ends with
+the DLQ stops growing, a probe finds the service back and the backlog drains. The run ends with
 an accounting: every order was paid, or is in the dead-letter queue — none lost.
 """
 

@@ -430,7 +430,10 @@ def test_order_pipeline_through_an_outage_loses_nothing(kafka: KafkaCluster) -> 
     assert len(acc.produced) == 2000
     lost = sorted(acc.lost)
     assert not lost, f"{len(lost)} orders neither paid nor dead-lettered: {lost[:5]}"
-    assert acc.dlq_at["service back"] == acc.dlq_at["service down"], "the DLQ grew in the outage"
+    # the failures it takes to open the breaker are real failures (a record on its last tier
+    # among them is rightly dead-lettered); after that the DLQ must not grow
+    growth = acc.dlq_at["service back"] - acc.dlq_at["service down"]
+    assert growth <= pipeline.breaker.fail_max - 1, f"the DLQ grew by {growth} in the outage"
     assert acc.timeline["consumer paused"] - acc.timeline["service down"] < 2.0
     assert acc.timeline["consumer resumed"] - acc.timeline["service back"] < 8.0
     assert acc.handled_per_attempt[3] > 0, "the third retry tier was never exercised"
