@@ -179,6 +179,8 @@ class ConsumerMetrics:
         self.group = group
         self._consumed: dict[str, Any] = {}
         self._success: dict[str, Any] = {}
+        self._poll: dict[str, Any] = {}  # bound observe() of the poll-duration child per topic
+        self._process_ok: dict[str, Any] = {}
         for reason in PAUSE_REASONS:
             fam.paused.labels(group, reason).set(0)
         for event in ("assign", "revoke", "lost"):
@@ -190,6 +192,12 @@ class ConsumerMetrics:
         fam, group = self.fam, self.group
         self._consumed[topic] = fam.consumed.labels(_SYSTEM, "poll", topic, group, "").inc
         self._success[topic] = fam.handled.labels(topic, group, "success", "").inc
+        self._poll[topic] = fam.operation_duration.labels(
+            _SYSTEM, "poll", "receive", topic, group, ""
+        ).observe
+        self._process_ok[topic] = fam.process_duration.labels(
+            _SYSTEM, "process", topic, group, ""
+        ).observe
         for outcome in OUTCOMES:
             fam.handled.labels(topic, group, outcome, "")
         for mode in ("blocking", "topic"):
@@ -221,14 +229,23 @@ class ConsumerMetrics:
         self.fam.retry_delay.labels(topic, self.group).observe(max(0.0, seconds))
 
     def process(self, topic: str, seconds: float, error_type: str) -> None:
+        if not error_type:
+            observe = self._process_ok.get(topic)
+            if observe is None:
+                self.prepare_topic(topic)
+                observe = self._process_ok[topic]
+            observe(seconds)
+            return
         self.fam.process_duration.labels(
             _SYSTEM, "process", topic, self.group, self.fam.error_type(error_type)
         ).observe(seconds)
 
     def poll(self, topic: str, seconds: float) -> None:
-        self.fam.operation_duration.labels(
-            _SYSTEM, "poll", "receive", topic, self.group, ""
-        ).observe(seconds)
+        observe = self._poll.get(topic)
+        if observe is None:
+            self.prepare_topic(topic)
+            observe = self._poll[topic]
+        observe(seconds)
 
     def commit(self, seconds: float, error_type: str = "") -> None:
         self.fam.operation_duration.labels(
