@@ -65,13 +65,13 @@ def _wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
 def _count_forwards(consumer: ResilientConsumer) -> Counter[str]:
     """Count every retry/DLQ copy the consumer produces, by target topic."""
     sent: Counter[str] = Counter()
-    real = consumer._producer.produce
+    real = consumer._producer._produce_untraced  # the path every forward takes
 
     def counting(topic: str, *args: Any, **kwargs: Any) -> None:
         sent[topic] += 1
         real(topic, *args, **kwargs)
 
-    consumer._producer.produce = counting  # type: ignore[method-assign]
+    consumer._producer._produce_untraced = counting  # type: ignore[method-assign]
     return sent
 
 

@@ -463,21 +463,22 @@ def test_a_failed_forward_is_retried_and_holds_the_offset_until_acked(
         kafka.client_config(group_id=group, auto_offset_reset="earliest", enable_auto_commit=False),
         retry=RetryPolicy(delays=(60.0,)),
     )
-    real_produce = consumer._producer.produce
+    real_produce = consumer._producer._produce_untraced  # the path every forward takes
     calls = []
 
-    def flaky_produce(*args: Any, **kwargs: Any) -> None:
-        calls.append(args[0])
+    def flaky_produce(topic, value, key, partition, on_delivery, timestamp, hdrs) -> None:  # type: ignore[no-untyped-def]
+        calls.append(topic)
         if len(calls) == 1:  # refused locally
             raise KafkaException(KafkaError(KafkaError._QUEUE_FULL))
         if len(calls) == 2:  # accepted, then reported failed
-            callback = kwargs["on_delivery"]
-            kwargs["on_delivery"] = lambda err, msg: callback(
-                KafkaError(KafkaError._MSG_TIMED_OUT), msg
-            )
-        real_produce(*args, **kwargs)
+            callback = on_delivery
 
-    consumer._producer.produce = flaky_produce  # type: ignore[method-assign]
+            def on_delivery(err: Any, msg: Any) -> None:
+                callback(KafkaError(KafkaError._MSG_TIMED_OUT), msg)
+
+        real_produce(topic, value, key, partition, on_delivery, timestamp, hdrs)
+
+    consumer._producer._produce_untraced = flaky_produce  # type: ignore[method-assign]
     consumer.subscribe([topic])
     try:
         msg = _first_message(consumer)
