@@ -57,6 +57,23 @@ def _header_list(headers: Any) -> list[tuple[str, Any]]:
     return list(headers)
 
 
+def _links(context: Any) -> list[Link]:
+    """A link to the span in ``context`` (a record's creation context), if there is one."""
+    if context is None:
+        return []
+    linked = trace.get_current_span(context).get_span_context()
+    return [Link(linked)] if linked.is_valid else []
+
+
+def _add_key(attrs: dict[str, Any], key: Any) -> None:
+    """``messaging.kafka.message.key`` when the key is text (bytes that decode as UTF-8)."""
+    if isinstance(key, bytes):
+        with contextlib.suppress(UnicodeDecodeError):
+            attrs["messaging.kafka.message.key"] = key.decode("utf-8")
+    elif isinstance(key, str):
+        attrs["messaging.kafka.message.key"] = key
+
+
 def warn_if_double_instrumented() -> None:
     import confluent_kafka
 
@@ -103,25 +120,16 @@ class Tracing:
         attributes: dict[str, Any] | None = None,
     ) -> tuple[Any, list[tuple[str, Any]]]:
         """Start ``send {topic}`` and return it with headers carrying its context."""
-        links = []
-        if link_context is not None:
-            linked = trace.get_current_span(link_context).get_span_context()
-            if linked.is_valid:
-                links.append(Link(linked))
         attrs: dict[str, Any] = {
             "messaging.system": "kafka",
             "messaging.operation.name": "send",
             "messaging.operation.type": "send",
             "messaging.destination.name": topic,
         }
-        if isinstance(key, bytes):
-            with contextlib.suppress(UnicodeDecodeError):
-                attrs["messaging.kafka.message.key"] = key.decode("utf-8")
-        elif isinstance(key, str):
-            attrs["messaging.kafka.message.key"] = key
+        _add_key(attrs, key)
         attrs.update(attributes or {})
         span = self.tracer.start_span(
-            f"send {topic}", kind=SpanKind.PRODUCER, attributes=attrs, links=links
+            f"send {topic}", kind=SpanKind.PRODUCER, attributes=attrs, links=_links(link_context)
         )
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(span))
@@ -148,11 +156,6 @@ class Tracing:
     ) -> Any:
         """Start ``process {topic}`` for a handler call (not made current here)."""
         creation = self.creation_context(msg.headers())
-        links = []
-        if creation is not None:
-            linked = trace.get_current_span(creation).get_span_context()
-            if linked.is_valid:
-                links.append(Link(linked))
         attrs: dict[str, Any] = {
             "messaging.system": "kafka",
             "messaging.operation.name": "process",
@@ -163,15 +166,12 @@ class Tracing:
             "messaging.consumer.group.name": group,
             "resilient_kafka.retry.attempt": attempt,
         }
-        key = msg.key()
-        if isinstance(key, bytes):
-            with contextlib.suppress(UnicodeDecodeError):
-                attrs["messaging.kafka.message.key"] = key.decode("utf-8")
+        _add_key(attrs, msg.key())
         context = creation if parent_on_creation else None
         return self.tracer.start_span(
             f"process {msg.topic()}",
             context=context,
             kind=SpanKind.CONSUMER,
             attributes=attrs,
-            links=links,
+            links=_links(creation),
         )
