@@ -1129,7 +1129,8 @@ class ResilientConsumer(Consumer):
         except KafkaException as exc:
             if self._metrics is not None:
                 error = exc.args[0] if exc.args else None
-                self._metrics.commit(time.monotonic() - started, getattr(error, "name", str)())
+                name = error.name() if isinstance(error, KafkaError) else type(exc).__name__
+                self._metrics.commit(time.monotonic() - started, name)
             raise
         if self._metrics is not None and not asynchronous:
             self._metrics.commit(time.monotonic() - started)

@@ -162,3 +162,26 @@ def test_without_a_tracer_provider_nothing_is_traced(kafka: KafkaCluster, topic_
         assert consumer._tracing is None and consumer._producer._tracing is None
     finally:
         consumer.close()
+
+
+def test_bad_trace_parent_is_rejected(kafka: KafkaCluster) -> None:
+    import pytest
+
+    from resilient_kafka import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="trace_parent must be"):
+        ResilientConsumer(
+            kafka.client_config(group_id="g"), registry=CollectorRegistry(), trace_parent="parent"
+        )
+
+
+def test_double_instrumentation_is_warned_about(monkeypatch) -> None:
+    import confluent_kafka
+    import pytest
+
+    from resilient_kafka.tracing import warn_if_double_instrumented
+
+    warn_if_double_instrumented()  # the plain client: no warning (filterwarnings would not mind)
+    monkeypatch.setattr(confluent_kafka, "Producer", type("AutoInstrumentedProducer", (), {}))
+    with pytest.warns(RuntimeWarning, match="ConfluentKafkaInstrumentor is active"):
+        warn_if_double_instrumented()
