@@ -26,6 +26,9 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.serialization import MessageField, SerializationContext
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+from opentelemetry.trace import Status, StatusCode
 
 from resilient_kafka import _admin, headers
 from resilient_kafka._barrier import CommitBarrier
@@ -48,6 +51,9 @@ Deserializer = Callable[[bytes | None, SerializationContext], Any]
 _Key = tuple[str, int]
 
 _STORE_INTERVAL = 0.05  # seconds between offset-store calls: batches the per-message work
+# While records flow, housekeeping (delivery reports, due retries, offset store) runs at most
+# this often instead of once per record; anything that needs it sooner sets _maintain_at = 0.
+_MAINTAIN_INTERVAL = 0.05
 _FORWARD_BACKOFF = (0.1, 5.0)  # first and maximum back-off of a failed forward
 _BREAKER_CHECK_INTERVAL = 0.5  # seconds between looks at shared breaker state during an outage
 _BLOCKING_SHARE = 0.8  # blocking retries may use this share of max.poll.interval.ms
@@ -202,6 +208,7 @@ class ResilientConsumer(Consumer):
         strategy = str(conf.get("partition.assignment.strategy", ""))
         self._cooperative = "cooperative" in strategy
         self._last_store = 0.0
+        self._maintain_at = 0.0  # monotonic time of the next housekeeping pass
         self._stop = threading.Event()
         self._closed = False
         # outages: a breaker refusing calls, or a flood of dead letters
@@ -325,6 +332,7 @@ class ResilientConsumer(Consumer):
         # pause it were forgotten on revoke: resume once the assignment is in place (next poll),
         # unless the application pauses it again in its own callback.
         self._to_resume.update((tp.topic, tp.partition) for tp in partitions)
+        self._maintain_at = 0.0
         self._start_tiers_at_beginning(partitions)
         self._assigned_count += len(partitions)
         if self._metrics is not None:
@@ -412,16 +420,25 @@ class ResilientConsumer(Consumer):
 
     def poll(self, timeout: float | None = None) -> Message | None:
         """The next message for the application (retry records only once due), or None."""
-        self._finish_in_hand()
-        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        if self._in_hand:
+            self._finish_in_hand()
+        now = time.monotonic()
+        deadline = None if timeout is None or timeout < 0 else now + timeout
+        metrics = self._metrics
         while True:
-            wait = self._maintain(deadline)
-            if self._probe_ready is not None:
-                probe = self._hand_out_probe()
-                if probe is not None:
-                    return probe
-                continue
-            started = time.monotonic()
+            if now >= self._maintain_at or self._outage is not None:
+                wait = self._maintain(deadline, now)
+                if self._probe_ready is not None:
+                    probe = self._hand_out_probe()
+                    if probe is not None:
+                        return probe
+                    now = time.monotonic()
+                    continue
+            else:  # records are flowing: poll until the next housekeeping is due
+                wait = self._maintain_at - now
+                if deadline is not None and deadline - now < wait:
+                    wait = max(0.0, deadline - now)
+            started = time.monotonic() if metrics is not None else 0.0
             msg = super().poll(wait)
             if msg is not None:
                 if msg.error() is not None:
@@ -430,12 +447,11 @@ class ResilientConsumer(Consumer):
                 if admitted is not None:
                     self._in_hand.append(admitted)
                     self._opens_at_handout = self._watch.opens
-                    if self._metrics is not None:
-                        topic = admitted.topic()
-                        self._metrics.consumed(topic)
-                        self._metrics.poll(topic, time.monotonic() - started)
+                    if metrics is not None:
+                        metrics.polled(admitted.topic(), time.monotonic() - started)
                     return admitted
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 return None
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]:
@@ -443,7 +459,7 @@ class ResilientConsumer(Consumer):
         self._finish_in_hand()
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         while True:
-            wait = self._maintain(deadline)
+            wait = self._maintain(deadline, time.monotonic())
             if self._probe_ready is not None:
                 probe = self._hand_out_probe()
                 if probe is not None:
@@ -498,6 +514,7 @@ class ResilientConsumer(Consumer):
                 super().pause([tp])
                 super().seek(tp)
                 self._waiting[(topic, msg.partition())] = due
+                self._maintain_at = 0.0  # work out when to resume it
                 return None
             if due is not None and self._metrics is not None:
                 tier = self._tiers[topic][1]
@@ -577,28 +594,29 @@ class ResilientConsumer(Consumer):
 
     def _finish_in_hand(self) -> None:
         """The application asked for more: every message it holds and did not fail is done."""
-        if not self._in_hand:
+        in_hand = self._in_hand
+        if not in_hand:
             return
         complete = self._barrier.complete
+        success = self._metrics.success if self._metrics is not None else None
         outage = self._outage
-        for msg in self._in_hand:
-            complete(msg.topic(), msg.partition(), msg.offset())
+        for msg in in_hand:
+            topic = msg.topic()
+            complete(topic, msg.partition(), msg.offset())
+            if success is not None:
+                success(topic)
             if outage is not None and outage.is_probe(msg):
                 self._end_outage(seek_past=msg)
                 outage = None
         if self._flood is not None:
-            for _ in self._in_hand:
+            for _ in in_hand:
                 self._flood.record(False)
-        if self._metrics is not None:
-            success = self._metrics.success
-            for msg in self._in_hand:
-                success(msg.topic())
         if self._raw:
-            for msg in self._in_hand:
+            for msg in in_hand:
                 self._raw.pop(id(msg), None)
-        self._in_hand.clear()
+        in_hand.clear()
 
-    def _maintain(self, deadline: float | None) -> float:
+    def _maintain(self, deadline: float | None, now: float) -> float:
         """Housekeeping between polls; returns how long the next poll may block."""
         self._producer.poll(0)
         if self._forwards:
@@ -615,12 +633,13 @@ class ResilientConsumer(Consumer):
                 keys -= held_back
             if keys:
                 super().resume([TopicPartition(t, p) for t, p in keys])
-        now = time.monotonic()
         if self._outage is not None:
             self._tend_outage(now)
-        if self._metrics is not None and now - self._last_gauges >= 0.5:
-            self._last_gauges = now
-            self._update_pause_gauges()
+        if self._metrics is not None:
+            self._metrics.flush()
+            if now - self._last_gauges >= 0.5:
+                self._last_gauges = now
+                self._update_pause_gauges()
         if self._auto_commit and now - self._last_store >= _STORE_INTERVAL:
             self._last_store = now
             self._store_offsets()
@@ -639,6 +658,7 @@ class ResilientConsumer(Consumer):
         outage = self._outage
         if outage is not None and not outage.probing:
             wait = min(wait, max(0.0, outage.next_probe - now))
+        self._maintain_at = now + min(wait, _MAINTAIN_INTERVAL)
         if deadline is not None:
             wait = min(wait, max(0.0, deadline - now))
         return wait
@@ -673,6 +693,7 @@ class ResilientConsumer(Consumer):
                 f"({msg.topic()} [{msg.partition()}] @{msg.offset()}); call it before the next "
                 "poll()/consume()"
             )
+        self._maintain_at = 0.0  # a forward to send and acknowledge, or an outage to tend
         outage = self._outage
         probe = outage is not None and outage.is_probe(msg)
         if self._is_outage(exc):
@@ -1157,11 +1178,13 @@ class ResilientConsumer(Consumer):
 
     def pause(self, partitions: list[TopicPartition]) -> None:
         self._user_paused.update((tp.topic, tp.partition) for tp in partitions)
+        self._maintain_at = 0.0
         super().pause(partitions)
 
     def resume(self, partitions: list[TopicPartition]) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
         self._user_paused -= keys
+        self._maintain_at = 0.0
         # partitions holding a retry record that is not due yet resume when it is
         super().resume([tp for tp in partitions if (tp.topic, tp.partition) not in self._waiting])
 
@@ -1211,14 +1234,11 @@ class ResilientConsumer(Consumer):
 
     def _run_traced(self, handler: Handler, msg: Message) -> None:
         """One handler call inside ``process {topic}``; forwards become its children."""
-        from opentelemetry import context, trace
-        from opentelemetry.trace import Status, StatusCode
-
         assert self._tracing is not None
         span = self._tracing.start_process(
             msg, self._group, headers.attempt(msg), parent_on_creation=self._parent_on_creation
         )
-        token = context.attach(trace.set_span_in_context(span))
+        token = otel_context.attach(otel_trace.set_span_in_context(span))
         started = time.monotonic()
         try:
             try:
@@ -1242,7 +1262,7 @@ class ResilientConsumer(Consumer):
                     self._metrics.process(msg.topic(), time.monotonic() - started, "")
                 self._finish_in_hand()
         finally:
-            context.detach(token)
+            otel_context.detach(token)
             span.end()
 
     def stop(self) -> None:
@@ -1285,6 +1305,8 @@ class ResilientConsumer(Consumer):
                 log.warning("final commit failed (records will be redelivered): %s", exc)
         super().close()  # may run the revoke callback, which still needs the producer
         self._producer.close()  # flushes what is left, then releases the connection
+        if self._metrics is not None:
+            self._metrics.retire()
         server = getattr(self, "_metrics_server", None)
         if server is not None:
             server.shutdown()

@@ -98,8 +98,66 @@ def exception_type(exc: BaseException) -> str:
     )
 
 
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+_frames_text: dict[tuple[tuple[Any, int], ...], str] = {}
+_FRAMES_CACHE_SIZE = 256
+
+
+def _frames(tb: Any) -> str:
+    """The traceback's frames as ``traceback`` prints them, without the column carets (working
+    those out parses the source, ~200 µs a failure); cached per code path, so a flood of the
+    same failure costs a frame walk each."""
+    walked = list(traceback.walk_tb(tb))
+    key = tuple((frame.f_code, lineno) for frame, lineno in walked)
+    text = _frames_text.get(key)
+    if text is None:
+        text = "".join(traceback.StackSummary.extract(iter(walked)).format())
+        if len(_frames_text) >= _FRAMES_CACHE_SIZE:
+            _frames_text.clear()
+        _frames_text[key] = text
+    return text
+
+
+def _exception_line(exc: BaseException) -> str:
+    """``Type: message`` (and notes) as ``traceback`` ends a trace, without re-walking it."""
+    if isinstance(exc, SyntaxError):  # has its own multi-line layout
+        return "".join(traceback.format_exception_only(exc))
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<exception str() failed>"
+    name = exception_type(exc)
+    line = f"{name}: {text}\n" if text else f"{name}\n"
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list | tuple):
+        line += "".join(f"{note}\n" for note in notes)
+    return line
+
+
 def stack_trace(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc))
+    """``exc`` formatted like ``traceback.format_exception`` (causes and contexts first)."""
+    chain: list[tuple[BaseException, str]] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    link = ""
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append((current, link))
+        if current.__cause__ is not None:
+            current, link = current.__cause__, _CAUSE
+        elif current.__context__ is not None and not current.__suppress_context__:
+            current, link = current.__context__, _CONTEXT
+        else:
+            current = None
+    parts: list[str] = []
+    for error, link in reversed(chain):
+        if error.__traceback__ is not None:
+            parts.append("Traceback (most recent call last):\n")
+            parts.append(_frames(error.__traceback__))
+        parts.append(_exception_line(error))
+        parts.append(link)
+    return "".join(parts)
 
 
 def forward_headers(

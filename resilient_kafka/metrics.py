@@ -9,11 +9,16 @@ outcome, mode, breaker names and an ``error_type`` capped at 20 distinct values 
 from __future__ import annotations
 
 import json
+import math
 import threading
 import weakref
+from bisect import bisect_left
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 # messaging semconv histogram boundaries (= prometheus_client's defaults)
 SEMCONV_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
@@ -29,6 +34,121 @@ _GROUP = "messaging_consumer_group_name"
 _DEST = "messaging_destination_name"
 
 
+class HistogramCell:
+    """Bucket counts and sum of one writer (one consumer's thread) for one label set: an
+    observation is a bisect and two additions, no lock (``prometheus_client`` takes two)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
+
+
+class _LockedCell(HistogramCell):
+    """A cell several threads write (producer delivery reports, slow paths)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        super().__init__(bounds)
+        self._lock = threading.Lock()
+
+    def observe(self, amount: float) -> None:
+        with self._lock:
+            super().observe(amount)
+
+
+class BatchedHistogram:
+    """A histogram family read at scrape time from per-writer cells.
+
+    ``cell(*labels)`` gives a writer its own lock-free cell; ``labels(*labels)`` a shared,
+    locked one (the ``prometheus_client`` child interface, for code on any thread). A scrape
+    adds up the cells of each label set.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: list[str],
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = list(labelnames)
+        self._bounds = (*(float(b) for b in buckets), math.inf)
+        self._cells: dict[tuple[str, ...], list[HistogramCell]] = {}
+        self._shared: dict[tuple[str, ...], HistogramCell] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def _check(self, labels: tuple[str, ...]) -> None:
+        if len(labels) != len(self._labelnames):
+            raise ValueError(f"{self._name} takes labels {self._labelnames}, got {labels}")
+
+    def cell(self, *labels: str) -> HistogramCell:
+        """A new cell for one writer thread."""
+        self._check(labels)
+        cell = HistogramCell(self._bounds)
+        with self._lock:
+            self._cells.setdefault(labels, []).append(cell)
+        return cell
+
+    def labels(self, *labels: str) -> HistogramCell:
+        """The shared cell of ``labels`` (thread-safe observe)."""
+        cell = self._shared.get(labels)
+        if cell is None:
+            self._check(labels)
+            with self._lock:
+                cell = self._shared.get(labels)
+                if cell is None:
+                    cell = self._shared[labels] = _LockedCell(self._bounds)
+                    self._cells.setdefault(labels, []).append(cell)
+        return cell
+
+    def retire(self, cell: HistogramCell, *labels: str) -> None:
+        """Fold a writer's cell into the shared one (its consumer closed): memory stays bounded
+        however many consumers come and go, and the totals keep counting up."""
+        shared = self.labels(*labels)
+        with self._lock:
+            cells = self._cells.get(labels, [])
+            if cell in cells and cell is not shared:
+                cells.remove(cell)
+                with shared._lock:  # type: ignore[attr-defined]
+                    for i, count in enumerate(cell.counts):
+                        shared.counts[i] += count
+                    shared.sum += cell.sum
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)]
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        with self._lock:
+            snapshot = [(labels, list(cells)) for labels, cells in self._cells.items()]
+        les = [floatToGoString(b) for b in self._bounds]  # type: ignore[no-untyped-call]
+        for labels, cells in snapshot:
+            counts = [0] * len(self._bounds)
+            total = 0.0
+            for cell in cells:
+                for i, count in enumerate(cell.counts):
+                    counts[i] += count
+                total += cell.sum
+            cumulative, buckets = 0, []
+            for le, count in zip(les, counts, strict=True):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric(list(labels), buckets, total)
+        yield family
+
+
 class Families:
     """Every metric family of the library in one registry."""
 
@@ -36,6 +156,10 @@ class Families:
         ns = namespace
         self.error_types: set[str] = set()
         self._lock = threading.Lock()
+        # consumers batch their per-record counts; a scrape flushes them first (registered
+        # before the families, so the registry collects it first)
+        self.consumers: weakref.WeakSet[ConsumerMetrics] = weakref.WeakSet()
+        registry.register(_FlushBeforeCollect(self.consumers))
         sc = ["messaging_system", "messaging_operation_name"]
         self.consumed = Counter(
             "messaging_client_consumed_messages",
@@ -49,19 +173,21 @@ class Families:
             [*sc, _DEST, "error_type"],
             registry=registry,
         )
-        self.operation_duration = Histogram(
+        # observed once or twice per record: batched cells instead of prometheus_client's
+        # locked children (1.4 µs an observation)
+        self.operation_duration = BatchedHistogram(
             "messaging_client_operation_duration_seconds",
             "Duration of send (produce to ack), poll (that returned messages) and commit.",
             [*sc, "messaging_operation_type", _DEST, _GROUP, "error_type"],
-            buckets=SEMCONV_BUCKETS,
-            registry=registry,
+            SEMCONV_BUCKETS,
+            registry,
         )
-        self.process_duration = Histogram(
+        self.process_duration = BatchedHistogram(
             "messaging_process_duration_seconds",
             "Duration of each handler invocation in run().",
             [*sc, _DEST, _GROUP, "error_type"],
-            buckets=SEMCONV_BUCKETS,
-            registry=registry,
+            SEMCONV_BUCKETS,
+            registry,
         )
         self.handled = Counter(
             f"{ns}_messages_handled",
@@ -171,14 +297,41 @@ def families(
         return found
 
 
+class _FlushBeforeCollect:
+    """A collector with no metrics of its own: flushes the consumers' batched counts."""
+
+    def __init__(self, consumers: weakref.WeakSet[ConsumerMetrics]) -> None:
+        self._consumers = consumers
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        for consumer in list(self._consumers):
+            consumer.flush()
+        return []
+
+
 class ConsumerMetrics:
-    """One consumer's view of the families: label children bound per topic, pre-created at 0."""
+    """One consumer's view of the families: label children bound per topic, pre-created at 0.
+
+    The per-record counters (consumed, handled successfully) are plain integers on the hot path,
+    added to the Prometheus counters by :meth:`flush` (the consumer's housekeeping, at most 50 ms
+    apart, and every scrape).
+    """
 
     def __init__(self, fam: Families, group: str) -> None:
         self.fam = fam
         self.group = group
         self._consumed: dict[str, Any] = {}
         self._success: dict[str, Any] = {}
+        # topic -> [consumed, succeeded]: running totals (written by the consumer's thread only)
+        # and how much of them the Prometheus counters already hold
+        self._counts: dict[str, list[int]] = {}
+        self._flushed: dict[str, list[int]] = {}
+        self._flush_lock = threading.Lock()
+        # this consumer's own histogram cells: (family, cell, label values)
+        self._cells: list[tuple[BatchedHistogram, HistogramCell, tuple[str, ...]]] = []
         self._poll: dict[str, Any] = {}  # bound observe() of the poll-duration child per topic
         self._process_ok: dict[str, Any] = {}
         for reason in PAUSE_REASONS:
@@ -186,18 +339,28 @@ class ConsumerMetrics:
         for event in ("assign", "revoke", "lost"):
             fam.rebalances.labels(group, event)
         fam.assigned.labels(group).set(0)
+        fam.consumers.add(self)
 
     def prepare_topic(self, topic: str) -> None:
         """Create the known label combinations of ``topic`` at 0."""
         fam, group = self.fam, self.group
         self._consumed[topic] = fam.consumed.labels(_SYSTEM, "poll", topic, group, "").inc
         self._success[topic] = fam.handled.labels(topic, group, "success", "").inc
-        self._poll[topic] = fam.operation_duration.labels(
-            _SYSTEM, "poll", "receive", topic, group, ""
-        ).observe
-        self._process_ok[topic] = fam.process_duration.labels(
-            _SYSTEM, "process", topic, group, ""
-        ).observe
+        with self._flush_lock:
+            self._counts.setdefault(topic, [0, 0])
+            self._flushed.setdefault(topic, [0, 0])
+        if topic not in self._poll:
+            for family, labels, observers in (
+                (
+                    fam.operation_duration,
+                    (_SYSTEM, "poll", "receive", topic, group, ""),
+                    self._poll,
+                ),
+                (fam.process_duration, (_SYSTEM, "process", topic, group, ""), self._process_ok),
+            ):
+                cell = family.cell(*labels)
+                self._cells.append((family, cell, labels))
+                observers[topic] = cell.observe
         for outcome in OUTCOMES:
             fam.handled.labels(topic, group, outcome, "")
         for mode in ("blocking", "topic"):
@@ -205,19 +368,48 @@ class ConsumerMetrics:
         fam.dedup_lookups.labels(topic, group, "hit")
         fam.dedup_lookups.labels(topic, group, "miss")
 
-    def consumed(self, topic: str) -> None:
-        inc = self._consumed.get(topic)
-        if inc is None:
+    def _totals(self, topic: str) -> list[int]:
+        counts = self._counts.get(topic)
+        if counts is None:
             self.prepare_topic(topic)
-            inc = self._consumed[topic]
-        inc()
+            counts = self._counts[topic]
+        return counts
+
+    def consumed(self, topic: str) -> None:
+        counts = self._counts.get(topic) or self._totals(topic)
+        counts[0] += 1
+
+    def polled(self, topic: str, seconds: float) -> None:
+        """One record handed out by a poll that took ``seconds``."""
+        counts = self._counts.get(topic) or self._totals(topic)
+        counts[0] += 1
+        self._poll[topic](seconds)
 
     def success(self, topic: str) -> None:
-        inc = self._success.get(topic)
-        if inc is None:
-            self.prepare_topic(topic)
-            inc = self._success[topic]
-        inc()
+        counts = self._counts.get(topic) or self._totals(topic)
+        counts[1] += 1
+
+    def retire(self) -> None:
+        """The consumer closed: flush, and fold its histogram cells into the shared ones."""
+        self.flush()
+        for family, cell, labels in self._cells:
+            family.retire(cell, *labels)
+        self._cells.clear()
+        self._poll.clear()
+        self._process_ok.clear()
+
+    def flush(self) -> None:
+        """Add the counts batched since the last flush to the Prometheus counters."""
+        with self._flush_lock:
+            for topic, counts in self._counts.items():
+                flushed = self._flushed[topic]
+                consumed, succeeded = counts[0], counts[1]
+                if consumed != flushed[0]:
+                    self._consumed[topic](consumed - flushed[0])
+                    flushed[0] = consumed
+                if succeeded != flushed[1]:
+                    self._success[topic](succeeded - flushed[1])
+                    flushed[1] = succeeded
 
     def outcome(self, topic: str, outcome: str, error_type: str) -> None:
         self.fam.handled.labels(topic, self.group, outcome, self.fam.error_type(error_type)).inc()

@@ -33,6 +33,10 @@ class ResilientProducer(Producer):
         tracer_provider: Any = None,
     ) -> None:
         conf = {**SAFE_DEFAULTS, **config}
+        # one config-level delivery callback serves every record produced without its own
+        # (no per-record callback object); a config-level callback of the caller is chained
+        self._default_callback: DeliveryCallback | None = conf.pop("on_delivery", None)
+        conf["on_delivery"] = self._report
         super().__init__(conf)
         from resilient_kafka.tracing import tracer_for
 
@@ -59,11 +63,23 @@ class ResilientProducer(Producer):
         *,
         callback: DeliveryCallback | None = None,
     ) -> None:
-        report = self._reporter(on_delivery or callback)
+        callback = on_delivery or callback
         if self._tracing is not None:
             span, headers = self._tracing.start_send(topic, headers, key)
-            report = self._ending(span, report)
-        self._produce_untraced(topic, value, key, partition, report, timestamp, headers)
+            report = self._ending(span, self._reporter(callback))
+            self._produce_untraced(topic, value, key, partition, report, timestamp, headers)
+        elif callback is None:  # the config-level callback (_report) reports it
+            super().produce(topic, value, key, partition, timestamp=timestamp, headers=headers)
+        else:
+            super().produce(
+                topic,
+                value,
+                key,
+                partition,
+                on_delivery=self._reporter(callback),
+                timestamp=timestamp,
+                headers=headers,
+            )
 
     def _produce_untraced(
         self,
@@ -116,15 +132,16 @@ class ResilientProducer(Producer):
         assert fam is not None
         topic = msg.topic() or ""
         if err is None:
-            inc = self._sent.get(topic)
-            if inc is None:
-                inc = self._sent[topic] = fam.sent.labels("kafka", "send", topic, "").inc
-            inc()
+            children = self._sent.get(topic)
+            if children is None:
+                children = self._sent[topic] = (
+                    fam.sent.labels("kafka", "send", topic, "").inc,
+                    fam.operation_duration.labels("kafka", "send", "send", topic, "", "").observe,
+                )
+            children[0]()
             latency = msg.latency()
             if latency is not None:
-                fam.operation_duration.labels("kafka", "send", "send", topic, "", "").observe(
-                    latency
-                )
+                children[1](latency)
             return
         error_type = fam.error_type(err.name())
         fam.sent.labels("kafka", "send", topic, error_type).inc()
@@ -132,6 +149,13 @@ class ResilientProducer(Producer):
     def _report(self, err: KafkaError | None, msg: Message) -> None:
         if self._fam is not None:
             self._count(err, msg)
+        if self._default_callback is not None:  # the caller's config-level on_delivery
+            if err is not None:
+                self.delivery_failures += 1
+                if self._on_failure is not None:
+                    self._on_failure(err, msg)
+            self._default_callback(err, msg)
+            return
         if err is None:
             return
         self.delivery_failures += 1

@@ -8,6 +8,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 
+import pytest
 from confluent_kafka import Message, TopicPartition
 from prometheus_client import CollectorRegistry
 
@@ -336,3 +337,69 @@ def test_breaker_metrics_follow_an_outage(kafka: KafkaCluster, topic_factory) ->
         )
         >= 5
     )
+
+
+def test_batched_counts_are_exact_at_every_scrape(kafka: KafkaCluster, topic_factory) -> None:
+    """Per-record counts are kept as plain integers on the hot path; a scrape still sees them
+    all, without waiting for the consumer's housekeeping."""
+    topic, group = topic_factory(1), f"g{uuid.uuid4().hex[:8]}"
+    produce(kafka.producer_config(), topic, [(f"k{i}", "v") for i in range(3)])
+    reg = CollectorRegistry()
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"), registry=reg
+    )
+    consumer.subscribe([topic])
+    labels = {"messaging_destination_name": topic, "messaging_consumer_group_name": group}
+    consumed = {"messaging_system": "kafka", "messaging_operation_name": "poll", **labels}
+    success = {"outcome": "success", **labels}
+    try:
+        for n in range(1, 4):
+            deadline = time.monotonic() + 30
+            msg = None
+            while msg is None or msg.error() is not None:
+                assert time.monotonic() < deadline, "no record"
+                msg = consumer.poll(0.5)
+            # read right after the poll: nothing waits for a flush
+            assert (
+                _value(reg, "messaging_client_consumed_messages_total", error_type="", **consumed)
+                == n
+            )
+            assert (
+                _value(reg, "resilient_kafka_messages_handled_total", error_type="", **success)
+                == n - 1
+            )  # the record in hand is not done until the next poll
+    finally:
+        consumer.close()
+    assert _value(reg, "resilient_kafka_messages_handled_total", error_type="", **success) == 2
+
+
+def test_batched_histogram_exposes_what_prometheus_client_would() -> None:
+    from prometheus_client import Histogram, generate_latest
+
+    from resilient_kafka.metrics import BatchedHistogram
+
+    ours_reg, theirs_reg = CollectorRegistry(), CollectorRegistry()
+    ours = BatchedHistogram("d_seconds", "doc", ["topic"], SEMCONV_BUCKETS, ours_reg)
+    theirs = Histogram("d_seconds", "doc", ["topic"], buckets=SEMCONV_BUCKETS, registry=theirs_reg)
+    first, second = ours.cell("t"), ours.cell("t")  # two consumers' cells, one label set
+    values = [0.0, 0.005, 0.0051, 0.3, 7.5, 11.0, 1e9]
+    for i, value in enumerate(values):
+        (first if i % 2 else second).observe(value)
+        theirs.labels("t").observe(value)
+    ours.labels("u").observe(0.01)
+    theirs.labels("u").observe(0.01)
+
+    def samples(reg: CollectorRegistry) -> set[tuple[str, tuple, float]]:
+        return {
+            (s.name, tuple(sorted(s.labels.items())), s.value)
+            for m in reg.collect()
+            for s in m.samples
+            if not s.name.endswith("_created")
+        }
+
+    assert samples(ours_reg) == samples(theirs_reg)
+    ours.retire(first, "t")  # a closed consumer's counts stay in the totals
+    assert samples(ours_reg) == samples(theirs_reg)
+    assert b'd_seconds_bucket{le="+Inf",topic="t"} 7.0' in generate_latest(ours_reg)
+    with pytest.raises(ValueError, match="takes labels"):
+        ours.cell("t", "extra")

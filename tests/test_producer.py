@@ -77,3 +77,35 @@ def test_forwarding_producer_takes_connection_and_security_settings_only() -> No
     assert "secret" not in repr(
         ResilientProducer({"bootstrap.servers": "b:9092", "sasl.password": "secret"})
     )
+
+
+def test_a_config_level_on_delivery_is_chained_not_replaced(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    topic = topic_factory(1)
+    reports: list[tuple[object, str]] = []
+    producer = ResilientProducer(
+        {**kafka.producer_config(), "on_delivery": lambda err, msg: reports.append((err, "conf"))}
+    )
+    mine: list[object] = []
+    producer.produce(topic, value="a")
+    producer.produce(topic, value="b", on_delivery=lambda err, msg: mine.append(err))
+    assert producer.flush(10) == 0
+    producer.close()
+    assert reports == [(None, "conf")]  # the record with its own callback reports there only
+    assert mine == [None]
+
+
+def test_a_config_level_on_delivery_sees_failures_and_they_are_counted() -> None:
+    failures: list[object] = []
+    producer = ResilientProducer(
+        {
+            "bootstrap.servers": "127.0.0.1:1",
+            "message.timeout.ms": 500,
+            "on_delivery": lambda err, msg: failures.append(err),
+        }
+    )
+    producer.produce("orders", value="lost?")
+    producer.flush(10)
+    assert producer.delivery_failures == 1
+    assert len(failures) == 1 and failures[0] is not None

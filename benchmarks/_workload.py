@@ -1,0 +1,91 @@
+"""Shared pieces of the benchmark cases: preloading, fresh consumer configs, a counting handler."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any
+
+from confluent_kafka import Producer
+
+VALUE_BYTES = 100
+
+
+def preload(producer_config: dict[str, Any], topic: str, count: int, partitions: int) -> None:
+    """``count`` keyed 100-byte records spread over ``partitions``, flushed and acknowledged."""
+    producer = Producer(
+        {**producer_config, "linger.ms": 20, "batch.num.messages": 10000, "acks": "all"}
+    )
+    failures: list[Any] = []
+
+    def on_delivery(err: Any, msg: Any) -> None:
+        if err is not None:
+            failures.append(err)
+
+    value = b"v" * VALUE_BYTES
+    for i in range(count):
+        while True:
+            try:
+                producer.produce(
+                    topic, value, str(i).encode(), i % partitions, on_delivery=on_delivery
+                )
+                break
+            except BufferError:
+                producer.poll(0.05)
+    if producer.flush(120) or failures:
+        raise RuntimeError(f"preloading {topic} failed: {failures[:3] or 'flush timed out'}")
+
+
+def consumer_config(base: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A fresh group reading from the beginning (each case starts at offset 0)."""
+    return {
+        **base,
+        "group.id": f"bench-{uuid.uuid4().hex[:8]}",
+        "auto.offset.reset": "earliest",
+        # Tansu answers JoinGroup after about half the session timeout
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 1000,
+        **extra,
+    }
+
+
+class Counter:
+    """A no-op handler that reads each value, times the first to the ``target``-th call and
+    calls ``stop`` then (a callable such as ``ResilientConsumer.stop``)."""
+
+    __slots__ = ("count", "ended", "started", "stop", "target")
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.count = 0
+        self.started = 0.0
+        self.ended = 0.0
+        self.stop: Any = None
+
+    def __call__(self, msg: Any) -> None:
+        msg.value()
+        count = self.count = self.count + 1
+        if count == 1:
+            self.started = time.perf_counter()
+        if count == self.target:
+            self.ended = time.perf_counter()
+            self.stop()
+
+    @property
+    def elapsed(self) -> float:
+        return self.ended - self.started
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.01)

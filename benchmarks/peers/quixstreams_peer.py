@@ -1,0 +1,42 @@
+"""Quix Streams with a no-op step over a preloaded topic; prints {"count", "elapsed"} as JSON.
+
+Runs in its own virtualenv (quixstreams pins confluent-kafka < 2.13):
+    python quixstreams_peer.py BOOTSTRAP TOPIC COUNT
+"""
+
+import json
+import sys
+import time
+import uuid
+
+from quixstreams import Application
+
+
+def main(bootstrap: str, topic: str, count: int) -> None:
+    app = Application(
+        broker_address=bootstrap,
+        consumer_group=f"bench-quix-{uuid.uuid4().hex[:8]}",
+        auto_offset_reset="earliest",
+        commit_interval=5.0,
+        consumer_extra_config={"session.timeout.ms": 6000},
+        loglevel="WARNING",
+        auto_create_topics=False,
+    )
+    source = app.topic(topic, key_deserializer="bytes", value_deserializer="bytes")
+    state = {"n": 0, "t0": 0.0, "t1": 0.0}
+
+    def step(value: bytes) -> None:
+        n = state["n"] = state["n"] + 1
+        if n == 1:
+            state["t0"] = time.perf_counter()
+        if n == count:
+            state["t1"] = time.perf_counter()
+            app.stop()
+
+    app.dataframe(source).update(step)
+    app.run()
+    print(json.dumps({"count": count, "elapsed": state["t1"] - state["t0"]}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
