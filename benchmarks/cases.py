@@ -197,7 +197,7 @@ class _FailTenth:
 def retry_10pct(s: Setup) -> list[Result]:
     handler = _FailTenth(s)
     consumer = ResilientConsumer(
-        consumer_config(s.config), retry=RetryPolicy(delays=[1.0]), registry=CollectorRegistry()
+        consumer_config(s.config), retry=RetryPolicy(delays=(1.0,)), registry=CollectorRegistry()
     )
     handler.stop = consumer.stop
     consumer.subscribe([s.topic])
@@ -306,7 +306,7 @@ def _latency_once(
             samples.append(now - sent)
 
     producer = threading.Thread(
-        target=_paced_producer, args=(s.config, topic, rate, seconds + warmup + 3)
+        target=_paced_producer, args=(s.config, topic, rate, seconds + warmup + 5)
     )
     fetch = {"fetch.wait.max.ms": 100}
     if name == "raw_poll_latency":
@@ -324,7 +324,12 @@ def _latency_once(
         )
         resilient.subscribe([topic])
         producer.start()
-        watcher = threading.Thread(target=lambda: (producer.join(), resilient.stop()))
+
+        def stop_when_sent() -> None:
+            producer.join()
+            resilient.stop()
+
+        watcher = threading.Thread(target=stop_when_sent)
         watcher.start()
         resilient.run(record)
         watcher.join()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -115,6 +116,10 @@ def _progress() -> Any:
     )
 
 
+def _one(case: Callable[..., Result], *args: Any) -> list[Result]:
+    return [case(*args)]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     profile = PROFILES[args.profile]
     if args.messages:
@@ -159,7 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(profile.reps):  # interleaved repetitions: drift hits every case alike
             for name, case in THROUGHPUT.items():
                 if name in wanted:
-                    steps.append((name, lambda case=case: [case(main)]))
+                    steps.append((name, functools.partial(_one, case, main)))
         if "retry_10pct" in wanted:
             steps.append(("retry_10pct", lambda: cases.retry_10pct(main)))
         if "dlq_publish" in wanted:
@@ -195,14 +200,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 skipped[name] = "faststream not installed (pip install -e '.[bench]')"
                 continue
             count = min(profile.faststream_messages, main.count)
-            steps.append(
-                (
-                    name,
-                    lambda name=name, flavour=flavour, count=count: [
-                        cases.peer(name, sys.executable, [flavour], main, count)
-                    ],
-                )
-            )
+            peer = functools.partial(cases.peer, name, sys.executable, [flavour], main, count)
+            steps.append((name, functools.partial(_one, peer)))
 
         task = progress.add_task("benchmarks", total=len(steps)) if progress else None
         for name, step in steps:

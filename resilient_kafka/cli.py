@@ -76,6 +76,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """``python -m benchmarks`` from the source tree this package was installed from."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "run.py").is_file():
+        raise ConfigurationError(
+            "the benchmarks ship with the source tree, not the wheel: clone the repository, "
+            "`make test` once, then run `python -m benchmarks` (or this command) from it"
+        )
+    sys.path.insert(0, str(root))
+    from benchmarks.run import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="resilient-kafka",
@@ -114,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="use this cluster instead of an embedded broker (default: $KAFKA_BOOTSTRAP_SERVERS)",
     )
     demo.set_defaults(func=_cmd_demo)
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure throughput, latency and memory against raw confluent-kafka and peers",
+        add_help=False,
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="see --help")
+    bench.set_defaults(func=_cmd_bench)
 
     from resilient_kafka import _dlq_cli
 

@@ -58,6 +58,12 @@ _FORWARD_BACKOFF = (0.1, 5.0)  # first and maximum back-off of a failed forward
 _BREAKER_CHECK_INTERVAL = 0.5  # seconds between looks at shared breaker state during an outage
 _BLOCKING_SHARE = 0.8  # blocking retries may use this share of max.poll.interval.ms
 _TRIAL_WAIT = 2.0  # seconds to wait for a trial partition's first record before the next one
+# run() fetches records in batches sized to take about _BATCH_SECONDS to handle (1 to
+# _BATCH_MAX records), and cuts a batch short after _BATCH_DEADLINE (the rest is rewound), so
+# housekeeping and max.poll.interval.ms never wait on a slow handler.
+_BATCH_MAX = 500
+_BATCH_SECONDS = 0.1
+_BATCH_DEADLINE = 1.0
 
 
 class DeserializationError(ResilientKafkaError):
@@ -209,6 +215,9 @@ class ResilientConsumer(Consumer):
         self._cooperative = "cooperative" in strategy
         self._last_store = 0.0
         self._maintain_at = 0.0  # monotonic time of the next housekeeping pass
+        self._batch_size = 32  # run(): records per fetch, adapted to the handler's speed
+        self._batch_break = False  # run(): the application paused/seeked/assigned mid-batch
+        self._seeked: set[_Key] = set()  # partitions the application seeked mid-batch
         self._stop = threading.Event()
         self._closed = False
         # outages: a breaker refusing calls, or a flood of dead letters
@@ -1174,12 +1183,19 @@ class ResilientConsumer(Consumer):
                 self._prepare_topics(sources)
             except ResilientKafkaError as exc:
                 log.error("cannot prepare retry/DLQ topics for %s: %s", sources, exc)
+        self._batch_break = True
         super().assign(partitions)
 
     def pause(self, partitions: list[TopicPartition]) -> None:
         self._user_paused.update((tp.topic, tp.partition) for tp in partitions)
         self._maintain_at = 0.0
+        self._batch_break = True  # run(): the records behind in the batch are rewound
         super().pause(partitions)
+
+    def seek(self, partition: TopicPartition) -> None:
+        self._seeked.add((partition.topic, partition.partition))
+        self._batch_break = True  # run(): the rest of the batch is not handed out
+        super().seek(partition)
 
     def resume(self, partitions: list[TopicPartition]) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
@@ -1200,37 +1216,115 @@ class ResilientConsumer(Consumer):
         restore = self._install_signal_handlers()
         try:
             while not self._stop.is_set():
-                msg = self.poll(poll_timeout)
-                if msg is None:
+                if self._outage is None:
+                    self._run_batch(handler, poll_timeout)
                     continue
-                error = msg.error()
-                if error is not None:
-                    if error.fatal():
-                        raise KafkaException(error)
-                    log.debug("consumer event: %s", error)
-                    continue
-                if self._tracing is not None:
-                    self._run_traced(handler, msg)
-                    continue
-                started = time.monotonic()
-                try:
-                    if self._blocking is None:
-                        handler(msg)
-                    else:
-                        self._blocking(handler, msg)
-                except Exception as exc:
-                    if self._metrics is not None:
-                        self._metrics.process(
-                            msg.topic(), time.monotonic() - started, headers.exception_type(exc)
-                        )
-                    self.fail(msg, exc)
-                else:
-                    if self._metrics is not None:
-                        self._metrics.process(msg.topic(), time.monotonic() - started, "")
-                    self._finish_in_hand()  # the handler returned: done
+                msg = self.poll(poll_timeout)  # an outage: one record at a time, probes
+                if msg is not None and self._usable(msg):
+                    self._handle(handler, msg)
         finally:
             restore()
             self.close()
+
+    def _run_batch(self, handler: Handler, timeout: float) -> None:
+        """Fetch a batch and hand its records to ``handler`` one by one, admitting each only
+        when its turn comes (so a pause, an outage or a due time met mid-batch applies to the
+        records behind it, exactly as with one poll() per record)."""
+        if self._in_hand:
+            self._finish_in_hand()
+        now = time.monotonic()
+        wait = self._maintain(now + timeout, now)
+        if self._outage is not None or self._probe_ready is not None:
+            return
+        self._batch_break = False
+        self._seeked.clear()
+        batch = super().consume(self._batch_size, wait)
+        if not batch:
+            return
+        fetched = time.monotonic()
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.poll(batch[0].topic() or "", fetched - now)
+        admit = self._admit
+        in_hand = self._in_hand
+        stop = self._stop
+        handled = 0
+        for i, msg in enumerate(batch):
+            if (
+                self._batch_break
+                or self._outage is not None
+                or stop.is_set()
+                or time.monotonic() - fetched > _BATCH_DEADLINE
+            ):
+                self._rewind_unhandled(batch, i)
+                break
+            if not self._usable(msg):
+                continue
+            admitted = admit(msg)
+            if admitted is None:
+                continue
+            in_hand.append(admitted)
+            self._opens_at_handout = self._watch.opens
+            if metrics is not None:
+                metrics.consumed(admitted.topic())
+            self._handle(handler, admitted)
+            handled += 1
+        if handled:  # size the next batch to take about _BATCH_SECONDS
+            per_record = max((time.monotonic() - fetched) / handled, 1e-7)
+            self._batch_size = max(1, min(_BATCH_MAX, int(_BATCH_SECONDS / per_record)))
+
+    @staticmethod
+    def _usable(msg: Message) -> bool:
+        """False for consumer events (logged); a fatal error is raised."""
+        error = msg.error()
+        if error is None:
+            return True
+        if error.fatal():
+            raise KafkaException(error)
+        log.debug("consumer event: %s", error)
+        return False
+
+    def _rewind_unhandled(self, batch: list[Message], start: int) -> None:
+        """Records from ``start`` on were fetched but never handed out: make their partitions
+        deliver them again, unless a lower position is already set (a record waiting for its
+        due time, an outage's held record, the application's own seek)."""
+        first: dict[_Key, int] = {}
+        for msg in batch[start:]:
+            if msg.error() is None:
+                first.setdefault((msg.topic(), msg.partition()), msg.offset())
+        outage = self._outage
+        for key, offset in first.items():
+            if key in self._waiting or key in self._seeked:
+                continue
+            if outage is not None and key in outage.partitions:
+                self._rewind(outage, key, offset)  # keeps the lowest refused offset
+                continue
+            try:
+                super().seek(TopicPartition(key[0], key[1], offset))
+            except KafkaException as exc:  # e.g. no longer assigned
+                log.debug("cannot rewind %s [%d] to %d: %s", *key, offset, exc)
+
+    def _handle(self, handler: Handler, msg: Message) -> None:
+        """One handler call: success finishes the record, an exception fails it."""
+        if self._tracing is not None:
+            self._run_traced(handler, msg)
+            return
+        started = time.monotonic()
+        try:
+            if self._blocking is None:
+                handler(msg)
+            else:
+                self._blocking(handler, msg)
+        except Exception as exc:
+            if self._metrics is not None:
+                self._metrics.process(
+                    msg.topic(), time.monotonic() - started, headers.exception_type(exc)
+                )
+            self.fail(msg, exc)
+        else:
+            if self._metrics is not None:
+                self._metrics.process(msg.topic(), time.monotonic() - started, "")
+            self._finish_in_hand()  # the handler returned: done
 
     def _run_traced(self, handler: Handler, msg: Message) -> None:
         """One handler call inside ``process {topic}``; forwards become its children."""

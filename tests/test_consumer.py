@@ -29,7 +29,7 @@ from resilient_kafka import (
 )
 from resilient_kafka.errors import TopicError
 from resilient_kafka.testing import KafkaCluster
-from tests.helpers import consume, produce
+from tests.helpers import consume, produce, wait_for
 
 RK_HEADERS = {
     "rk.original.topic",
@@ -673,3 +673,80 @@ def test_retry_tiers_are_read_from_the_start_whatever_auto_offset_reset_says(
         second.close()
     assert retried.topic() == f"{topic}.{group}.retry.1"
     assert retried.value() == b"needs a retry" and headers.attempt(retried) == 1
+
+
+def _produce_to(config: dict[str, Any], topic: str, per_partition: dict[int, int]) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer({**config, "acks": "all"})
+    for partition, count in per_partition.items():
+        for i in range(count):
+            producer.produce(topic, value=f"p{partition}-{i}", partition=partition)
+    assert producer.flush(30) == 0
+
+
+def test_run_honours_a_pause_made_by_the_handler_mid_batch(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    """run() fetches records in batches; a partition the handler pauses must deliver nothing
+    more until resumed, and then carry on from the record after the one that paused it."""
+    topic, group = topic_factory(2), f"g{uuid.uuid4().hex[:8]}"
+    _produce_to(kafka.producer_config(), topic, {0: 60, 1: 60})
+    consumer = ResilientConsumer(kafka.client_config(group_id=group, auto_offset_reset="earliest"))
+    handled: list[tuple[int, int]] = []
+    state = {"paused_at": -1, "resumed_at": -1}
+
+    def handler(msg: Message) -> None:
+        handled.append((msg.partition(), msg.offset()))
+        if msg.partition() == 0 and msg.offset() == 10:
+            consumer.pause([TopicPartition(topic, 0)])
+            state["paused_at"] = len(handled)
+        elif msg.partition() == 1 and msg.offset() == 69:  # produced after the pause
+            state["resumed_at"] = len(handled)
+            consumer.resume([TopicPartition(topic, 0)])
+        if len(handled) == 130:
+            consumer.stop()
+
+    consumer.subscribe([topic])
+    thread = threading.Thread(target=consumer.run, args=(handler,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: state["paused_at"] >= 0, 30, "the handler to pause partition 0")
+        _produce_to(kafka.producer_config(), topic, {1: 10})
+        thread.join(60)
+        assert not thread.is_alive(), f"handled {len(handled)} of 130"
+    finally:
+        consumer.stop()
+        thread.join(30)
+    p0 = [offset for partition, offset in handled if partition == 0]
+    assert p0 == list(range(60))  # nothing lost, nothing twice, in order
+    assert sorted(o for p, o in handled if p == 1) == list(range(70))
+    while_paused = handled[state["paused_at"] : state["resumed_at"]]
+    assert while_paused and all(partition == 1 for partition, _ in while_paused), while_paused
+
+
+def test_run_honours_a_seek_made_by_the_handler_mid_batch(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    topic, group = topic_factory(1), f"g{uuid.uuid4().hex[:8]}"
+    _produce_to(kafka.producer_config(), topic, {0: 40})
+    consumer = ResilientConsumer(kafka.client_config(group_id=group, auto_offset_reset="earliest"))
+    handled: list[int] = []
+
+    def handler(msg: Message) -> None:
+        handled.append(msg.offset())
+        if msg.offset() == 20 and handled.count(20) == 1:
+            consumer.seek(TopicPartition(topic, 0, 5))  # replay 5..20 once
+        if msg.offset() == 39:
+            consumer.stop()
+
+    consumer.subscribe([topic])
+    thread = threading.Thread(target=consumer.run, args=(handler,), daemon=True)
+    thread.start()
+    try:
+        thread.join(60)
+        assert not thread.is_alive(), f"handled {handled}"
+    finally:
+        consumer.stop()
+        thread.join(30)
+    assert handled == list(range(21)) + list(range(5, 40))
