@@ -89,7 +89,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(root))
     from benchmarks.run import main as bench_main
 
-    return bench_main(args.bench_args)
+    forwarded = args.bench_args
+    return bench_main(forwarded[1:] if forwarded[:1] == ["--"] else forwarded)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # every option after it belongs to the benchmark harness
+        argv = ["bench", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
