@@ -224,7 +224,16 @@ def dlq_publish(s: Setup) -> Result:
         retry=RetryPolicy(retry_on=(TimeoutError,)),
         registry=CollectorRegistry(),
     )
-    seen = {"n": 0, "t0": 0.0}
+    seen = {"n": 0, "t0": 0.0, "acked": 0.0}
+    drain = consumer._drain  # run() waits here, on its way out, for the last DLQ acks
+
+    def timed_drain(timeout: float) -> bool:
+        done = drain(timeout)
+        if not seen["acked"]:
+            seen["acked"] = time.perf_counter()
+        return done
+
+    consumer._drain = timed_drain  # type: ignore[method-assign]
 
     def handler(msg: Any) -> None:
         n = seen["n"] = seen["n"] + 1
@@ -235,12 +244,12 @@ def dlq_publish(s: Setup) -> Result:
         raise ValueError("not retryable: straight to the DLQ")
 
     consumer.subscribe([s.topic])
-    consumer.run(handler)  # returns after every DLQ copy is acknowledged and committed
+    consumer.run(handler)
     return Result(
         "dlq_publish",
         s.count,
-        time.perf_counter() - seen["t0"],
-        "every record dead-lettered; until all DLQ copies are acked",
+        seen["acked"] - seen["t0"],
+        "every record dead-lettered; until the last DLQ copy is acknowledged",
     )
 
 

@@ -209,6 +209,7 @@ class ResilientConsumer(Consumer):
         self._user_paused: set[_Key] = set()
         self._to_resume: set[_Key] = set()  # newly assigned, possibly still paused from before
         self._prepared: set[str] = set()  # source topics whose retry/DLQ topics exist
+        self._targets: dict[tuple[str, int | None], str] = {}  # (source, tier|None) -> topic
         self._assigned_count = 0
         self._last_gauges = 0.0
         strategy = str(conf.get("partition.assignment.strategy", ""))
@@ -282,6 +283,18 @@ class ResilientConsumer(Consumer):
     def dead_letter_topic(self, topic: str) -> str:
         """The DLQ of ``topic`` for this consumer's group."""
         return self._dead_letter.topic(topic, self._group)
+
+    def _target(self, source: str, attempt: int | None) -> str:
+        """Retry tier ``attempt`` of ``source`` (DLQ for None), named once and cached."""
+        key = (source, attempt)
+        name = self._targets.get(key)
+        if name is None:
+            name = self._targets[key] = (
+                self.dead_letter_topic(source)
+                if attempt is None
+                else self._retry.topic(source, self._group, attempt)
+            )
+        return name
 
     def _prepare_topics(self, topics: list[str]) -> list[str]:
         from confluent_kafka.admin import AdminClient
@@ -718,8 +731,8 @@ class ResilientConsumer(Consumer):
         """Send ``msg`` on to a retry tier or the DLQ; True if it was held back (DLQ flood)."""
         now_ms = int(time.time() * 1000)
         prev = headers.header_dict(msg)
-        attempt = (headers.attempt(msg) or 0) + 1
-        first = int(prev.get(headers.FIRST_FAILURE, b"0") or 0) or now_ms
+        attempt = (headers.int_header(prev, headers.ATTEMPT) or 0) + 1
+        first = headers.int_header(prev, headers.FIRST_FAILURE) or now_ms
         source_topic = self._tiers[msg.topic()][0] if msg.topic() in self._tiers else msg.topic()
         if source_topic not in self._prepared:
             self._prepare_for_assign(source_topic)
@@ -733,7 +746,7 @@ class ResilientConsumer(Consumer):
             elif attempt > self._retry.attempts:
                 reason = headers.EXHAUSTED
         if reason is None:
-            target = self._retry.topic(source_topic, self._group, attempt)
+            target = self._target(source_topic, attempt)
             due_ms = now_ms + int(self._retry.delay(attempt) * 1000)
         else:
             if self._flood is not None:
@@ -747,10 +760,10 @@ class ResilientConsumer(Consumer):
                     self._hold(msg, DLQ_FLOOD)
                     return True
                 self._flood.record(True)
-            target = self.dead_letter_topic(source_topic)
+            target = self._target(source_topic, None)
         entry = self._raw.pop(id(msg), None)
         key, value = (entry[1], entry[2]) if entry is not None else (msg.key(), msg.value())
-        hdrs = self._sized_headers(msg, exc, attempt, first, key, value, due_ms, reason)
+        hdrs = self._sized_headers(msg, prev, exc, attempt, first, key, value, due_ms, reason)
         kind, ts = msg.timestamp()
         span = None
         if self._tracing is not None:
@@ -789,6 +802,7 @@ class ResilientConsumer(Consumer):
     def _sized_headers(
         self,
         msg: Message,
+        prev: dict[str, bytes],
         exc: BaseException,
         attempt: int,
         first: int,
@@ -802,6 +816,7 @@ class ResilientConsumer(Consumer):
         build = functools.partial(
             headers.forward_headers,
             msg,
+            prev=prev,
             exc=exc,
             attempt_no=attempt,
             first_failure_ms=first,
@@ -1238,7 +1253,8 @@ class ResilientConsumer(Consumer):
             return
         self._batch_break = False
         self._seeked.clear()
-        batch = super().consume(self._batch_size, wait)
+        # what is already fetched, without waiting for a full batch (latency); else wait for one
+        batch = super().consume(self._batch_size, 0) or super().consume(1, wait)
         if not batch:
             return
         fetched = time.monotonic()
@@ -1330,7 +1346,7 @@ class ResilientConsumer(Consumer):
         """One handler call inside ``process {topic}``; forwards become its children."""
         assert self._tracing is not None
         span = self._tracing.start_process(
-            msg, self._group, headers.attempt(msg), parent_on_creation=self._parent_on_creation
+            msg, self._group, parent_on_creation=self._parent_on_creation
         )
         token = otel_context.attach(otel_trace.set_span_in_context(span))
         started = time.monotonic()

@@ -52,6 +52,11 @@ def _text(headers: dict[str, bytes], name: str) -> str | None:
     return value.decode("utf-8", "replace") if value is not None else None
 
 
+def int_header(headers: dict[str, bytes], name: str) -> int | None:
+    """The decimal ``name`` header of a :func:`header_dict`, or None (absent or not a number)."""
+    return _int(headers, name)
+
+
 def _int(headers: dict[str, bytes], name: str) -> int | None:
     text = _text(headers, name)
     try:
@@ -70,9 +75,11 @@ def due(msg: Any) -> int | None:
     return _int(header_dict(msg), DUE)
 
 
-def original(msg: Any) -> Original:
-    """The original coordinates: from ``rk.original.*`` on a retry hop, else the message's own."""
-    headers = header_dict(msg)
+def original(msg: Any, headers: dict[str, bytes] | None = None) -> Original:
+    """The original coordinates: from ``rk.original.*`` on a retry hop, else the message's own
+    (``headers``: the message's :func:`header_dict`, when the caller has it already)."""
+    if headers is None:
+        headers = header_dict(msg)
     topic = _text(headers, ORIGINAL_TOPIC)
     partition = _int(headers, ORIGINAL_PARTITION)
     offset = _int(headers, ORIGINAL_OFFSET)
@@ -108,8 +115,11 @@ def _frames(tb: Any) -> str:
     """The traceback's frames as ``traceback`` prints them, without the column carets (working
     those out parses the source, ~200 µs a failure); cached per code path, so a flood of the
     same failure costs a frame walk each."""
-    walked = list(traceback.walk_tb(tb))
-    key = tuple((frame.f_code, lineno) for frame, lineno in walked)
+    walked = []
+    while tb is not None:
+        walked.append((tb.tb_frame, tb.tb_lineno))
+        tb = tb.tb_next
+    key = tuple([(frame.f_code, lineno) for frame, lineno in walked])
     text = _frames_text.get(key)
     if text is None:
         text = "".join(traceback.StackSummary.extract(iter(walked)).format())
@@ -137,6 +147,11 @@ def _exception_line(exc: BaseException) -> str:
 
 def stack_trace(exc: BaseException) -> str:
     """``exc`` formatted like ``traceback.format_exception`` (causes and contexts first)."""
+    if exc.__cause__ is None and (exc.__context__ is None or exc.__suppress_context__):
+        tb = exc.__traceback__  # the common case: one exception
+        if tb is None:
+            return _exception_line(exc)
+        return f"Traceback (most recent call last):\n{_frames(tb)}{_exception_line(exc)}"
     chain: list[tuple[BaseException, str]] = []
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -163,6 +178,7 @@ def stack_trace(exc: BaseException) -> str:
 def forward_headers(
     msg: Any,
     *,
+    prev: dict[str, bytes] | None = None,
     exc: BaseException,
     attempt_no: int,
     first_failure_ms: int,
@@ -174,7 +190,7 @@ def forward_headers(
     message_limit: int | None = None,
 ) -> HeaderList:
     """Headers for the retry or DLQ copy of ``msg``: user headers kept, ``rk.*`` replaced."""
-    orig = original(msg)
+    orig = original(msg, prev)
     user: Iterable[tuple[str, bytes | None]] = msg.headers() or ()
     headers: HeaderList = [(key, value or b"") for key, value in user if not key.startswith(PREFIX)]
     text_limit = max_text_bytes if message_limit is None else min(message_limit, max_text_bytes)
@@ -201,10 +217,7 @@ def forward_headers(
 
 def size_of(key: bytes | None, value: bytes | None, headers: HeaderList) -> int:
     """Approximate record size as the producer counts it against ``message.max.bytes``."""
-    overhead = 64  # record batch and record framing
-    return (
-        overhead
-        + len(key or b"")
-        + len(value or b"")
-        + sum(len(k) + len(v) + 10 for k, v in headers)
-    )
+    size = 64 + len(key or b"") + len(value or b"") + 10 * len(headers)  # + framing
+    for name, data in headers:
+        size += len(name) + len(data)
+    return size

@@ -18,7 +18,7 @@ from typing import Any
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from resilient_kafka import __version__
+from resilient_kafka import __version__, headers
 
 PROPAGATION_HEADERS = ("traceparent", "tracestate", "baggage")
 SCHEMA_URL = "https://opentelemetry.io/schemas/1.44.0"
@@ -151,27 +151,34 @@ class Tracing:
             span.set_status(Status(StatusCode.ERROR, err.str()))
         span.end()
 
-    def start_process(
-        self, msg: Any, group: str, attempt: int, *, parent_on_creation: bool = True
-    ) -> Any:
-        """Start ``process {topic}`` for a handler call (not made current here)."""
+    def start_process(self, msg: Any, group: str, *, parent_on_creation: bool = True) -> Any:
+        """Start ``process {topic}`` for a handler call (not made current here).
+
+        Only the attributes a sampler may look at are passed at creation; the per-record ones
+        (partition, offset, key, attempt) are added when the span is recorded, so an unsampled
+        record does not pay for them.
+        """
         creation = self.creation_context(msg.headers())
-        attrs: dict[str, Any] = {
-            "messaging.system": "kafka",
-            "messaging.operation.name": "process",
-            "messaging.operation.type": "process",
-            "messaging.destination.name": msg.topic(),
-            "messaging.destination.partition.id": str(msg.partition()),
-            "messaging.kafka.offset": msg.offset(),
-            "messaging.consumer.group.name": group,
-            "resilient_kafka.retry.attempt": attempt,
-        }
-        _add_key(attrs, msg.key())
-        context = creation if parent_on_creation else None
-        return self.tracer.start_span(
-            f"process {msg.topic()}",
-            context=context,
+        topic = msg.topic()
+        span = self.tracer.start_span(
+            f"process {topic}",
+            context=creation if parent_on_creation else None,
             kind=SpanKind.CONSUMER,
-            attributes=attrs,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.operation.name": "process",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": topic,
+                "messaging.consumer.group.name": group,
+            },
             links=_links(creation),
         )
+        if span.is_recording():
+            attrs: dict[str, Any] = {
+                "messaging.destination.partition.id": str(msg.partition()),
+                "messaging.kafka.offset": msg.offset(),
+                "resilient_kafka.retry.attempt": headers.attempt(msg),
+            }
+            _add_key(attrs, msg.key())
+            span.set_attributes(attrs)
+        return span
