@@ -1261,7 +1261,7 @@ class ResilientConsumer(Consumer):
         metrics = self._metrics
         if metrics is not None:
             metrics.poll(batch[0].topic() or "", fetched - now)
-        admit = self._admit
+        admit = self._admit_checked
         in_hand = self._in_hand
         stop = self._stop
         handled = 0
@@ -1274,9 +1274,9 @@ class ResilientConsumer(Consumer):
             ):
                 self._rewind_unhandled(batch, i)
                 break
-            if not self._usable(msg):
+            if msg.error() is not None and not self._usable(msg):
                 continue
-            admitted = admit(msg)
+            admitted = admit(msg)  # no outage here (the loop stops when one starts)
             if admitted is None:
                 continue
             in_hand.append(admitted)
