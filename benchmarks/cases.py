@@ -17,7 +17,7 @@ from typing import Any
 from confluent_kafka import Consumer, Producer
 from prometheus_client import CollectorRegistry
 
-from benchmarks._workload import VALUE_BYTES, Counter, consumer_config
+from benchmarks._workload import VALUE_BYTES, WARMUP, Counter, consumer_config, warm_up
 from resilient_kafka import ResilientConsumer, ResilientProducer, RetryPolicy
 
 
@@ -46,6 +46,7 @@ class Setup:
     topic: str
     count: int
     partitions: int
+    warmup: float = WARMUP
 
 
 # -- raw confluent-kafka -----------------------------------------------------------------------
@@ -62,9 +63,9 @@ def raw_consume(s: Setup) -> Result:
                     continue
                 msg.value()
                 if not seen:
-                    started = time.perf_counter()
+                    started = warm_up(s.warmup)
                 seen += 1
-        return Result("raw_consume", seen, time.perf_counter() - started, "consume(1000)")
+        return Result("raw_consume", seen - 1, time.perf_counter() - started, "consume(1000)")
     finally:
         consumer.close()
 
@@ -80,9 +81,9 @@ def raw_poll(s: Setup) -> Result:
                 continue
             msg.value()
             if not seen:
-                started = time.perf_counter()
+                started = warm_up(s.warmup)
             seen += 1
-        return Result("raw_poll", seen, time.perf_counter() - started, "poll()")
+        return Result("raw_poll", seen - 1, time.perf_counter() - started, "poll()")
     finally:
         consumer.close()
 
@@ -92,11 +93,11 @@ def raw_poll(s: Setup) -> Result:
 
 def _run(s: Setup, name: str, note: str, **options: Any) -> Result:
     consumer = ResilientConsumer(consumer_config(s.config), **options)
-    counter = Counter(s.count)
+    counter = Counter(s.count, s.warmup)
     counter.stop = consumer.stop
     consumer.subscribe([s.topic])
     consumer.run(counter)  # returns once the last record is handled and the consumer closed
-    return Result(name, s.count, counter.elapsed, note)
+    return Result(name, counter.timed, counter.elapsed, note)
 
 
 def resilient_run_metrics_off(s: Setup) -> Result:
@@ -162,9 +163,11 @@ def resilient_poll_loop(s: Setup) -> Result:
                 continue
             msg.value()
             if not seen:
-                started = time.perf_counter()
+                started = warm_up(s.warmup)
             seen += 1
-        return Result("resilient_poll_loop", seen, time.perf_counter() - started, "drop-in poll()")
+        return Result(
+            "resilient_poll_loop", seen - 1, time.perf_counter() - started, "drop-in poll()"
+        )
     finally:
         consumer.close()
 
@@ -175,7 +178,7 @@ class _FailTenth:
     def __init__(self, s: Setup) -> None:
         self.main_target = s.count
         self.retry_target = len(range(0, s.count, 10))
-        self.main = Counter(self.main_target)
+        self.main = Counter(self.main_target, s.warmup)
         self.retried = Counter(self.retry_target)
         self.main.stop = self.retried.stop = self._maybe_stop
         self.stop: Any = None
@@ -205,13 +208,13 @@ def retry_10pct(s: Setup) -> list[Result]:
     return [
         Result(
             "retry_10pct_main_topic",
-            s.count,
+            handler.main.timed,
             handler.main.elapsed,
             "10% fail once; main-topic records while their retries wait 1 s",
         ),
         Result(
             "retry_10pct_retry_path",
-            handler.retry_target,
+            handler.retried.timed,
             handler.retried.elapsed,
             "the retried 10%, handled from the 1 s retry tier",
         ),
@@ -238,7 +241,7 @@ def dlq_publish(s: Setup) -> Result:
     def handler(msg: Any) -> None:
         n = seen["n"] = seen["n"] + 1
         if n == 1:
-            seen["t0"] = time.perf_counter()
+            seen["t0"] = warm_up(s.warmup)
         if n == s.count:
             consumer.stop()
         raise ValueError("not retryable: straight to the DLQ")
@@ -247,7 +250,7 @@ def dlq_publish(s: Setup) -> Result:
     consumer.run(handler)
     return Result(
         "dlq_publish",
-        s.count,
+        s.count - 1,
         seen["acked"] - seen["t0"],
         "every record dead-lettered; until the last DLQ copy is acknowledged",
     )
@@ -403,7 +406,7 @@ def peer(name: str, python: str, args: list[str], s: Setup, count: int) -> Resul
     script = "quixstreams_peer.py" if name == "quixstreams" else "faststream_peer.py"
     command = [python, str(PEERS / script), *args, s.config["bootstrap.servers"], s.topic]
     done = subprocess.run(
-        [*command, str(count)],
+        [*command, str(count), str(s.warmup)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -412,4 +415,4 @@ def peer(name: str, python: str, args: list[str], s: Setup, count: int) -> Resul
     if done.returncode != 0:
         raise RuntimeError(f"{name} exited {done.returncode}: {done.stderr.strip()[-800:]}")
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    return Result(name, out["count"], out["elapsed"], "no-op handler, own process")
+    return Result(name, out["count"] - 1, out["elapsed"], "no-op handler, own process")

@@ -1,6 +1,6 @@
 """FastStream with a no-op subscriber over a preloaded topic; prints {"count", "elapsed"}.
 
-    python faststream_peer.py confluent|aiokafka BOOTSTRAP TOPIC COUNT
+    python faststream_peer.py confluent|aiokafka BOOTSTRAP TOPIC COUNT WARMUP
 
 Default ack policy (ACK_FIRST, the framework's default) and ``logger=None``, as measured in the
 field notes.
@@ -13,7 +13,7 @@ import time
 import uuid
 
 
-async def main(flavour: str, bootstrap: str, topic: str, count: int) -> None:
+async def main(flavour: str, bootstrap: str, topic: str, count: int, warmup: float) -> None:
     if flavour == "confluent":
         from faststream.confluent import KafkaBroker
     else:
@@ -28,7 +28,8 @@ async def main(flavour: str, bootstrap: str, topic: str, count: int) -> None:
     )
     async def handle(body: bytes) -> None:
         n = state["n"] = state["n"] + 1
-        if n == 1:
+        if n == 1:  # let the client prefetch, then time the records after this one
+            await asyncio.sleep(warmup)
             state["t0"] = time.perf_counter()
         if n == count:
             state["t1"] = time.perf_counter()
@@ -41,4 +42,4 @@ async def main(flavour: str, bootstrap: str, topic: str, count: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])))

@@ -1,7 +1,7 @@
 """Quix Streams with a no-op step over a preloaded topic; prints {"count", "elapsed"} as JSON.
 
 Runs in its own virtualenv (quixstreams pins confluent-kafka < 2.13):
-    python quixstreams_peer.py BOOTSTRAP TOPIC COUNT
+    python quixstreams_peer.py BOOTSTRAP TOPIC COUNT WARMUP
 """
 
 import json
@@ -12,7 +12,7 @@ import uuid
 from quixstreams import Application
 
 
-def main(bootstrap: str, topic: str, count: int) -> None:
+def main(bootstrap: str, topic: str, count: int, warmup: float) -> None:
     app = Application(
         broker_address=bootstrap,
         consumer_group=f"bench-quix-{uuid.uuid4().hex[:8]}",
@@ -27,7 +27,8 @@ def main(bootstrap: str, topic: str, count: int) -> None:
 
     def step(value: bytes) -> None:
         n = state["n"] = state["n"] + 1
-        if n == 1:
+        if n == 1:  # let the client prefetch, then time the records after this one
+            time.sleep(warmup)
             state["t0"] = time.perf_counter()
         if n == count:
             state["t1"] = time.perf_counter()
@@ -39,4 +40,4 @@ def main(bootstrap: str, topic: str, count: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
