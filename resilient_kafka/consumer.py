@@ -1198,8 +1198,24 @@ class ResilientConsumer(Consumer):
                 self._prepare_topics(sources)
             except ResilientKafkaError as exc:
                 log.error("cannot prepare retry/DLQ topics for %s: %s", sources, exc)
-        self._batch_break = True
+        self._batch_break = True  # run(): the new assignment's positions are the application's
+        self._seeked.update((tp.topic, tp.partition) for tp in partitions)
         super().assign(partitions)
+
+    def unassign(self) -> None:
+        self._batch_break = True
+        self._forget({(tp.topic, tp.partition) for tp in self.assignment()})
+        super().unassign()
+
+    def incremental_assign(self, partitions: list[TopicPartition]) -> None:
+        self._batch_break = True
+        self._seeked.update((tp.topic, tp.partition) for tp in partitions)
+        super().incremental_assign(partitions)
+
+    def incremental_unassign(self, partitions: list[TopicPartition]) -> None:
+        self._batch_break = True
+        self._forget({(tp.topic, tp.partition) for tp in partitions})
+        super().incremental_unassign(partitions)
 
     def pause(self, partitions: list[TopicPartition]) -> None:
         self._user_paused.update((tp.topic, tp.partition) for tp in partitions)
@@ -1254,13 +1270,13 @@ class ResilientConsumer(Consumer):
         self._batch_break = False
         self._seeked.clear()
         # what is already fetched, without waiting for a full batch (latency); else wait for one
+        started = time.monotonic()
         batch = super().consume(self._batch_size, 0) or super().consume(1, wait)
         if not batch:
             return
         fetched = time.monotonic()
         metrics = self._metrics
-        if metrics is not None:
-            metrics.poll(batch[0].topic() or "", fetched - now)
+        polled = metrics is None  # the poll duration is recorded once a record is handed out
         admit = self._admit_checked
         in_hand = self._in_hand
         stop = self._stop
@@ -1282,6 +1298,9 @@ class ResilientConsumer(Consumer):
             in_hand.append(admitted)
             self._opens_at_handout = self._watch.opens
             if metrics is not None:
+                if not polled:
+                    polled = True
+                    metrics.poll(admitted.topic(), fetched - started)
                 metrics.consumed(admitted.topic())
             self._handle(handler, admitted)
             handled += 1
@@ -1309,16 +1328,25 @@ class ResilientConsumer(Consumer):
             if msg.error() is None:
                 first.setdefault((msg.topic(), msg.partition()), msg.offset())
         outage = self._outage
+        if not first:
+            return
+        assigned = {(tp.topic, tp.partition) for tp in self.assignment()}
         for key, offset in first.items():
-            if key in self._waiting or key in self._seeked:
+            if key in self._waiting or key in self._seeked or key not in assigned:
                 continue
             if outage is not None and key in outage.partitions:
                 self._rewind(outage, key, offset)  # keeps the lowest refused offset
                 continue
             try:
                 super().seek(TopicPartition(key[0], key[1], offset))
-            except KafkaException as exc:  # e.g. no longer assigned
-                log.debug("cannot rewind %s [%d] to %d: %s", *key, offset, exc)
+            except KafkaException as exc:
+                log.warning(
+                    "cannot rewind %s [%d] to %d (records from there are redelivered only "
+                    "after a restart or rebalance): %s",
+                    *key,
+                    offset,
+                    exc,
+                )
 
     def _handle(self, handler: Handler, msg: Message) -> None:
         """One handler call: success finishes the record, an exception fails it."""

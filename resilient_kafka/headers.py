@@ -145,8 +145,21 @@ def _exception_line(exc: BaseException) -> str:
     return line
 
 
+def _has_group(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, BaseExceptionGroup):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def stack_trace(exc: BaseException) -> str:
     """``exc`` formatted like ``traceback.format_exception`` (causes and contexts first)."""
+    if _has_group(exc):  # sub-exceptions and their tracebacks: traceback's own layout
+        return "".join(traceback.format_exception(exc))
     if exc.__cause__ is None and (exc.__context__ is None or exc.__suppress_context__):
         tb = exc.__traceback__  # the common case: one exception
         if tb is None:

@@ -131,16 +131,18 @@ class BatchedHistogram:
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
-        with self._lock:
-            snapshot = [(labels, list(cells)) for labels, cells in self._cells.items()]
+        sums = []
+        with self._lock:  # under the lock: retire() must not move a cell mid-sum
+            for labels, cells in self._cells.items():
+                counts = [0] * len(self._bounds)
+                total = 0.0
+                for cell in cells:
+                    for i, count in enumerate(cell.counts):
+                        counts[i] += count
+                    total += cell.sum
+                sums.append((labels, counts, total))
         les = [floatToGoString(b) for b in self._bounds]  # type: ignore[no-untyped-call]
-        for labels, cells in snapshot:
-            counts = [0] * len(self._bounds)
-            total = 0.0
-            for cell in cells:
-                for i, count in enumerate(cell.counts):
-                    counts[i] += count
-                total += cell.sum
+        for labels, counts, total in sums:
             cumulative, buckets = 0, []
             for le, count in zip(les, counts, strict=True):
                 cumulative += count
@@ -307,7 +309,9 @@ class _FlushBeforeCollect:
         return []
 
     def collect(self) -> list[Any]:
-        for consumer in list(self._consumers):
+        with _families_lock:  # consumers register under it from other threads
+            consumers = list(self._consumers)
+        for consumer in consumers:
             consumer.flush()
         return []
 
@@ -340,7 +344,8 @@ class ConsumerMetrics:
         for event in ("assign", "revoke", "lost"):
             fam.rebalances.labels(group, event)
         fam.assigned.labels(group).set(0)
-        fam.consumers.add(self)
+        with _families_lock:
+            fam.consumers.add(self)
 
     def prepare_topic(self, topic: str) -> None:
         """Create the known label combinations of ``topic`` at 0."""

@@ -750,3 +750,30 @@ def test_run_honours_a_seek_made_by_the_handler_mid_batch(
         consumer.stop()
         thread.join(30)
     assert handled == list(range(21)) + list(range(5, 40))
+
+
+def test_run_honours_an_assign_made_by_the_handler_mid_batch(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    topic, group = topic_factory(1), f"g{uuid.uuid4().hex[:8]}"
+    _produce_to(kafka.producer_config(), topic, {0: 40})
+    consumer = ResilientConsumer(kafka.client_config(group_id=group))
+    handled: list[int] = []
+
+    def handler(msg: Message) -> None:
+        handled.append(msg.offset())
+        if msg.offset() == 10:
+            consumer.assign([TopicPartition(topic, 0, 30)])  # jump ahead: 11..29 skipped
+        if msg.offset() == 39:
+            consumer.stop()
+
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    thread = threading.Thread(target=consumer.run, args=(handler,), daemon=True)
+    thread.start()
+    try:
+        thread.join(60)
+        assert not thread.is_alive(), f"handled {handled}"
+    finally:
+        consumer.stop()
+        thread.join(30)
+    assert handled == list(range(11)) + list(range(30, 40))

@@ -60,3 +60,14 @@ def test_an_exception_whose_str_fails_is_still_reported() -> None:
             raise RuntimeError("no")
 
     assert "str() failed" in stack_trace(Broken())
+
+
+def test_exception_groups_keep_their_sub_exceptions() -> None:
+    def fails() -> None:
+        raise ExceptionGroup("two failed", [ValueError("first"), KeyError("second")])
+
+    with pytest.raises(ExceptionGroup) as info:
+        fails()
+    text = stack_trace(info.value)
+    assert "ValueError: first" in text and "KeyError: 'second'" in text
+    assert text == "".join(traceback.format_exception(info.value))
