@@ -26,6 +26,7 @@ from benchmarks import cases
 from benchmarks._workload import preload
 from benchmarks.cases import Result, Setup
 from benchmarks.report import render, targets, write_plot
+from resilient_kafka.metrics import client_version
 
 
 @dataclass(frozen=True)
@@ -239,13 +240,17 @@ def _document(
     ceiling = raw.msgs_per_s if raw else 0.0
     doc_cases = []
     for result in results.values():
-        entry: dict[str, Any] = {"name": result.name, "note": result.note, **result.extra}
+        entry: dict[str, Any] = {
+            "name": result.name,
+            "note": result.note,
+            "messages": result.count,
+            **result.extra,
+        }
         if result.elapsed > 0:
             entry.update(
                 msgs_per_s=round(result.msgs_per_s, 1),
                 us_per_msg=round(result.us_per_msg, 3),
                 ratio_vs_raw=round(result.msgs_per_s / ceiling, 3) if ceiling else None,
-                messages=result.count,
                 runs_msgs_per_s=[round(r, 1) for r in runs.get(result.name, [])],
             )
         doc_cases.append(entry)
@@ -259,7 +264,7 @@ def _document(
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
-            "confluent_kafka": confluent_kafka.version()[0],
+            "confluent_kafka": client_version(),
             "librdkafka": confluent_kafka.libversion()[0],
         },
         "seconds": round(seconds, 1),

@@ -268,9 +268,9 @@ class Families:
 
         from resilient_kafka import __version__
 
-        self.build_info.labels(
-            __version__, confluent_kafka.version()[0], confluent_kafka.libversion()[0]
-        ).set(1)
+        self.build_info.labels(__version__, client_version(), confluent_kafka.libversion()[0]).set(
+            1
+        )
 
     def error_type(self, value: str) -> str:
         """``value`` while fewer than 20 distinct error types were seen, else ``_OTHER``."""
@@ -281,6 +281,14 @@ class Families:
                 self.error_types.add(value)
                 return value
         return OTHER
+
+
+def client_version() -> str:
+    """confluent-kafka's version (``version()`` is a string in 2.16, a tuple before)."""
+    import confluent_kafka
+
+    found: Any = confluent_kafka.version()
+    return str(found[0] if isinstance(found, tuple) else found)
 
 
 _families: weakref.WeakKeyDictionary[CollectorRegistry, Families] = weakref.WeakKeyDictionary()

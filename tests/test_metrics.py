@@ -403,3 +403,21 @@ def test_batched_histogram_exposes_what_prometheus_client_would() -> None:
     assert b'd_seconds_bucket{le="+Inf",topic="t"} 7.0' in generate_latest(ours_reg)
     with pytest.raises(ValueError, match="takes labels"):
         ours.cell("t", "extra")
+
+
+def test_build_info_carries_full_versions() -> None:
+    import confluent_kafka
+
+    from resilient_kafka import __version__
+    from resilient_kafka.metrics import families
+
+    reg = CollectorRegistry()
+    families(reg)
+    (sample,) = [
+        s for m in reg.collect() if m.name == "resilient_kafka_build_info" for s in m.samples
+    ]
+    assert sample.labels == {
+        "version": __version__,
+        "confluent_kafka_version": confluent_kafka.__version__,
+        "librdkafka_version": confluent_kafka.libversion()[0],
+    }
