@@ -70,8 +70,8 @@ def raw_consume(s: Setup) -> Result:
         consumer.close()
 
 
-def raw_poll(s: Setup) -> Result:
-    consumer = Consumer(consumer_config(s.config))
+def _poll_loop(consumer: Any, s: Setup, name: str, note: str) -> Result:
+    """One poll() per record, the way applications write their own loop."""
     consumer.subscribe([s.topic])
     seen, started = 0, 0.0
     try:
@@ -83,9 +83,13 @@ def raw_poll(s: Setup) -> Result:
             if not seen:
                 started = warm_up(s.warmup)
             seen += 1
-        return Result("raw_poll", seen - 1, time.perf_counter() - started, "poll()")
+        return Result(name, seen - 1, time.perf_counter() - started, note)
     finally:
         consumer.close()
+
+
+def raw_poll(s: Setup) -> Result:
+    return _poll_loop(Consumer(consumer_config(s.config)), s, "raw_poll", "poll()")
 
 
 # -- ResilientConsumer -------------------------------------------------------------------------
@@ -124,52 +128,29 @@ def _tracer_provider(ratio: float) -> Any:
     return provider
 
 
-def resilient_run_tracing_on(s: Setup) -> Result:
-    provider = _tracer_provider(0.1)
+def _traced_run(s: Setup, name: str, note: str, ratio: float) -> Result:
+    provider = _tracer_provider(ratio)
     try:
-        return _run(
-            s,
-            "resilient_run_tracing_on",
-            "metrics on, tracing 10% sampled (BatchSpanProcessor)",
-            registry=CollectorRegistry(),
-            tracer_provider=provider,
-        )
+        return _run(s, name, note, registry=CollectorRegistry(), tracer_provider=provider)
     finally:
         provider.shutdown()
+
+
+def resilient_run_tracing_on(s: Setup) -> Result:
+    return _traced_run(
+        s, "resilient_run_tracing_on", "metrics on, tracing 10% sampled (BatchSpanProcessor)", 0.1
+    )
 
 
 def resilient_run_tracing_unsampled(s: Setup) -> Result:
-    provider = _tracer_provider(0.0)
-    try:
-        return _run(
-            s,
-            "resilient_run_tracing_unsampled",
-            "metrics on, tracer provider sampling 0%",
-            registry=CollectorRegistry(),
-            tracer_provider=provider,
-        )
-    finally:
-        provider.shutdown()
+    return _traced_run(
+        s, "resilient_run_tracing_unsampled", "metrics on, tracer provider sampling 0%", 0.0
+    )
 
 
 def resilient_poll_loop(s: Setup) -> Result:
     consumer = ResilientConsumer(consumer_config(s.config), registry=CollectorRegistry())
-    consumer.subscribe([s.topic])
-    seen, started = 0, 0.0
-    try:
-        while seen < s.count:
-            msg = consumer.poll(1.0)
-            if msg is None or msg.error() is not None:
-                continue
-            msg.value()
-            if not seen:
-                started = warm_up(s.warmup)
-            seen += 1
-        return Result(
-            "resilient_poll_loop", seen - 1, time.perf_counter() - started, "drop-in poll()"
-        )
-    finally:
-        consumer.close()
+    return _poll_loop(consumer, s, "resilient_poll_loop", "drop-in poll()")
 
 
 class _FailTenth:

@@ -1355,10 +1355,7 @@ class ResilientConsumer(Consumer):
             return
         started = time.monotonic()
         try:
-            if self._blocking is None:
-                handler(msg)
-            else:
-                self._blocking(handler, msg)
+            self._call(handler, msg)
         except Exception as exc:
             if self._metrics is not None:
                 self._metrics.process(
@@ -1370,6 +1367,12 @@ class ResilientConsumer(Consumer):
                 self._metrics.process(msg.topic(), time.monotonic() - started, "")
             self._finish_in_hand()  # the handler returned: done
 
+    def _call(self, handler: Handler, msg: Message) -> None:
+        if self._blocking is None:
+            handler(msg)
+        else:
+            self._blocking(handler, msg)  # tenacity: retries in place first
+
     def _run_traced(self, handler: Handler, msg: Message) -> None:
         """One handler call inside ``process {topic}``; forwards become its children."""
         assert self._tracing is not None
@@ -1380,10 +1383,7 @@ class ResilientConsumer(Consumer):
         started = time.monotonic()
         try:
             try:
-                if self._blocking is None:
-                    handler(msg)
-                else:
-                    self._blocking(handler, msg)
+                self._call(handler, msg)
             except Exception as exc:
                 error_type = headers.exception_type(exc)
                 span.set_attribute("error.type", error_type)

@@ -685,6 +685,20 @@ def _produce_to(config: dict[str, Any], topic: str, per_partition: dict[int, int
     assert producer.flush(30) == 0
 
 
+def _run_until_it_stops(
+    consumer: ResilientConsumer, handler: Callable[[Message], None], progress: Callable[[], str]
+) -> None:
+    """run() in a thread until the handler stops it (60 s at most); always joined."""
+    thread = threading.Thread(target=consumer.run, args=(handler,), daemon=True)
+    thread.start()
+    try:
+        thread.join(60)
+        assert not thread.is_alive(), progress()
+    finally:
+        consumer.stop()
+        thread.join(30)
+
+
 def test_run_honours_a_pause_made_by_the_handler_mid_batch(
     kafka: KafkaCluster, topic_factory
 ) -> None:
@@ -741,14 +755,7 @@ def test_run_honours_a_seek_made_by_the_handler_mid_batch(
             consumer.stop()
 
     consumer.subscribe([topic])
-    thread = threading.Thread(target=consumer.run, args=(handler,), daemon=True)
-    thread.start()
-    try:
-        thread.join(60)
-        assert not thread.is_alive(), f"handled {handled}"
-    finally:
-        consumer.stop()
-        thread.join(30)
+    _run_until_it_stops(consumer, handler, lambda: f"handled {handled}")
     assert handled == list(range(21)) + list(range(5, 40))
 
 
@@ -768,12 +775,5 @@ def test_run_honours_an_assign_made_by_the_handler_mid_batch(
             consumer.stop()
 
     consumer.assign([TopicPartition(topic, 0, 0)])
-    thread = threading.Thread(target=consumer.run, args=(handler,), daemon=True)
-    thread.start()
-    try:
-        thread.join(60)
-        assert not thread.is_alive(), f"handled {handled}"
-    finally:
-        consumer.stop()
-        thread.join(30)
+    _run_until_it_stops(consumer, handler, lambda: f"handled {handled}")
     assert handled == list(range(11)) + list(range(30, 40))
