@@ -11,6 +11,7 @@ from resilient_kafka.policies import DeadLetterPolicy
 
 BREAKER = "breaker"
 DLQ_FLOOD = "dlq-flood"
+DEDUP_STORE = "dedup-store"  # the dedup store failed and on_dedup_error="pause"
 
 
 class Outage:

@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -32,8 +33,9 @@ from opentelemetry.trace import Status, StatusCode
 
 from resilient_kafka import _admin, headers
 from resilient_kafka._barrier import CommitBarrier
-from resilient_kafka._outage import BREAKER, DLQ_FLOOD, FloodGuard, Outage
+from resilient_kafka._outage import BREAKER, DEDUP_STORE, DLQ_FLOOD, FloodGuard, Outage
 from resilient_kafka.breaker import CLOSED, BreakerWatch, CircuitBreakerError, probe_due_at
+from resilient_kafka.dedup import BUSY, DONE, NEW, DedupStore, DedupStoreError
 from resilient_kafka.errors import (
     ConfigurationError,
     DeadLetterFloodError,
@@ -61,6 +63,11 @@ _TRIAL_WAIT = 2.0  # seconds to wait for a trial partition's first record before
 # run() fetches records in batches sized to take about _BATCH_SECONDS to handle (1 to
 # _BATCH_MAX records), and cuts a batch short after _BATCH_DEADLINE (the rest is rewound), so
 # housekeeping and max.poll.interval.ms never wait on a slow handler.
+_DEDUP_NEEDS_RUN = (
+    "dedup= skips duplicates around the handler of run(handler); the drop-in poll()/consume() "
+    "loop has no handler to skip (drop dedup= or use run())"
+)
+_SKIP = "\0skip"  # _claim(): the handler must not run for this record
 _BATCH_MAX = 500
 _BATCH_SECONDS = 0.1
 _BATCH_DEADLINE = 1.0
@@ -131,8 +138,19 @@ class ResilientConsumer(Consumer):
         metrics_port: int | None = None,
         tracer_provider: Any = None,
         trace_parent: str = "creation_context",
+        dedup: DedupStore | None = None,
+        dedup_key: Callable[[Message], str] | None = None,
+        dedup_lease: float = 60.0,
+        on_dedup_error: str = "pause",
     ) -> None:
         conf = dict(config)
+        if dedup_lease <= 0:
+            raise ConfigurationError(f"dedup_lease must be positive seconds, got {dedup_lease}")
+        if on_dedup_error not in ("pause", "process"):
+            raise ConfigurationError(
+                f"on_dedup_error must be 'pause' (fail closed) or 'process' (fail open), got "
+                f"{on_dedup_error!r}"
+            )
         group = conf.get("group.id")
         if not group or not isinstance(group, str):
             raise ConfigurationError(
@@ -247,6 +265,12 @@ class ResilientConsumer(Consumer):
                 before_sleep=self._blocking_retry_noted,
             )
         self._user_callbacks: dict[str, Callable[..., Any] | None] = {}
+        self._dedup = dedup
+        self._dedup_key = dedup_key or headers.message_id
+        self._dedup_lease = dedup_lease
+        self._dedup_fail_open = on_dedup_error == "process"
+        self._owner = uuid.uuid4().hex  # this consumer's name in dedup claims
+        self._running = False
 
     # -- subscription ------------------------------------------------------------------------
 
@@ -442,6 +466,8 @@ class ResilientConsumer(Consumer):
 
     def poll(self, timeout: float | None = None) -> Message | None:
         """The next message for the application (retry records only once due), or None."""
+        if self._dedup is not None and not self._running:
+            raise ResilientKafkaError(_DEDUP_NEEDS_RUN)
         if self._in_hand:
             self._finish_in_hand()
         now = time.monotonic()
@@ -478,6 +504,8 @@ class ResilientConsumer(Consumer):
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]:
         """Up to ``num_messages`` messages (retry records only once due)."""
+        if self._dedup is not None:
+            raise ResilientKafkaError(_DEDUP_NEEDS_RUN)
         self._finish_in_hand()
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         while True:
@@ -934,10 +962,11 @@ class ResilientConsumer(Consumer):
         assert self._metrics is not None
         outage = self._outage
         paused = self._metrics.paused
-        circuit = len(outage.partitions) if outage is not None and outage.reason == BREAKER else 0
-        flood = len(outage.partitions) if outage is not None and outage.reason != BREAKER else 0
-        paused("circuit_open", circuit)
-        paused("dlq_flood", flood)
+        reason = outage.reason if outage is not None else None
+        count = len(outage.partitions) if outage is not None else 0
+        paused("circuit_open", count if reason == BREAKER else 0)
+        paused("dlq_flood", count if reason == DLQ_FLOOD else 0)
+        paused("dedup_store", count if reason == DEDUP_STORE else 0)
         paused("retry_backoff", len(self._waiting))
         paused("manual", len(self._user_paused))
 
@@ -982,7 +1011,9 @@ class ResilientConsumer(Consumer):
             outage.partitions.update((tp.topic, tp.partition) for tp in paused)
             log.warning(
                 "%s: pausing %d partition(s) instead of failing messages; holding %s [%d] @%d",
-                "downstream breaker open" if reason == BREAKER else "dead-letter flood",
+                {BREAKER: "downstream breaker open", DLQ_FLOOD: "dead-letter flood"}.get(
+                    reason, "dedup store failing"
+                ),
                 len(paused),
                 *key,
                 msg.offset(),
@@ -1245,6 +1276,7 @@ class ResilientConsumer(Consumer):
         commit, close.
         """
         restore = self._install_signal_handlers()
+        self._running = True
         try:
             while not self._stop.is_set():
                 if self._outage is None:
@@ -1350,8 +1382,13 @@ class ResilientConsumer(Consumer):
 
     def _handle(self, handler: Handler, msg: Message) -> None:
         """One handler call: success finishes the record, an exception fails it."""
+        claim = None
+        if self._dedup is not None:
+            claim = self._claim(msg)
+            if claim is _SKIP:
+                return
         if self._tracing is not None:
-            self._run_traced(handler, msg)
+            self._run_traced(handler, msg, claim)
             return
         started = time.monotonic()
         try:
@@ -1361,11 +1398,81 @@ class ResilientConsumer(Consumer):
                 self._metrics.process(
                     msg.topic(), time.monotonic() - started, headers.exception_type(exc)
                 )
+            self._unclaim(claim)
             self.fail(msg, exc)
         else:
             if self._metrics is not None:
                 self._metrics.process(msg.topic(), time.monotonic() - started, "")
+            self._claimed_done(claim, msg)
             self._finish_in_hand()  # the handler returned: done
+
+    # -- dedup -------------------------------------------------------------------------------
+
+    def _claim(self, msg: Message) -> str | None:
+        """Claim ``msg`` in the dedup store: its key (run the handler), None (run it without a
+        claim: the store failed and on_dedup_error="process"), or _SKIP (a duplicate, or held
+        back because the store failed)."""
+        assert self._dedup is not None
+        key = f"{self._group}|{self._dedup_key(msg)}"
+        waited_until = time.monotonic() + self._dedup_lease + 1
+        while True:
+            try:
+                verdict = self._dedup.claim(key, self._owner, self._dedup_lease)
+            except DedupStoreError as exc:
+                if self._metrics is not None:
+                    self._metrics.dedup(msg.topic(), "error")
+                if self._dedup_fail_open:
+                    log.error("dedup store failed; processing %s without a claim: %s", key, exc)
+                    return None
+                log.error("dedup store failed; holding %s and pausing: %s", key, exc)
+                self._take_out_of_hand(msg)
+                self._hold(msg, DEDUP_STORE)
+                return _SKIP
+            if verdict == NEW:
+                if self._metrics is not None:
+                    self._metrics.dedup(msg.topic(), "miss")
+                return key
+            if verdict == DONE:
+                if self._metrics is not None:
+                    self._metrics.dedup(msg.topic(), "hit")
+                    self._metrics.outcome(msg.topic(), "duplicate_skipped", "")
+                log.info("skipping %s: already processed", key)
+                self._take_out_of_hand(msg)
+                self._barrier.complete(msg.topic(), msg.partition(), msg.offset())
+                return _SKIP
+            assert verdict == BUSY  # another consumer holds a live claim: wait it out
+            if self._stop.is_set() or time.monotonic() > waited_until:
+                self._take_out_of_hand(msg)  # not done: redelivered, never committed
+                super().seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+                return _SKIP
+            self._stop.wait(0.05)
+
+    def _take_out_of_hand(self, msg: Message) -> None:
+        for i, in_hand in enumerate(self._in_hand):
+            if in_hand is msg:
+                del self._in_hand[i]
+                self._raw.pop(id(msg), None)
+                return
+
+    def _claimed_done(self, claim: str | None, msg: Message) -> None:
+        if claim is None:
+            return
+        assert self._dedup is not None
+        try:
+            self._dedup.complete(claim, self._owner)
+        except DedupStoreError as exc:  # the side effect happened: nothing to undo
+            if self._metrics is not None:
+                self._metrics.dedup(msg.topic(), "error")
+            log.error("dedup store failed to record %s as processed: %s", claim, exc)
+
+    def _unclaim(self, claim: str | None) -> None:
+        if claim is None:
+            return
+        assert self._dedup is not None
+        try:
+            self._dedup.release(claim, self._owner)
+        except DedupStoreError as exc:  # the lease runs out on its own
+            log.warning("dedup store failed to release %s: %s", claim, exc)
 
     def _call(self, handler: Handler, msg: Message) -> None:
         if self._blocking is None:
@@ -1373,7 +1480,7 @@ class ResilientConsumer(Consumer):
         else:
             self._blocking(handler, msg)  # tenacity: retries in place first
 
-    def _run_traced(self, handler: Handler, msg: Message) -> None:
+    def _run_traced(self, handler: Handler, msg: Message, claim: str | None = None) -> None:
         """One handler call inside ``process {topic}``; forwards become its children."""
         assert self._tracing is not None
         span = self._tracing.start_process(
@@ -1393,11 +1500,13 @@ class ResilientConsumer(Consumer):
                     span.add_event("resilient_kafka.circuit_breaker.rejected")
                 if self._metrics is not None:
                     self._metrics.process(msg.topic(), time.monotonic() - started, error_type)
+                self._unclaim(claim)
                 self.fail(msg, exc)
             else:
                 span.set_attribute("resilient_kafka.outcome", "success")
                 if self._metrics is not None:
                     self._metrics.process(msg.topic(), time.monotonic() - started, "")
+                self._claimed_done(claim, msg)
                 self._finish_in_hand()
         finally:
             otel_context.detach(token)

@@ -23,6 +23,7 @@ EXCEPTION_MESSAGE = "rk.exception.message"
 EXCEPTION_STACKTRACE = "rk.exception.stacktrace"
 CONSUMER_GROUP = "rk.consumer.group"
 REASON = "rk.reason"
+ID = "rk.id"  # a message's unique id, stamped by ResilientProducer and kept on every copy
 
 # Values of rk.reason on DLQ records.
 EXHAUSTED = "exhausted"
@@ -87,6 +88,17 @@ def original(msg: Any, headers: dict[str, bytes] | None = None) -> Original:
         return Original(topic, partition, offset, _int(headers, ORIGINAL_TIMESTAMP))
     kind, timestamp = msg.timestamp()
     return Original(msg.topic(), msg.partition(), msg.offset(), timestamp if kind else None)
+
+
+def message_id(msg: Any) -> str:
+    """The identity of the logical message: its ``rk.id`` when it has one, else its original
+    coordinates (the same on every retry hop, redelivery and restart)."""
+    found = header_dict(msg)
+    value = found.get(ID)
+    if value:
+        return "id:" + value.decode("utf-8", "replace")
+    orig = original(msg, found)
+    return f"{orig.topic}/{orig.partition}/{orig.offset}"
 
 
 def truncate_utf8(text: str, limit: int) -> bytes:
@@ -205,7 +217,9 @@ def forward_headers(
     """Headers for the retry or DLQ copy of ``msg``: user headers kept, ``rk.*`` replaced."""
     orig = original(msg, prev)
     user: Iterable[tuple[str, bytes | None]] = msg.headers() or ()
-    headers: HeaderList = [(key, value or b"") for key, value in user if not key.startswith(PREFIX)]
+    headers: HeaderList = [
+        (key, value or b"") for key, value in user if key == ID or not key.startswith(PREFIX)
+    ]
     text_limit = max_text_bytes if message_limit is None else min(message_limit, max_text_bytes)
     headers += [
         (ORIGINAL_TOPIC, orig.topic.encode()),

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
+
+from resilient_kafka.headers import ID
 
 log = logging.getLogger("resilient_kafka.producer")
 
@@ -31,8 +34,10 @@ class ResilientProducer(Producer):
         metrics: bool = True,
         registry: Any = None,
         tracer_provider: Any = None,
+        message_ids: bool = True,
     ) -> None:
         conf = {**SAFE_DEFAULTS, **config}
+        self._message_ids = message_ids
         # one config-level delivery callback serves every record produced without its own
         # (no per-record callback object); a config-level callback of the caller is chained
         self._default_callback: DeliveryCallback | None = conf.pop("on_delivery", None)
@@ -64,6 +69,8 @@ class ResilientProducer(Producer):
         callback: DeliveryCallback | None = None,
     ) -> None:
         callback = on_delivery or callback
+        if self._message_ids:
+            headers = with_message_id(headers)
         if self._tracing is not None:
             span, headers = self._tracing.start_send(topic, headers, key)
             report = self._ending(span, self._reporter(callback))
@@ -171,6 +178,21 @@ class ResilientProducer(Producer):
 
     def __repr__(self) -> str:  # never the config: it may hold secrets
         return f"<ResilientProducer {self._where}>"
+
+
+def with_message_id(headers: Any) -> Any:
+    """``headers`` (None, a list of pairs or a dict) with an ``rk.id`` unless one is there: the
+    identity consumers deduplicate on, kept on every retry and DLQ copy."""
+    if headers is None:
+        return [(ID, os.urandom(16).hex().encode())]
+    if isinstance(headers, dict):
+        return headers if ID in headers else {**headers, ID: os.urandom(16).hex().encode()}
+    pairs = list(headers)
+    for key, _value in pairs:
+        if key == ID:
+            return pairs
+    pairs.append((ID, os.urandom(16).hex().encode()))
+    return pairs
 
 
 # Consumer settings that a side-channel producer should share (connection and security).

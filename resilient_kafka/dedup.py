@@ -1,0 +1,276 @@
+"""Dedup stores: remember which messages were processed, so a redelivery skips the handler.
+
+At-least-once delivery means a handler can see a message twice (a crash between the side effect
+and the commit, a producer retry, a replay). A store keeps one entry per message identity:
+
+- ``claim(key, owner, lease)`` before the handler runs: ``NEW`` (go ahead; the claim is yours
+  for ``lease`` seconds), ``DONE`` (processed before: skip it) or ``BUSY`` (another consumer
+  holds a live claim: do not run the side effect twice);
+- ``complete(key, owner)`` after the handler succeeded: the entry is kept for ``ttl`` seconds;
+- ``release(key, owner)`` after it failed: the message stays retryable.
+
+Every store is bounded (``max_entries``, oldest entries go first) and expires entries after
+``ttl``. Errors are raised as :class:`DedupStoreError`, never swallowed; the consumer decides
+what a failing store means (``on_store_error``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Protocol
+
+from resilient_kafka.errors import ConfigurationError, ResilientKafkaError
+
+NEW = "new"
+DONE = "done"
+BUSY = "busy"
+
+DEFAULT_TTL = 7 * 24 * 3600.0  # a week: longer than any retry budget or replay window
+DEFAULT_MAX_ENTRIES = 1_000_000
+
+
+class DedupStoreError(ResilientKafkaError):
+    """The dedup store could not be read or written."""
+
+
+class DedupStore(Protocol):
+    """What a consumer needs from a dedup store."""
+
+    def claim(self, key: str, owner: str, lease: float) -> str: ...
+
+    def complete(self, key: str, owner: str) -> None: ...
+
+    def release(self, key: str, owner: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _check(ttl: float, max_entries: int) -> None:
+    if ttl <= 0:
+        raise ConfigurationError(f"ttl must be positive seconds, got {ttl}")
+    if max_entries < 1:
+        raise ConfigurationError(f"max_entries must be >= 1, got {max_entries}")
+
+
+class MemoryStore:
+    """In-process store: fast, bounded, gone with the process (protects against producer retries
+    and replays within one run, not against crashes)."""
+
+    def __init__(self, *, ttl: float = DEFAULT_TTL, max_entries: int = 100_000) -> None:
+        _check(ttl, max_entries)
+        self.ttl = ttl
+        self.max_entries = max_entries
+        # key -> (state, owner, expires); insertion/refresh order = age
+        self._entries: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def claim(self, key: str, owner: str, lease: float) -> str:
+        now = time.time()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[2] > now:
+                state, holder, _ = entry
+                if state == DONE:
+                    return DONE
+                if holder != owner:
+                    return BUSY
+            self._entries[key] = ("claimed", owner, now + lease)
+            self._entries.move_to_end(key)
+            self._bound()
+            return NEW
+
+    def complete(self, key: str, owner: str) -> None:
+        with self._lock:
+            self._entries[key] = (DONE, owner, time.time() + self.ttl)
+            self._entries.move_to_end(key)
+            self._bound()
+
+    def release(self, key: str, owner: str) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] != DONE and entry[1] == owner:
+                del self._entries[key]
+
+    def _bound(self) -> None:
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def close(self) -> None:
+        pass
+
+
+class SQLiteStore:
+    """A SQLite file: survives crashes and restarts of one machine's consumers (the default for
+    one host). WAL journal; every claim is one short write transaction."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        ttl: float = DEFAULT_TTL,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        timeout: float = 10.0,
+    ) -> None:
+        _check(ttl, max_entries)
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.path = str(path)
+        self._lock = threading.Lock()
+        self._writes = 0
+        try:
+            self._db = sqlite3.connect(
+                self.path, timeout=timeout, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # a process crash loses nothing
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS rk_dedup (key TEXT PRIMARY KEY, state TEXT NOT NULL,"
+                " owner TEXT NOT NULL, expires REAL NOT NULL)"
+            )
+            self._db.execute("CREATE INDEX IF NOT EXISTS rk_dedup_expires ON rk_dedup(expires)")
+        except sqlite3.Error as exc:
+            raise DedupStoreError(f"cannot open dedup store {self.path}: {exc}") from exc
+
+    def _write(self, sql: str, args: tuple[Any, ...]) -> None:
+        with self._lock:
+            try:
+                self._db.execute(sql, args)
+                self._writes += 1
+                if self._writes % 1000 == 0:
+                    self._prune()
+            except sqlite3.Error as exc:
+                raise DedupStoreError(f"dedup store {self.path}: {exc}") from exc
+
+    def claim(self, key: str, owner: str, lease: float) -> str:
+        now = time.time()
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    row = self._db.execute(
+                        "SELECT state, owner, expires FROM rk_dedup WHERE key = ?", (key,)
+                    ).fetchone()
+                    if row is not None and row[2] > now:
+                        if row[0] == DONE:
+                            return DONE
+                        if row[1] != owner:
+                            return BUSY
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO rk_dedup VALUES (?, 'claimed', ?, ?)",
+                        (key, owner, now + lease),
+                    )
+                    return NEW
+                finally:
+                    self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise DedupStoreError(f"dedup store {self.path}: {exc}") from exc
+
+    def complete(self, key: str, owner: str) -> None:
+        self._write(
+            "INSERT OR REPLACE INTO rk_dedup VALUES (?, 'done', ?, ?)",
+            (key, owner, time.time() + self.ttl),
+        )
+
+    def release(self, key: str, owner: str) -> None:
+        self._write(
+            "DELETE FROM rk_dedup WHERE key = ? AND owner = ? AND state != 'done'", (key, owner)
+        )
+
+    def _prune(self) -> None:
+        """Expired entries, then the oldest beyond ``max_entries`` (called under the lock)."""
+        self._db.execute("DELETE FROM rk_dedup WHERE expires <= ?", (time.time(),))
+        (count,) = self._db.execute("SELECT COUNT(*) FROM rk_dedup").fetchone()
+        if count > self.max_entries:
+            self._db.execute(
+                "DELETE FROM rk_dedup WHERE key IN (SELECT key FROM rk_dedup ORDER BY expires"
+                " LIMIT ?)",
+                (count - self.max_entries,),
+            )
+
+    def prune(self) -> None:
+        """Drop expired entries and enforce ``max_entries`` now (also every 1000 writes)."""
+        with self._lock:
+            try:
+                self._prune()
+            except sqlite3.Error as exc:
+                raise DedupStoreError(f"dedup store {self.path}: {exc}") from exc
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM rk_dedup").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+_RELEASE = """
+local value = redis.call('GET', KEYS[1])
+if value == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisStore:
+    """Redis: shared by every consumer instance of a group, on any host. Claims are
+    ``SET NX PX`` with the lease; entries expire after ``ttl`` (Redis bounds memory with its own
+    ``maxmemory`` policy; ``max_entries`` is not enforced here)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl: float = DEFAULT_TTL,
+        prefix: str = "rk:dedup:",
+        socket_timeout: float = 5.0,
+    ) -> None:
+        _check(ttl, 1)
+        from resilient_kafka._extras import require
+
+        redis = require("redis", extra="redis", purpose="RedisStore")
+        self.ttl = ttl
+        self.prefix = prefix
+        self._errors = (redis.RedisError,)
+        self._client = redis.Redis.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+        )
+        self._where = url.split("@")[-1]  # never the password
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
+
+    def claim(self, key: str, owner: str, lease: float) -> str:
+        claimed = f"c:{owner}"
+        try:
+            if self._client.set(self._key(key), claimed, nx=True, px=max(1, int(lease * 1000))):
+                return NEW
+            value = self._client.get(self._key(key))
+        except self._errors as exc:
+            raise DedupStoreError(f"dedup store redis://{self._where}: {exc}") from exc
+        if value is None:  # expired in between: try once more
+            return self.claim(key, owner, lease)
+        if value == b"done":
+            return DONE
+        return NEW if value == claimed.encode() else BUSY
+
+    def complete(self, key: str, owner: str) -> None:
+        try:
+            self._client.set(self._key(key), "done", px=int(self.ttl * 1000))
+        except self._errors as exc:
+            raise DedupStoreError(f"dedup store redis://{self._where}: {exc}") from exc
+
+    def release(self, key: str, owner: str) -> None:
+        try:
+            self._client.eval(_RELEASE, 1, self._key(key), f"c:{owner}")
+        except self._errors as exc:
+            raise DedupStoreError(f"dedup store redis://{self._where}: {exc}") from exc
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,385 @@
+"""Dedup stores: one contract for the memory, SQLite and Redis stores; bounds, TTL, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Message, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from resilient_kafka import ResilientConsumer, ResilientKafkaError, ResilientProducer
+from resilient_kafka.dedup import (
+    BUSY,
+    DONE,
+    NEW,
+    DedupStoreError,
+    MemoryStore,
+    RedisStore,
+    SQLiteStore,
+)
+from resilient_kafka.errors import ConfigurationError
+from resilient_kafka.testing import KafkaCluster
+from tests.helpers import wait_for
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
+    if request.param == "memory":
+        made: object = MemoryStore(ttl=60)
+    elif request.param == "sqlite":
+        made = SQLiteStore(tmp_path / "dedup.db", ttl=60)
+    else:
+        made = RedisStore(request.getfixturevalue("redis_url"), ttl=60, prefix="t:")
+    yield made
+    made.close()  # type: ignore[attr-defined]
+
+
+def test_claim_complete_release_contract(store) -> None:
+    assert store.claim("m1", "a", lease=30) == NEW
+    assert store.claim("m1", "b", lease=30) == BUSY  # a live claim of another consumer
+    assert store.claim("m1", "a", lease=30) == NEW  # the owner may claim again
+    store.complete("m1", "a")
+    assert store.claim("m1", "b", lease=30) == DONE
+    assert store.claim("m2", "a", lease=30) == NEW
+    store.release("m2", "b")  # not the owner: nothing happens
+    assert store.claim("m2", "b", lease=30) == BUSY
+    store.release("m2", "a")  # failed: retryable by anyone
+    assert store.claim("m2", "b", lease=30) == NEW
+    store.complete("m2", "b")
+    store.release("m2", "b")  # a release never undoes a completion
+    assert store.claim("m2", "a", lease=30) == DONE
+
+
+def test_an_expired_lease_can_be_taken_over(store) -> None:
+    assert store.claim("m", "crashed", lease=0.2) == NEW
+    assert store.claim("m", "other", lease=30) == BUSY
+    wait_for(lambda: store.claim("m", "other", lease=30) == NEW, 5, "the lease to expire")
+
+
+def test_done_entries_expire_after_the_ttl(tmp_path: Path, redis_url: str) -> None:
+    stores = [
+        MemoryStore(ttl=0.3),
+        SQLiteStore(tmp_path / "ttl.db", ttl=0.3),
+        RedisStore(redis_url, ttl=0.3, prefix="ttl:"),
+    ]
+    for store in stores:
+        store.complete("m", "a")
+        assert store.claim("m", "b", lease=30) == DONE
+    deadline = time.monotonic() + 5
+    for store in stores:
+        wait_for(lambda s=store: s.claim("m", "b", lease=30) == NEW, 5, f"{store} TTL")
+        store.close()
+    assert time.monotonic() < deadline
+
+
+def test_memory_and_sqlite_stores_are_bounded(tmp_path: Path) -> None:
+    memory = MemoryStore(ttl=60, max_entries=100)
+    sqlite = SQLiteStore(tmp_path / "bound.db", ttl=60, max_entries=100)
+    for i in range(250):
+        memory.complete(f"m{i}", "a")
+        sqlite.complete(f"m{i}", "a")
+    sqlite.prune()
+    assert len(memory) == 100 and len(sqlite) == 100
+    # the newest entries are the ones kept
+    assert memory.claim("m249", "b", 30) == DONE and memory.claim("m0", "b", 30) == NEW
+    assert sqlite.claim("m249", "b", 30) == DONE and sqlite.claim("m0", "b", 30) == NEW
+    sqlite.close()
+
+
+def test_sqlite_store_survives_a_reopen(tmp_path: Path) -> None:
+    first = SQLiteStore(tmp_path / "durable.db")
+    first.complete("m", "a")
+    first.close()
+    again = SQLiteStore(tmp_path / "durable.db")
+    assert again.claim("m", "b", 30) == DONE
+    again.close()
+
+
+def test_store_errors_are_specific(tmp_path: Path) -> None:
+    with pytest.raises(DedupStoreError, match="cannot open dedup store"):
+        SQLiteStore(tmp_path / "missing-dir" / "x.db")
+    broken = SQLiteStore(tmp_path / "closed.db")
+    broken.close()
+    with pytest.raises(DedupStoreError, match=r"closed\.db"):
+        broken.claim("m", "a", 30)
+    down = RedisStore("redis://:s3cret@127.0.0.1:1/0", socket_timeout=0.5)
+    with pytest.raises(DedupStoreError) as info:
+        down.claim("m", "a", 30)
+    assert "127.0.0.1:1" in str(info.value) and "s3cret" not in str(info.value)
+    with pytest.raises(ConfigurationError, match="ttl"):
+        MemoryStore(ttl=0)
+    with pytest.raises(ConfigurationError, match="max_entries"):
+        SQLiteStore(tmp_path / "x.db", max_entries=0)
+
+
+# -- the consumer with a store, on the embedded broker ------------------------------------------
+
+
+def _produce(
+    config: dict[str, Any], topic: str, records: list[tuple[str, dict | None, int]]
+) -> None:
+    """(value, headers, partition) through ResilientProducer (it stamps rk.id when absent)."""
+    producer = ResilientProducer(config)
+    for value, headers, partition in records:
+        producer.produce(topic, value=value, headers=headers, partition=partition)
+    assert producer.flush(30) == 0
+    producer.close()
+
+
+def _run(
+    consumer: ResilientConsumer, handler: Callable[[Message], None], done: Callable[[], bool]
+) -> None:
+    thread = threading.Thread(target=consumer.run, args=(handler,), daemon=True)
+    thread.start()
+    try:
+        wait_for(done, 60, "the records to be handled")
+    finally:
+        consumer.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+def _skipped(reg: CollectorRegistry, topic: str, group: str) -> float:
+    value = reg.get_sample_value(
+        "resilient_kafka_messages_handled_total",
+        {
+            "messaging_destination_name": topic,
+            "messaging_consumer_group_name": group,
+            "outcome": "duplicate_skipped",
+            "error_type": "",
+        },
+    )
+    return value or 0.0
+
+
+def test_the_same_message_produced_twice_is_handled_once(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    topic, group = topic_factory(1), f"g{uuid.uuid4().hex[:8]}"
+    _produce(
+        kafka.producer_config(),
+        topic,
+        [
+            ("pay-1", {"rk.id": b"order-1"}, 0),
+            ("pay-1", {"rk.id": b"order-1"}, 0),
+            ("pay-2", None, 0),
+        ],
+    )
+    reg = CollectorRegistry()
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        dedup=MemoryStore(),
+        registry=reg,
+    )
+    side_effects: list[bytes] = []
+    consumer.subscribe([topic])
+    _run(
+        consumer,
+        lambda msg: side_effects.append(msg.value()),
+        lambda: _skipped(reg, topic, group) == 1 and len(side_effects) == 2,
+    )
+    assert side_effects == [b"pay-1", b"pay-2"]
+    reader = ResilientConsumer(kafka.client_config(group_id=group), metrics=False)
+    try:
+        (committed,) = reader.committed([TopicPartition(topic, 0)], timeout=10)
+    finally:
+        reader.close()
+    assert committed.offset == 3  # committed past the duplicate too
+
+
+def test_two_consumers_racing_on_one_id_run_the_side_effect_once(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    topic, group = topic_factory(2), f"g{uuid.uuid4().hex[:8]}"
+    _produce(
+        kafka.producer_config(), topic, [("x", {"rk.id": b"same"}, 0), ("x", {"rk.id": b"same"}, 1)]
+    )
+    store = MemoryStore()
+    reg = CollectorRegistry()
+    side_effects: list[int] = []
+    lock = threading.Lock()
+
+    def handler(msg: Message) -> None:
+        time.sleep(1.0)  # a slow side effect: both consumers are in it at once
+        with lock:
+            side_effects.append(msg.partition())
+
+    consumers = []
+    threads = []
+    for partition in (0, 1):
+        consumer = ResilientConsumer(kafka.client_config(group_id=group), dedup=store, registry=reg)
+        consumer.assign([TopicPartition(topic, partition, 0)])
+        consumers.append(consumer)
+        threads.append(threading.Thread(target=consumer.run, args=(handler,), daemon=True))
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(
+            lambda: len(side_effects) == 1 and _skipped(reg, topic, group) == 1,
+            30,
+            "one side effect and one skipped duplicate",
+        )
+    finally:
+        for consumer in consumers:
+            consumer.stop()
+        for thread in threads:
+            thread.join(30)
+    assert len(side_effects) == 1, side_effects
+
+
+_CRASHING_WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from resilient_kafka import ResilientConsumer
+    from resilient_kafka.dedup import SQLiteStore
+
+    bootstrap, topic, group, db, ledger = sys.argv[1:6]
+    consumer = ResilientConsumer(
+        {"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+         "session.timeout.ms": 6000, "auto.commit.interval.ms": 600000},
+        dedup=SQLiteStore(db), dedup_lease=2.0, metrics=False,
+    )
+
+    def handler(msg):
+        if msg.value() == b"v5":
+            print("v0..v4 done, v5 claimed", flush=True)
+            time.sleep(600)  # SIGKILLed here: v5's side effect never happens
+        with open(ledger, "a") as out:
+            out.write(msg.value().decode() + "\\n")
+
+    consumer.subscribe([topic])
+    consumer.run(handler)
+    """
+)
+
+
+def test_sigkill_after_side_effects_before_the_commit_skips_them_on_restart(
+    kafka: KafkaCluster, topic_factory, tmp_path: Path
+) -> None:
+    topic, group = topic_factory(1), f"g{uuid.uuid4().hex[:8]}"
+    _produce(kafka.producer_config(), topic, [(f"v{i}", None, 0) for i in range(10)])
+    db, ledger = tmp_path / "dedup.db", tmp_path / "ledger.txt"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _CRASHING_WORKER,
+            kafka.bootstrap_servers,
+            topic,
+            group,
+            str(db),
+            str(ledger),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "v0..v4 done, v5 claimed"
+    finally:
+        child.kill()  # SIGKILL: nothing committed (auto-commit interval 10 min)
+        child.wait()
+    assert ledger.read_text().split() == [f"v{i}" for i in range(5)]
+
+    reg = CollectorRegistry()
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        dedup=SQLiteStore(db),
+        dedup_lease=2.0,
+        registry=reg,
+    )
+    handled: list[str] = []
+
+    def handler(msg: Message) -> None:
+        handled.append(msg.value().decode())
+        with open(ledger, "a") as out:
+            out.write(msg.value().decode() + "\n")
+
+    consumer.subscribe([topic])
+    _run(consumer, handler, lambda: len(handled) == 5)
+    assert handled == [f"v{i}" for i in range(5, 10)]  # v5 after the dead worker's lease ran out
+    assert ledger.read_text().split() == [f"v{i}" for i in range(10)]  # each side effect once
+    assert _skipped(reg, topic, group) == 5
+
+
+class _FlakyStore(MemoryStore):
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def claim(self, key: str, owner: str, lease: float) -> str:
+        if self.failures:
+            self.failures -= 1
+            raise DedupStoreError("connection refused")
+        return super().claim(key, owner, lease)
+
+
+@pytest.mark.parametrize("policy", ["pause", "process"])
+def test_store_failures_follow_the_policy(kafka: KafkaCluster, topic_factory, policy: str) -> None:
+    topic, group = topic_factory(1), f"g{uuid.uuid4().hex[:8]}"
+    _produce(kafka.producer_config(), topic, [(f"v{i}", None, 0) for i in range(5)])
+    store = _FlakyStore(failures=2 if policy == "pause" else 10**6)
+    reg = CollectorRegistry()
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        dedup=store,
+        on_dedup_error=policy,
+        registry=reg,
+    )
+    handled: list[str] = []
+    paused_seen: list[float] = []
+
+    def handler(msg: Message) -> None:
+        handled.append(msg.value().decode())
+
+    def done() -> bool:
+        paused = reg.get_sample_value(
+            "resilient_kafka_consumer_paused_partitions",
+            {"messaging_consumer_group_name": group, "reason": "dedup_store"},
+        )
+        paused_seen.append(paused or 0.0)
+        return len(handled) >= 5
+
+    consumer.subscribe([topic])
+    _run(consumer, handler, done)
+    assert sorted(handled) == [f"v{i}" for i in range(5)]  # each once, none lost
+    errors = reg.get_sample_value(
+        "resilient_kafka_dedup_lookups_total",
+        {
+            "messaging_destination_name": topic,
+            "messaging_consumer_group_name": group,
+            "result": "error",
+        },
+    )
+    if policy == "pause":
+        assert errors == 2
+        assert max(paused_seen) >= 1  # held, its partitions (and tiers) paused meanwhile
+        assert consumer.outage is None
+    else:
+        assert errors == 5  # processed without a claim, each failure counted
+
+
+def test_dedup_needs_run_and_valid_settings(kafka: KafkaCluster) -> None:
+    consumer = ResilientConsumer(kafka.client_config(group_id="g-dedup"), dedup=MemoryStore())
+    try:
+        with pytest.raises(ResilientKafkaError, match="run"):
+            consumer.poll(0)
+    finally:
+        consumer.close()
+    with pytest.raises(ConfigurationError, match="dedup_lease"):
+        ResilientConsumer(kafka.client_config(group_id="g"), dedup=MemoryStore(), dedup_lease=0)
+    with pytest.raises(ConfigurationError, match="on_dedup_error"):
+        ResilientConsumer(
+            kafka.client_config(group_id="g"), dedup=MemoryStore(), on_dedup_error="x"
+        )
