@@ -4,6 +4,7 @@ the harness, not speed: speed targets are ratios reported by `python -m benchmar
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,8 @@ def test_smoke_run_writes_the_json_document_table_and_plot(
     )
     assert done.returncode == 0, done.stderr[-2000:]
     doc = json.loads((tmp_path / "bench.json").read_text())
-    assert doc["skipped"] == {}
+    allowed = set() if os.environ.get("RK_REQUIRE_REDIS") else {"resilient_run_dedup_redis"}
+    assert set(doc["skipped"]) <= allowed, doc["skipped"]
     by_name = {case["name"]: case for case in doc["cases"]}
     assert set(by_name) >= REQUIRED, REQUIRED - set(by_name)
     for name in REQUIRED:
@@ -62,7 +64,8 @@ def test_smoke_run_writes_the_json_document_table_and_plot(
     assert {"p50_ms", "p99_ms"} <= set(by_name["resilient_run_latency"])
     assert by_name["resilient_run_latency"]["p50_ms"] > 0
     targets = {t["target"]: t for t in doc["targets"]}
-    assert len(targets) == 6 and all("measured" in t for t in targets.values())
+    assert len(targets) >= 6 and all("measured" in t for t in targets.values())
+    assert "dedup (sqlite): cost per record (reported, no target)" in targets
     report = (out / "report.md").read_text()
     assert "| `resilient_run_metrics_on` |" in report and "| target |" in report
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -164,7 +164,7 @@ def test_failures_walk_every_tier_then_the_dlq_with_exact_headers(
     names = [name for name, _ in record.headers()]
     assert len(names) == len(set(names)), f"headers repeated: {names}"
     hdrs = headers.header_dict(record)
-    assert set(hdrs) == RK_HEADERS | {"rk.reason", "trace"}
+    assert set(hdrs) == RK_HEADERS | {"rk.reason", "trace", "rk.id"}  # rk.id: the producer's
     assert hdrs["trace"] == b"abc"
     assert hdrs["rk.original.topic"] == topic.encode()
     assert hdrs["rk.original.partition"] == b"0"
