@@ -3,16 +3,13 @@ last record, so group joins (slow on Tansu) stay out of the numbers."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,42 +142,9 @@ def resilient_run_dedup_sqlite(s: Setup) -> Result:
         return _dedup_run(s, "resilient_run_dedup_sqlite", SQLiteStore(f"{tmp}/dedup.db"))
 
 
-@contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """A private redis-server (Debian's package) on a free loopback port."""
-    import shutil
-
-    from resilient_kafka.testing._embedded import free_port
-    from resilient_kafka.testing._process import ManagedProcess
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    server = ManagedProcess(
-        "redis",
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-    )
-    server.start()
-    try:
-        url = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-        yield url
-    finally:
-        server.stop()
-        server.remove_log()
-
-
 def resilient_run_dedup_redis(s: Setup) -> Result:
     from resilient_kafka.dedup import RedisStore
+    from resilient_kafka.testing._redis import redis_server
 
     with redis_server() as url:
         return _dedup_run(s, "resilient_run_dedup_redis", RedisStore(url))

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 from collections.abc import Iterator
 
 import pytest
 
-from resilient_kafka.testing._embedded import free_port
-from resilient_kafka.testing._process import ManagedProcess
+from resilient_kafka.testing._redis import MISSING, redis_server
 from tests.helpers import broker_processes, pid_alive, wait_for
 
 pytest_plugins = ["pytester"]
@@ -38,30 +35,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A private redis-server on a free loopback port (Debian's redis-server package)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        reason = "redis-server is not installed (apt-get install redis-server; .ci/run does)"
+    try:
+        with redis_server() as url:
+            yield url
+    except FileNotFoundError:
         if os.environ.get("RK_REQUIRE_REDIS"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    port = free_port()
-    server = ManagedProcess(
-        "redis",
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-    )
-    server.start()
-    try:
-        wait_for(lambda: _redis_answers(port), 15, "redis-server to answer PING")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        server.stop()
-        server.remove_log()
-
-
-def _redis_answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
+            pytest.fail(MISSING)
+        pytest.skip(MISSING)
