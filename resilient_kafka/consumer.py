@@ -172,6 +172,13 @@ class ResilientConsumer(Consumer):
                 f"under {max_poll * _BLOCKING_SHARE:.1f}s, or let retry topics take the longer "
                 "delays)"
             )
+        if dedup is not None and dedup_lease + 1 > max_poll * _BLOCKING_SHARE:
+            # a record whose claim another consumer holds waits up to the lease for it
+            raise ConfigurationError(
+                f"dedup_lease={dedup_lease:.0f}s does not fit in max.poll.interval.ms="
+                f"{max_poll * 1000:.0f} (a consumer waiting out another's claim would be "
+                f"fenced); keep it under {max_poll * _BLOCKING_SHARE - 1:.0f}s"
+            )
         names = [getattr(b, "name", None) for b in breakers]
         unknown = set(breaker_scope or {}) - set(names)
         if unknown:

@@ -379,6 +379,12 @@ def test_dedup_needs_run_and_valid_settings(kafka: KafkaCluster) -> None:
         consumer.close()
     with pytest.raises(ConfigurationError, match="dedup_lease"):
         ResilientConsumer(kafka.client_config(group_id="g"), dedup=MemoryStore(), dedup_lease=0)
+    with pytest.raises(ConfigurationError, match=r"max\.poll\.interval\.ms=30000"):
+        ResilientConsumer(
+            kafka.client_config(group_id="g", max_poll_interval_ms=30000),
+            dedup=MemoryStore(),
+            dedup_lease=60,
+        )
     with pytest.raises(ConfigurationError, match="on_dedup_error"):
         ResilientConsumer(
             kafka.client_config(group_id="g"), dedup=MemoryStore(), on_dedup_error="x"
