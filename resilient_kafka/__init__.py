@@ -14,6 +14,7 @@ from resilient_kafka.errors import (
     DeadLetterFloodError,
     MissingDependencyError,
     ResilientKafkaError,
+    TransactionError,
 )
 from resilient_kafka.metrics import serve_metrics
 from resilient_kafka.policies import DeadLetterPolicy, RetryPolicy
@@ -36,6 +37,7 @@ __all__ = [
     "ResilientKafkaError",
     "ResilientProducer",
     "RetryPolicy",
+    "TransactionError",
     "__version__",
     "dlq",
     "headers",

@@ -12,9 +12,10 @@ from collections import deque
 
 
 class _Partition:
-    __slots__ = ("done_early", "outstanding", "safe", "stored")
+    __slots__ = ("done_early", "first", "outstanding", "safe", "stored")
 
-    def __init__(self) -> None:
+    def __init__(self, first: int) -> None:
+        self.first = first  # the first offset tracked: where a replay starts if none stored
         self.outstanding: deque[int] = deque()
         self.done_early: set[int] = set()
         self.safe = -1  # next offset to consume once everything before it is done; -1 unknown
@@ -33,7 +34,7 @@ class CommitBarrier:
         """A record was handed out for processing: it holds the partition's offset until done."""
         state = self._partitions.get((topic, partition))
         if state is None:
-            state = self._partitions[(topic, partition)] = _Partition()
+            state = self._partitions[(topic, partition)] = _Partition(offset)
         if state.outstanding and offset <= state.outstanding[-1]:
             return  # a re-delivery (seek back) of a record already outstanding
         if not state.outstanding and offset < state.safe:
@@ -85,6 +86,15 @@ class CommitBarrier:
             (topic, partition, state.safe)
             for (topic, partition), state in self._partitions.items()
             if state.safe >= 0
+        ]
+
+    def replay_points(self) -> list[tuple[str, int, int]]:
+        """``(topic, partition, offset)`` to rewind to after an aborted transaction: the last
+        offset handed to :meth:`advanced` (committed with a transaction), else the first
+        record tracked."""
+        return [
+            (topic, partition, state.stored if state.stored >= 0 else state.first)
+            for (topic, partition), state in self._partitions.items()
         ]
 
     def forget(self, topic: str, partition: int) -> None:

@@ -31,7 +31,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.trace import Status, StatusCode
 
-from resilient_kafka import _admin, headers
+from resilient_kafka import _admin, _transaction, headers
 from resilient_kafka._barrier import CommitBarrier
 from resilient_kafka._outage import BREAKER, DEDUP_STORE, DLQ_FLOOD, FloodGuard, Outage
 from resilient_kafka.breaker import CLOSED, BreakerWatch, CircuitBreakerError, probe_due_at
@@ -82,6 +82,7 @@ class _Forward:
 
     __slots__ = (
         "attempts",
+        "generation",
         "headers",
         "key",
         "next_try",
@@ -108,6 +109,7 @@ class _Forward:
         self.headers = hdrs
         self.timestamp = timestamp
         self.attempts = 0
+        self.generation = 0  # exactly-once: the transaction it was produced in
         self.next_try = 0.0
         self.span: Any = None
 
@@ -142,8 +144,16 @@ class ResilientConsumer(Consumer):
         dedup_key: Callable[[Message], str] | None = None,
         dedup_lease: float = 60.0,
         on_dedup_error: str = "pause",
+        exactly_once: bool = False,
+        transaction_interval: float = 0.1,
     ) -> None:
         conf = dict(config)
+        if exactly_once:
+            _transaction.consumer_settings(conf, dedup)
+        if transaction_interval <= 0:
+            raise ConfigurationError(
+                f"transaction_interval must be positive seconds, got {transaction_interval}"
+            )
         if dedup_lease <= 0:
             raise ConfigurationError(f"dedup_lease must be positive seconds, got {dedup_lease}")
         if on_dedup_error not in ("pause", "process"):
@@ -209,9 +219,26 @@ class ResilientConsumer(Consumer):
 
         self._tracing = tracer_for(tracer_provider)
         self._parent_on_creation = trace_parent == "creation_context"
+        self._txn: _transaction.Transactions | None = None
+        if "transactional.id" in pconf and not exactly_once:
+            raise ConfigurationError(
+                "producer_config has a transactional.id but exactly_once is off: the forwarding "
+                "producer would refuse to send outside a transaction (set exactly_once=True)"
+            )
+        if exactly_once:
+            pconf["transactional.id"] = _transaction.transactional_id(pconf, conf)
         self._producer = ResilientProducer(
             pconf, metrics=metrics, registry=registry, tracer_provider=tracer_provider
         )
+        if exactly_once:
+            try:
+                self._txn = _transaction.Transactions(
+                    self._producer, pconf["transactional.id"], forward_timeout
+                )
+            except BaseException:
+                super().close()
+                raise
+            self._txn.begin()
         if metrics_port is not None:
             from resilient_kafka.metrics import serve_metrics
 
@@ -278,6 +305,16 @@ class ResilientConsumer(Consumer):
         self._dedup_fail_open = on_dedup_error == "process"
         self._owner = uuid.uuid4().hex  # this consumer's name in dedup claims
         self._running = False
+        # exactly-once mode
+        self._txn_interval = transaction_interval
+        self._txn_started = time.monotonic()
+        self._txn_generation = 0
+        self._txn_failed = False  # a forward failed inside the open transaction: abort it
+        self._produced_mark = 0  # producer.produced when the records in hand were handed out
+        # records whose attempt was aborted with its transaction: routed when they come again
+        self._prefailed: dict[tuple[str, int, int], BaseException] = {}
+        self._txn_produced = self._producer.produced  # at the start of the open transaction
+        self._txn_forwarded = 0  # forwards sent in the open transaction
 
     # -- subscription ------------------------------------------------------------------------
 
@@ -314,6 +351,13 @@ class ResilientConsumer(Consumer):
     def dead_letter_topic(self, topic: str) -> str:
         """The DLQ of ``topic`` for this consumer's group."""
         return self._dead_letter.topic(topic, self._group)
+
+    @property
+    def producer(self) -> ResilientProducer:
+        """The consumer's producer, for the handler's output records. In exactly-once mode
+        they commit in the same transaction as the consumed offsets (don't call flush() or the
+        transaction methods on it: the consumer drives them)."""
+        return self._producer
 
     def _target(self, source: str, attempt: int | None) -> str:
         """Retry tier ``attempt`` of ``source`` (DLQ for None), named once and cached."""
@@ -420,12 +464,16 @@ class ResilientConsumer(Consumer):
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._drop_in_hand()  # only when closing: a poll() finished them before this callback
-        self._drain(self._forward_timeout)
-        self._sync_offset_store()
         keys = {(tp.topic, tp.partition) for tp in partitions}
-        safe = [
-            TopicPartition(t, p, o) for t, p, o in self._barrier.committable() if (t, p) in keys
-        ]
+        safe = []
+        if self._txn is not None:
+            self._commit_transaction()  # while this member still owns the partitions
+        else:
+            self._drain(self._forward_timeout)
+            self._sync_offset_store()
+            safe = [
+                TopicPartition(t, p, o) for t, p, o in self._barrier.committable() if (t, p) in keys
+            ]
         if safe:
             try:
                 super().commit(offsets=safe, asynchronous=False)
@@ -441,6 +489,9 @@ class ResilientConsumer(Consumer):
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._forget({(tp.topic, tp.partition) for tp in partitions})
+        if self._txn is not None and self._txn.open:
+            # its offsets can no longer commit: abort, and replay the partitions still owned
+            self._abort_and_replay()
         self._assigned_count = max(0, self._assigned_count - len(partitions))
         if self._metrics is not None:
             self._metrics.rebalance("lost", self._assigned_count)
@@ -453,6 +504,9 @@ class ResilientConsumer(Consumer):
             self._barrier.forget(*key)
             self._waiting.pop(key, None)
             self._user_paused.discard(key)
+        if self._prefailed:  # their new owner runs the handler on them again
+            for coordinates in [c for c in self._prefailed if (c[0], c[1]) in keys]:
+                del self._prefailed[coordinates]
         outage = self._outage
         if outage is not None:
             outage.partitions -= keys
@@ -578,6 +632,13 @@ class ResilientConsumer(Consumer):
                 nominal = self._retry.delays[tier - 1] if tier <= self._retry.attempts else 0.0
                 self._metrics.retry_delay(topic, (now_ms - due) / 1000 + nominal)
         self._barrier.track(topic, msg.partition(), msg.offset())
+        if self._txn is not None:
+            self._produced_mark = self._producer.produced
+            if self._prefailed:
+                exc = self._prefailed.pop((topic, msg.partition(), msg.offset()), None)
+                if exc is not None:  # its attempt was aborted with its transaction: route it
+                    self._route(msg, exc)
+                    return None
         if self._key_deserializer is not None or self._value_deserializer is not None:
             return self._deserialize(msg)
         return msg
@@ -701,6 +762,10 @@ class ResilientConsumer(Consumer):
             self._last_store = now
             self._store_offsets()
         wait = 0.1 if self._in_flight or self._forwards else 1.0
+        if self._txn is not None:
+            if self._txn_failed or now - self._txn_started >= self._txn_interval:
+                self._commit_transaction()
+            wait = min(wait, self._txn_interval)
         if self._waiting:
             now_ms = time.time() * 1000
             due_now = [key for key, due in self._waiting.items() if due <= now_ms]
@@ -751,6 +816,13 @@ class ResilientConsumer(Consumer):
                 "poll()/consume()"
             )
         self._maintain_at = 0.0  # a forward to send and acknowledge, or an outage to tend
+        if self._txn is not None and self._producer.produced != self._produced_mark:
+            # the handler's output for this record is in the open transaction: abort it (and
+            # everything else in it) and replay; the record is routed when it comes again
+            if not self._is_outage(exc):
+                self._prefailed[(msg.topic(), msg.partition(), msg.offset())] = exc
+            self._abort_and_replay()
+            return
         outage = self._outage
         probe = outage is not None and outage.is_probe(msg)
         if self._is_outage(exc):
@@ -877,6 +949,7 @@ class ResilientConsumer(Consumer):
             if forward.next_try > now:
                 waiting.append(forward)
                 continue
+            forward.generation = self._txn_generation
             try:
                 self._producer._produce_untraced(
                     forward.target,
@@ -888,6 +961,7 @@ class ResilientConsumer(Consumer):
                     forward.headers,
                 )
                 self._in_flight += 1
+                self._txn_forwarded += 1
             except BufferError:
                 self._producer.poll(0.05)
                 waiting.append(forward)
@@ -899,7 +973,15 @@ class ResilientConsumer(Consumer):
                 waiting.append(forward)
 
     def _forwarded(self, forward: _Forward, err: KafkaError | None, msg: Any) -> None:
+        if forward.generation != self._txn_generation:
+            return  # produced in an aborted transaction: its record is replayed
         self._in_flight -= 1
+        if err is not None and self._txn is not None:
+            # the open transaction cannot commit now: abort and replay it (next housekeeping)
+            log.error("forward to %s failed inside a transaction: %s", forward.target, err)
+            self._txn_failed = True
+            self._maintain_at = 0.0
+            return
         if err is None:
             self._barrier.complete(*forward.source)
             if forward.span is not None:
@@ -1175,6 +1257,103 @@ class ResilientConsumer(Consumer):
         """The current outage (partitions paused because the downstream is down), or None."""
         return self._outage
 
+    # -- exactly-once ------------------------------------------------------------------------
+
+    def _commit_transaction(self) -> None:
+        """Commit the open transaction with the offsets of every record done in it (abort and
+        replay it if that fails). Called between records, never with a record in hand."""
+        txn = self._txn
+        assert txn is not None
+        if not txn.open:
+            return
+        if self._in_flight:  # a forward's ack is what makes its source offset committable
+            self._producer.flush(self._forward_timeout)
+        if self._txn_failed or self._in_flight:
+            if self._in_flight:
+                log.error(
+                    "%d forward(s) unacknowledged after %.0fs: aborting the transaction",
+                    self._in_flight,
+                    self._forward_timeout,
+                )
+            self._abort_and_replay()
+            return
+        offsets = [TopicPartition(t, p, o) for t, p, o in self._barrier.advanced()]
+        now = time.monotonic()
+        wrote = self._txn_forwarded or self._producer.produced != self._txn_produced
+        if not offsets and not wrote:
+            self._txn_started = now  # nothing written, nothing consumed: keep it open
+            return
+        if txn.commit(offsets, self.consumer_group_metadata()):
+            if self._metrics is not None:
+                self._metrics.commit(time.monotonic() - now)
+                self._metrics.transaction("committed")
+            self._begin_transaction()
+        else:
+            if self._metrics is not None:
+                self._metrics.commit(time.monotonic() - now, "TransactionAborted")
+            self._replay()
+
+    def _begin_transaction(self) -> None:
+        assert self._txn is not None
+        self._txn.begin()
+        self._txn_started = time.monotonic()
+        self._txn_produced = self._producer.produced
+        self._txn_forwarded = 0
+
+    def _abort_and_replay(self) -> None:
+        assert self._txn is not None
+        self._txn.abort()
+        self._replay()
+
+    def _replay(self) -> None:
+        """The open transaction was aborted: forget what it did and rewind every partition to
+        where it began (the offset committed with the last transaction), so its records come
+        again; then open the next one."""
+        if self._metrics is not None:
+            self._metrics.transaction("aborted")
+        self._txn_generation += 1  # delivery reports of the aborted forwards are ignored
+        self._forwards.clear()
+        self._in_flight = 0
+        self._txn_failed = False
+        outage = self._outage
+        trial = outage.trial_msg if outage is not None else None
+        if trial is not None and any(msg is trial for msg in self._in_hand):
+            self._abandon_trial()
+        self._drop_in_hand()
+        assigned = {(tp.topic, tp.partition) for tp in self.assignment()}
+        rewound = 0
+        for topic, partition, offset in self._barrier.replay_points():
+            key = (topic, partition)
+            self._barrier.forget(topic, partition)
+            if key not in assigned:
+                continue
+            rewound += 1
+            self._waiting.pop(key, None)
+            self._seeked.add(key)  # run(): the rest of the batch is not rewound over this
+            if outage is not None and key in outage.partitions:
+                held = outage.held
+                if held is not None and (held.topic(), held.partition()) == key:
+                    outage.held = None  # it comes again from the rewound position
+                    self._probe_ready = None
+                self._rewind(outage, key, offset)
+                continue
+            try:
+                super().seek(TopicPartition(topic, partition, offset))
+                if key not in self._user_paused:  # paused for a retry's due time, maybe
+                    super().resume([TopicPartition(topic, partition)])
+            except KafkaException as exc:
+                log.warning(
+                    "cannot rewind %s [%d] to %d after an aborted transaction (its records "
+                    "come again after a restart or rebalance): %s",
+                    topic,
+                    partition,
+                    offset,
+                    exc,
+                )
+        self._batch_break = True
+        log.warning("transaction aborted: replaying %d partition(s)", rewound)
+        self._begin_transaction()
+
     # -- committing --------------------------------------------------------------------------
 
     def commit(
@@ -1186,7 +1365,18 @@ class ResilientConsumer(Consumer):
         """Commit, but never past a record that is not done, whatever is passed.
 
         Messages in hand that were not failed count as processed (commit follows processing).
+        In exactly-once mode this commits the open transaction, with the offsets of every
+        record done (``message``/``offsets`` cannot pick others; ``asynchronous`` is ignored).
         """
+        if self._txn is not None:
+            if message is not None or offsets is not None:
+                raise ResilientKafkaError(
+                    "in exactly-once mode offsets commit with the transaction, past every "
+                    "record done; call commit() without message= or offsets="
+                )
+            self._finish_in_hand()
+            self._commit_transaction()
+            return None
         self._finish_in_hand()
         self._producer.poll(0)
         self._sync_offset_store()
@@ -1548,10 +1738,14 @@ class ResilientConsumer(Consumer):
         self._closed = True
         # records still in hand were not reported processed (no next poll, no commit): they
         # are redelivered, never committed unseen (a handler may have crashed on them)
-        self._drop_in_hand()
-        self._drain(self._forward_timeout)
-        self._sync_offset_store()
-        safe = [TopicPartition(t, p, o) for t, p, o in self._barrier.committable()]
+        safe = []
+        if self._txn is not None:
+            self._close_transaction()
+        else:
+            self._drop_in_hand()
+            self._drain(self._forward_timeout)
+            self._sync_offset_store()
+            safe = [TopicPartition(t, p, o) for t, p, o in self._barrier.committable()]
         if safe:
             try:
                 super().commit(offsets=safe, asynchronous=False)
@@ -1564,6 +1758,25 @@ class ResilientConsumer(Consumer):
         server = getattr(self, "_metrics_server", None)
         if server is not None:
             server.shutdown()
+
+    def _close_transaction(self) -> None:
+        """Commit what is done; output written for records still in hand is aborted with it
+        (those records were not reported processed and are redelivered)."""
+        txn = self._txn
+        assert txn is not None
+        wrote = bool(self._in_hand) and self._producer.produced != self._produced_mark
+        self._drop_in_hand()
+        if not txn.open:
+            return  # fenced: nothing can commit
+        try:
+            if wrote:
+                txn.abort()
+                if self._metrics is not None:
+                    self._metrics.transaction("aborted")
+            else:
+                self._commit_transaction()
+        except ResilientKafkaError as exc:
+            log.error("final transaction not committed (records will be redelivered): %s", exc)
 
     def __repr__(self) -> str:  # never the config: it may hold secrets
         return f"<ResilientConsumer group={self._group!r} {self._where}>"

@@ -41,3 +41,14 @@ class TopicError(ResilientKafkaError):
 
 class DeadLetterFloodError(ResilientKafkaError):
     """More records would go to the DLQ than ``DeadLetterPolicy`` allows (``on_flood="raise"``)."""
+
+
+class TransactionError(ResilientKafkaError):
+    """Exactly-once mode cannot go on: the transactional producer was fenced or could not start.
+
+    ``kafka_error`` is librdkafka's error, when there is one.
+    """
+
+    def __init__(self, message: str, kafka_error: object = None) -> None:
+        super().__init__(message)
+        self.kafka_error = kafka_error

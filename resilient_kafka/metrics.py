@@ -258,6 +258,12 @@ class Families:
             [_DEST, _GROUP, "result"],
             registry=registry,
         )
+        self.transactions = Counter(
+            f"{ns}_consumer_transactions",
+            "Exactly-once mode: transactions committed and aborted (records then replayed).",
+            [_GROUP, "result"],
+            registry=registry,
+        )
         self.build_info = Gauge(
             f"{ns}_build_info",
             "Versions of resilient-kafka, confluent-kafka and librdkafka.",
@@ -471,6 +477,10 @@ class ConsumerMetrics:
         self.fam.operation_duration.labels(
             _SYSTEM, "commit", "settle", "", self.group, self.fam.error_type(error_type)
         ).observe(seconds)
+
+    def transaction(self, result: str) -> None:
+        """Exactly-once mode: a transaction ``committed`` or ``aborted``."""
+        self._child(self.fam.transactions, self.group, result).inc()
 
     def rebalance(self, event: str, assigned: int | None = None) -> None:
         self.fam.rebalances.labels(self.group, event).inc()

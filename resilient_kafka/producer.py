@@ -16,6 +16,8 @@ log = logging.getLogger("resilient_kafka.producer")
 SAFE_DEFAULTS = {"enable.idempotence": True, "acks": "all"}
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
+# what an aborted transaction's records report: expected, not a delivery failure
+_PURGED = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
 
 
 class ResilientProducer(Producer):
@@ -54,7 +56,9 @@ class ResilientProducer(Producer):
         self._sent: dict[str, Any] = {}
         self._where = str(conf.get("bootstrap.servers", "?"))
         self._on_failure = on_delivery_failure
+        self._transactional = bool(conf.get("transactional.id"))
         self.delivery_failures = 0
+        self.produced = 0  # produce() calls: exactly-once mode sees whether a handler wrote
 
     def produce(
         self,
@@ -69,6 +73,7 @@ class ResilientProducer(Producer):
         callback: DeliveryCallback | None = None,
     ) -> None:
         callback = on_delivery or callback
+        self.produced += 1
         if self._message_ids:
             headers = with_message_id(headers)
         if self._tracing is not None:
@@ -164,6 +169,9 @@ class ResilientProducer(Producer):
             self._default_callback(err, msg)
             return
         if err is None:
+            return
+        if self._transactional and err.code() in _PURGED:
+            log.info("record for %s discarded with its aborted transaction", msg.topic())
             return
         self.delivery_failures += 1
         log.error(

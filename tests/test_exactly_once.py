@@ -1,0 +1,321 @@
+"""Exactly-once mode on the embedded broker: the handler's output, the retry/DLQ forwards and the
+consumed offsets commit in one transaction; an aborted transaction is replayed.
+
+Tansu (the embedded broker) keeps records of an *open* transaction from read_committed readers
+(last stable offset) but, unlike Apache Kafka, shows the records of an *aborted* one to them
+afterwards. The tests therefore check the strong property ("read_committed output has each
+input's output exactly once") on the records of committed transactions, and check that aborted
+records are hidden too whenever the broker filters them (``aborted_hidden``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from resilient_kafka import (
+    ConfigurationError,
+    ResilientConsumer,
+    ResilientKafkaError,
+    RetryPolicy,
+)
+from resilient_kafka.dedup import MemoryStore
+from resilient_kafka.testing import KafkaCluster
+from tests.helpers import wait_for
+
+
+def _produce(kafka: KafkaCluster, topic: str, values: list[str], partitions: int = 1) -> None:
+    producer = Producer(kafka.producer_config())
+    for i, value in enumerate(values):
+        producer.produce(topic, value=value, partition=i % partitions)
+    assert producer.flush(30) == 0
+
+
+def _read(
+    kafka: KafkaCluster, topic: str, isolation: str, expect: int, settle: float = 1.0
+) -> list[Message]:
+    """Every record of ``topic`` visible at ``isolation``: reads until ``expect`` records came
+    and nothing more arrives for ``settle`` seconds (or 30 s pass)."""
+    reader = Consumer(
+        kafka.client_config(
+            group_id=f"reader-{uuid.uuid4().hex[:8]}",
+            isolation_level=isolation,
+            enable_auto_commit=False,
+        )
+    )
+    parts = kafka.admin().list_topics(topic, timeout=10).topics[topic].partitions
+    reader.assign([TopicPartition(topic, p, 0) for p in parts])
+    got: list[Message] = []
+    deadline = time.monotonic() + 30
+    quiet_since = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            msg = reader.poll(0.2)
+            if msg is not None and msg.error() is None:
+                got.append(msg)
+                quiet_since = time.monotonic()
+            elif len(got) >= expect and time.monotonic() - quiet_since >= settle:
+                break
+    finally:
+        reader.close()
+    return got
+
+
+@pytest.fixture(scope="session")
+def aborted_hidden(kafka: KafkaCluster) -> bool:
+    topic = f"rk-abort-probe-{uuid.uuid4().hex[:8]}"
+    kafka.create_topics({topic: 1})
+    producer = Producer(kafka.producer_config(transactional_id=f"probe-{uuid.uuid4().hex}"))
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    producer.produce(topic, value=b"aborted")
+    producer.flush(30)
+    producer.abort_transaction(30)
+    producer.begin_transaction()
+    producer.produce(topic, value=b"committed")
+    producer.commit_transaction(30)
+    values = [m.value() for m in _read(kafka, topic, "read_committed", expect=1)]
+    kafka.delete_topics([topic])
+    assert b"committed" in values
+    return b"aborted" not in values
+
+
+def _transactions(reg: CollectorRegistry, group: str, result: str) -> float:
+    value = reg.get_sample_value(
+        "resilient_kafka_consumer_transactions_total",
+        {"messaging_consumer_group_name": group, "result": result},
+    )
+    return value or 0.0
+
+
+def _committed(kafka: KafkaCluster, group: str, topic: str, partitions: int) -> list[int]:
+    reader = Consumer(kafka.client_config(group_id=group))
+    try:
+        found = reader.committed([TopicPartition(topic, p) for p in range(partitions)], 30)
+    finally:
+        reader.close()
+    return [tp.offset for tp in found]
+
+
+class _Recorder:
+    """A handler that writes one output record per call (``value:call``) through the
+    consumer's producer, and fails the first call of the values in ``fail_first`` after
+    writing (so its output must be aborted)."""
+
+    def __init__(self, consumer: ResilientConsumer, out: str, fail_first: set[str]) -> None:
+        self.consumer = consumer
+        self.out = out
+        self.fail_first = fail_first
+        self.calls: Counter[str] = Counter()
+
+    def __call__(self, msg: Message) -> None:
+        value = msg.value().decode()
+        self.calls[value] += 1
+        self.consumer.producer.produce(self.out, value=f"{value}:{self.calls[value]}")
+        if value in self.fail_first and self.calls[value] == 1:
+            raise RuntimeError(f"{value} failed after writing its output")
+
+
+def _outputs_of_last_calls(outputs: list[Message], calls: Counter[str]) -> Counter[str]:
+    """How often each input's output from its *last* handler call is in ``outputs``."""
+    found: Counter[str] = Counter()
+    for msg in outputs:
+        value, call = msg.value().decode().rsplit(":", 1)
+        if int(call) == calls[value]:
+            found[value] += 1
+    return found
+
+
+def _run(
+    consumer: ResilientConsumer, handler: Callable[[Message], None], done: Callable[[], bool]
+) -> None:
+    thread = threading.Thread(target=consumer.run, args=(handler,), daemon=True)
+    thread.start()
+    try:
+        wait_for(done, 60, "the records to be handled")
+    finally:
+        consumer.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_output_forwards_and_offsets_commit_together(
+    kafka: KafkaCluster, topic_factory, aborted_hidden: bool
+) -> None:
+    source, out = topic_factory(2), topic_factory(1, suffix="out")
+    group = f"g{uuid.uuid4().hex[:8]}"
+    values = [f"v{i}" for i in range(20)]
+    _produce(kafka, source, values, partitions=2)
+    reg = CollectorRegistry()
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        exactly_once=True,
+        transaction_interval=1.0,  # v1 and v3 (both partition 1) share a transaction
+        retry=RetryPolicy(delays=(0.2,)),
+        registry=reg,
+    )
+    handler = _Recorder(consumer, out, fail_first={"v3", "v12"})
+    consumer.subscribe([source])
+    _run(
+        consumer,
+        handler,
+        lambda: all(handler.calls[v] >= (2 if v in {"v3", "v12"} else 1) for v in values),
+    )
+
+    assert handler.calls["v3"] == 2 and handler.calls["v12"] == 2  # failed once, retried once
+    assert _transactions(reg, group, "aborted") >= 2  # each failure aborted its transaction
+    # what the aborted transaction held came again: v1 was handled before v3, in its partition
+    assert handler.calls["v1"] >= 2
+    outputs = _read(kafka, out, "read_committed", expect=len(values))
+    # each input's output from its last (successful) call, exactly once
+    assert _outputs_of_last_calls(outputs, handler.calls) == Counter(values)
+    if aborted_hidden:  # and nothing of the aborted attempts (the failed calls, the replays)
+        assert len(outputs) == len(values), sorted(m.value() for m in outputs)
+    # the retry copies went through the transaction too, and the offsets are at the end
+    assert _committed(kafka, group, source, 2) == [10, 10]
+
+
+def test_the_drop_in_poll_loop_commits_in_transactions(
+    kafka: KafkaCluster, topic_factory, aborted_hidden: bool
+) -> None:
+    source, out = topic_factory(1), topic_factory(1, suffix="out")
+    group = f"g{uuid.uuid4().hex[:8]}"
+    values = [f"v{i}" for i in range(6)]
+    _produce(kafka, source, values)
+    reg = CollectorRegistry()
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        exactly_once=True,
+        retry=RetryPolicy(delays=(0.2,)),
+        registry=reg,
+    )
+    handler = _Recorder(consumer, out, fail_first={"v2"})
+    consumer.subscribe([source])
+    try:
+        deadline = time.monotonic() + 60
+        while not (handler.calls["v2"] == 2 and all(handler.calls[v] for v in values)):
+            assert time.monotonic() < deadline, handler.calls
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error() is not None:
+                continue
+            try:
+                handler(msg)
+            except RuntimeError as exc:
+                consumer.fail(msg, exc)
+        with pytest.raises(ResilientKafkaError, match="without message= or offsets="):
+            consumer.commit(message=msg)
+        consumer.commit()
+        assert _committed(kafka, group, source, 1) == [6]
+    finally:
+        consumer.close()
+    assert _transactions(reg, group, "aborted") >= 1
+    outputs = _read(kafka, out, "read_committed", expect=len(values))
+    assert _outputs_of_last_calls(outputs, handler.calls) == Counter(values)
+    if aborted_hidden:
+        assert len(outputs) == len(values)
+
+
+_WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from resilient_kafka import ResilientConsumer
+
+    bootstrap, source, out, group, tid = sys.argv[1:6]
+    consumer = ResilientConsumer(
+        {"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+         "session.timeout.ms": 6000},
+        exactly_once=True, transaction_interval=600, producer_config={"transactional.id": tid},
+        metrics=False,
+    )
+    delivered = []
+
+    def handler(msg):
+        value = msg.value().decode()
+        consumer.producer.produce(
+            out, value=value + ":1", on_delivery=lambda err, msg: delivered.append(err)
+        )
+        if value == "v5":
+            while len(delivered) < 6:  # v0..v5's output is at the broker, uncommitted
+                consumer.producer.poll(0.1)
+            print("v0..v5 written", flush=True)
+            time.sleep(600)  # SIGKILLed here, the transaction open
+
+    consumer.subscribe([source])
+    consumer.run(handler)
+    """
+)
+
+
+def test_sigkill_mid_transaction_loses_nothing_and_shows_no_partial_output(
+    kafka: KafkaCluster, topic_factory, aborted_hidden: bool
+) -> None:
+    source, out = topic_factory(1), topic_factory(1, suffix="out")
+    group, tid = f"g{uuid.uuid4().hex[:8]}", f"rk-test-{uuid.uuid4().hex[:8]}"
+    values = [f"v{i}" for i in range(10)]
+    _produce(kafka, source, values)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _WORKER, kafka.bootstrap_servers, source, out, group, tid],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "v0..v5 written"
+        partial = _read(kafka, out, "read_uncommitted", expect=6)
+        assert sorted(m.value() for m in partial) == [f"v{i}:1".encode() for i in range(6)]
+        # the open transaction's records are invisible to read_committed readers
+        assert _read(kafka, out, "read_committed", expect=0) == []
+    finally:
+        child.kill()  # SIGKILL, mid-transaction
+        child.wait()
+    assert _committed(kafka, group, source, 1) == [-1001]  # no offset outside a transaction
+
+    # a restarted instance (same transactional.id) fences the dead one's transaction
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        exactly_once=True,
+        producer_config={"transactional.id": tid},
+        metrics=False,
+    )
+    handled: list[str] = []
+
+    def handler(msg: Message) -> None:
+        handled.append(msg.value().decode())
+        consumer.producer.produce(out, value=f"{msg.value().decode()}:2")
+
+    consumer.subscribe([source])
+    _run(consumer, handler, lambda: len(handled) >= 10)
+    assert handled == values  # nothing lost: v0..v5 again, then the rest
+    assert _committed(kafka, group, source, 1) == [10]
+    outputs = _read(kafka, out, "read_committed", expect=10)
+    dead = {(m.partition(), m.offset()) for m in partial}
+    committed = [m for m in outputs if (m.partition(), m.offset()) not in dead]
+    assert sorted(m.value() for m in committed) == sorted(f"{v}:2".encode() for v in values)
+    if aborted_hidden:  # Apache Kafka: the dead transaction's records never show
+        assert len(outputs) == 10
+
+
+def test_exactly_once_settings_are_checked(kafka: KafkaCluster) -> None:
+    config = kafka.client_config(group_id="g-eos")
+    with pytest.raises(ConfigurationError, match="dedup= and exactly_once"):
+        ResilientConsumer(config, exactly_once=True, dedup=MemoryStore())
+    with pytest.raises(ConfigurationError, match=r"enable\.auto\.commit"):
+        ResilientConsumer({**config, "enable.auto.commit": True}, exactly_once=True)
+    with pytest.raises(ConfigurationError, match="read_committed"):
+        ResilientConsumer({**config, "isolation.level": "read_uncommitted"}, exactly_once=True)
+    with pytest.raises(ConfigurationError, match=r"transactional\.id"):
+        ResilientConsumer(config, producer_config={"transactional.id": "x"})
+    with pytest.raises(ConfigurationError, match="transaction_interval"):
+        ResilientConsumer(config, exactly_once=True, transaction_interval=0)
