@@ -63,19 +63,36 @@ def transactional_id(producer_config: Mapping[str, Any], consumer_config: Mappin
 class Transactions:
     """One open transaction at a time on ``producer``; every call bounded by ``timeout``."""
 
-    def __init__(self, producer: Any, tid: str, timeout: float) -> None:
+    def __init__(
+        self, producer: Any, tid: str, timeout: float, transaction_timeout: float = 60.0
+    ) -> None:
         self._producer = producer
         self.transactional_id = tid
         self._timeout = timeout
+        # a commit's retriable errors are resumable: repeat it (librdkafka bounds each call by
+        # the transaction's remaining time) until the coordinator must have settled it
+        self._settle = transaction_timeout + timeout
         self.open = False
         self.committed = 0
         self.aborted = 0
         self._call("init_transactions", producer.init_transactions)
 
     def begin(self) -> None:
-        if not self.open:
+        if self.open:
+            return
+        try:
             self._producer.begin_transaction()
-            self.open = True
+        except KafkaException as exc:  # still in an abortable state: abort, then begin
+            error = exc.args[0] if exc.args else None
+            if not isinstance(error, KafkaError) or not error.txn_requires_abort():
+                raise TransactionError(
+                    f"begin_transaction failed for transactional.id={self.transactional_id!r}: "
+                    f"{exc}",
+                    error,
+                ) from exc
+            self._call("abort_transaction", self._producer.abort_transaction)
+            self._producer.begin_transaction()
+        self.open = True
 
     def commit(self, offsets: list[TopicPartition], group_metadata: Any) -> bool:
         """Commit the open transaction with ``offsets``; False if it had to be aborted."""
@@ -106,11 +123,11 @@ class Transactions:
         self.aborted += 1
 
     def _call(self, name: str, call: Any) -> None:
-        deadline = time.monotonic() + self._timeout
+        bounded = name == "init_transactions"
+        deadline = time.monotonic() + (self._timeout if bounded else self._settle)
         while True:
-            remaining = max(0.1, deadline - time.monotonic())
             try:
-                call(remaining)
+                call(max(0.1, deadline - time.monotonic()) if bounded else -1)
                 return
             except KafkaException as exc:
                 error = exc.args[0] if exc.args else None
@@ -130,7 +147,7 @@ class Transactions:
                 if error.retriable() and time.monotonic() < deadline:
                     time.sleep(_RETRY_PAUSE)
                     continue
-                if name in ("init_transactions", "abort_transaction"):
+                if name != "send_offsets_to_transaction":  # unsettled: cannot go on
                     raise TransactionError(
                         f"{name} failed for transactional.id={self.transactional_id!r}: "
                         f"{error.str()}",

@@ -41,6 +41,7 @@ from resilient_kafka.errors import (
     DeadLetterFloodError,
     ResilientKafkaError,
     TopicError,
+    TransactionError,
 )
 from resilient_kafka.metrics import ConsumerMetrics, families
 from resilient_kafka.policies import DeadLetterPolicy, RetryPolicy
@@ -233,7 +234,10 @@ class ResilientConsumer(Consumer):
         if exactly_once:
             try:
                 self._txn = _transaction.Transactions(
-                    self._producer, pconf["transactional.id"], forward_timeout
+                    self._producer,
+                    pconf["transactional.id"],
+                    forward_timeout,
+                    float(pconf.get("transaction.timeout.ms", 60_000)) / 1000,
                 )
             except BaseException:
                 super().close()
@@ -467,6 +471,7 @@ class ResilientConsumer(Consumer):
         keys = {(tp.topic, tp.partition) for tp in partitions}
         safe = []
         if self._txn is not None:
+            self._drain(self._forward_timeout)  # queued forwards go into this transaction
             self._commit_transaction()  # while this member still owns the partitions
         else:
             self._drain(self._forward_timeout)
@@ -504,6 +509,8 @@ class ResilientConsumer(Consumer):
             self._barrier.forget(*key)
             self._waiting.pop(key, None)
             self._user_paused.discard(key)
+        if self._txn is not None and self._forwards:  # their new owner routes them again
+            self._forwards = [f for f in self._forwards if (f.source[0], f.source[1]) not in keys]
         if self._prefailed:  # their new owner runs the handler on them again
             for coordinates in [c for c in self._prefailed if (c[0], c[1]) in keys]:
                 del self._prefailed[coordinates]
@@ -816,13 +823,18 @@ class ResilientConsumer(Consumer):
                 "poll()/consume()"
             )
         self._maintain_at = 0.0  # a forward to send and acknowledge, or an outage to tend
-        if self._txn is not None and self._producer.produced != self._produced_mark:
-            # the handler's output for this record is in the open transaction: abort it (and
-            # everything else in it) and replay; the record is routed when it comes again
+        if self._txn is not None and (
+            self._txn_failed or self._producer.produced != self._produced_mark
+        ):
+            # the handler's output for this record is in the open transaction: the transaction
+            # is aborted and replayed at the next housekeeping (after a flush, and after the
+            # application is done with the records it holds); the record is routed when it
+            # comes again, without running the handler
+            self._txn_failed = True
+            self._batch_break = True
             if not self._is_outage(exc):
                 self._prefailed[(msg.topic(), msg.partition(), msg.offset())] = exc
-            self._abort_and_replay()
-            return
+                return
         outage = self._outage
         probe = outage is not None and outage.is_probe(msg)
         if self._is_outage(exc):
@@ -1072,6 +1084,8 @@ class ResilientConsumer(Consumer):
             self._metrics.retry(self._in_hand[-1].topic(), "blocking", error_type)
 
     def _retry_in_place(self, exc: BaseException) -> bool:
+        if self._txn is not None and self._producer.produced != self._produced_mark:
+            return False  # its output is in the transaction: a retry topic hop replays cleanly
         return (
             not self._stop.is_set() and not self._is_outage(exc) and self._retry.is_retryable(exc)
         )
@@ -1266,7 +1280,11 @@ class ResilientConsumer(Consumer):
         assert txn is not None
         if not txn.open:
             return
-        if self._in_flight:  # a forward's ack is what makes its source offset committable
+        if self._forwards:
+            self._send_forwards()
+        if self._in_flight or self._txn_failed:
+            # a forward's ack is what makes its source offset committable; and an abort right
+            # after a produce can fail fatally in librdkafka (its issue #4849): flush first
             self._producer.flush(self._forward_timeout)
         if self._txn_failed or self._in_flight:
             if self._in_flight:
@@ -1277,6 +1295,7 @@ class ResilientConsumer(Consumer):
                 )
             self._abort_and_replay()
             return
+        points = self._barrier.replay_points()  # before advanced(): if the commit fails
         offsets = [TopicPartition(t, p, o) for t, p, o in self._barrier.advanced()]
         now = time.monotonic()
         wrote = self._txn_forwarded or self._producer.produced != self._txn_produced
@@ -1291,7 +1310,7 @@ class ResilientConsumer(Consumer):
         else:
             if self._metrics is not None:
                 self._metrics.commit(time.monotonic() - now, "TransactionAborted")
-            self._replay()
+            self._replay(points)
 
     def _begin_transaction(self) -> None:
         assert self._txn is not None
@@ -1305,7 +1324,7 @@ class ResilientConsumer(Consumer):
         self._txn.abort()
         self._replay()
 
-    def _replay(self) -> None:
+    def _replay(self, points: list[tuple[str, int, int]] | None = None) -> None:
         """The open transaction was aborted: forget what it did and rewind every partition to
         where it began (the offset committed with the last transaction), so its records come
         again; then open the next one."""
@@ -1316,13 +1335,19 @@ class ResilientConsumer(Consumer):
         self._in_flight = 0
         self._txn_failed = False
         outage = self._outage
-        trial = outage.trial_msg if outage is not None else None
-        if trial is not None and any(msg is trial for msg in self._in_hand):
-            self._abandon_trial()
+        if outage is not None:  # a probe in progress is void: its record comes again
+            if outage.trial is not None:
+                super().pause([TopicPartition(*outage.trial)])
+            outage.trial = outage.trial_msg = None
+            outage.probing = False
+            outage.next_probe = time.monotonic()
+            self._probe_ready = None
         self._drop_in_hand()
         assigned = {(tp.topic, tp.partition) for tp in self.assignment()}
         rewound = 0
-        for topic, partition, offset in self._barrier.replay_points():
+        if points is None:
+            points = self._barrier.replay_points()
+        for topic, partition, offset in points:
             key = (topic, partition)
             self._barrier.forget(topic, partition)
             if key not in assigned:
@@ -1334,22 +1359,17 @@ class ResilientConsumer(Consumer):
                 held = outage.held
                 if held is not None and (held.topic(), held.partition()) == key:
                     outage.held = None  # it comes again from the rewound position
-                    self._probe_ready = None
                 self._rewind(outage, key, offset)
                 continue
             try:
                 super().seek(TopicPartition(topic, partition, offset))
                 if key not in self._user_paused:  # paused for a retry's due time, maybe
                     super().resume([TopicPartition(topic, partition)])
-            except KafkaException as exc:
-                log.warning(
-                    "cannot rewind %s [%d] to %d after an aborted transaction (its records "
-                    "come again after a restart or rebalance): %s",
-                    topic,
-                    partition,
-                    offset,
-                    exc,
-                )
+            except KafkaException as exc:  # going on would commit past the aborted records
+                raise TransactionError(
+                    f"cannot rewind {topic} [{partition}] to {offset} after an aborted "
+                    f"transaction: {exc}; stopping (a restart resumes from the committed offsets)"
+                ) from exc
         self._batch_break = True
         log.warning("transaction aborted: replaying %d partition(s)", rewound)
         self._begin_transaction()
@@ -1431,6 +1451,8 @@ class ResilientConsumer(Consumer):
         super().assign(partitions)
 
     def unassign(self) -> None:
+        if self._txn is not None:
+            self._commit_transaction()  # the offsets of the partitions given up, with it
         self._batch_break = True
         self._forget({(tp.topic, tp.partition) for tp in self.assignment()})
         super().unassign()
@@ -1441,6 +1463,8 @@ class ResilientConsumer(Consumer):
         super().incremental_assign(partitions)
 
     def incremental_unassign(self, partitions: list[TopicPartition]) -> None:
+        if self._txn is not None:
+            self._commit_transaction()
         self._batch_break = True
         self._forget({(tp.topic, tp.partition) for tp in partitions})
         super().incremental_unassign(partitions)

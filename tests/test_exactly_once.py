@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import pytest
+import tenacity
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from prometheus_client import CollectorRegistry
 
@@ -186,8 +187,9 @@ def test_output_forwards_and_offsets_commit_together(
     assert _committed(kafka, group, source, 2) == [10, 10]
 
 
-def test_the_drop_in_poll_loop_commits_in_transactions(
-    kafka: KafkaCluster, topic_factory, aborted_hidden: bool
+@pytest.mark.parametrize("loop", ["poll", "consume"])
+def test_the_drop_in_loop_commits_in_transactions(
+    kafka: KafkaCluster, topic_factory, aborted_hidden: bool, loop: str
 ) -> None:
     source, out = topic_factory(1), topic_factory(1, suffix="out")
     group = f"g{uuid.uuid4().hex[:8]}"
@@ -206,13 +208,14 @@ def test_the_drop_in_poll_loop_commits_in_transactions(
         deadline = time.monotonic() + 60
         while not (handler.calls["v2"] == 2 and all(handler.calls[v] for v in values)):
             assert time.monotonic() < deadline, handler.calls
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error() is not None:
-                continue
-            try:
-                handler(msg)
-            except RuntimeError as exc:
-                consumer.fail(msg, exc)
+            batch = [consumer.poll(0.5)] if loop == "poll" else consumer.consume(10, 0.5)
+            for msg in batch:  # a failure mid-batch: the records behind it still in hand
+                if msg is None or msg.error() is not None:
+                    continue
+                try:
+                    handler(msg)
+                except RuntimeError as exc:
+                    consumer.fail(msg, exc)
         with pytest.raises(ResilientKafkaError, match="without message= or offsets="):
             consumer.commit(message=msg)
         consumer.commit()
@@ -224,6 +227,125 @@ def test_the_drop_in_poll_loop_commits_in_transactions(
     assert _outputs_of_last_calls(outputs, handler.calls) == Counter(values)
     if aborted_hidden:
         assert len(outputs) == len(values)
+
+
+def test_a_rebalance_commits_the_transaction_and_the_new_owner_goes_on_from_there(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    source, out = topic_factory(2), topic_factory(1, suffix="out")
+    group = f"g{uuid.uuid4().hex[:8]}"
+    values = [f"v{i}" for i in range(40)]
+    _produce(kafka, source, values, partitions=2)
+    reg = CollectorRegistry()
+    handled: list[str] = []
+    consumers, threads = [], []
+
+    def start() -> None:
+        consumer = ResilientConsumer(
+            kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+            exactly_once=True,
+            transaction_interval=30,  # only the rebalance (and close) commit
+            registry=reg,
+        )
+
+        def handler(msg: Message) -> None:
+            handled.append(msg.value().decode())
+            consumer.producer.produce(out, value=msg.value())
+            time.sleep(0.05)  # a slow handler: the rebalance comes mid-stream
+
+        consumer.subscribe([source])
+        thread = threading.Thread(target=consumer.run, args=(handler,), daemon=True)
+        thread.start()
+        consumers.append(consumer)
+        threads.append(thread)
+
+    start()
+    try:
+        wait_for(lambda: len(handled) >= 5, 60, "the first consumer to start")
+        start()  # the group rebalances: the first consumer commits on revoke
+        wait_for(lambda: set(handled) == set(values), 60, "every record to be handled")
+    finally:
+        for consumer in consumers:
+            consumer.stop()
+        for thread in threads:
+            thread.join(30)
+    assert _committed(kafka, group, source, 2) == [20, 20]
+    assert reg.get_sample_value(
+        "resilient_kafka_consumer_rebalances_total",
+        {"messaging_consumer_group_name": group, "event": "revoke"},
+    )
+    assert _transactions(reg, group, "aborted") == 0
+    assert sorted(handled) == sorted(values)  # each record handled once across the handover
+    outputs = _read(kafka, out, "read_committed", expect=len(values))
+    assert sorted(m.value().decode() for m in outputs) == sorted(values)
+
+
+def test_an_attempt_that_wrote_output_is_not_retried_in_place(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    source, out = topic_factory(1), topic_factory(1, suffix="out")
+    group = f"g{uuid.uuid4().hex[:8]}"
+    _produce(kafka, source, ["v0", "v1"])
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        exactly_once=True,
+        retry=RetryPolicy(delays=(0.2,), blocking_stop=tenacity.stop_after_attempt(3)),
+        metrics=False,
+    )
+    recorder = _Recorder(consumer, out, fail_first={"v0"})
+    topics: list[str] = []
+
+    def handler(msg: Message) -> None:
+        topics.append(msg.topic())
+        recorder(msg)
+
+    consumer.subscribe([source])
+    _run(consumer, handler, lambda: recorder.calls["v0"] >= 2 and recorder.calls["v1"] >= 1)
+    # both attempts' output would commit together after an in-place retry: it went to the
+    # retry topic instead (its first output aborted)
+    assert topics[0] == source and consumer.retry_topics(source)[0] in topics
+
+
+def test_a_failed_commit_replays_from_the_last_committed_offset(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    source, out = topic_factory(1), topic_factory(1, suffix="out")
+    group = f"g{uuid.uuid4().hex[:8]}"
+    values = [f"v{i}" for i in range(10)]
+    _produce(kafka, source, values)
+    reg = CollectorRegistry()
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        exactly_once=True,
+        transaction_interval=0.5,
+        registry=reg,
+    )
+    handler = _Recorder(consumer, out, fail_first=set())
+    txn = consumer._txn
+    assert txn is not None
+    real_commit = txn.commit
+    in_failed: list[str] = []
+
+    def commit_failing_once(offsets: list[TopicPartition], metadata: object) -> bool:
+        if offsets and not in_failed:  # the broker refuses the first commit: abortable
+            in_failed.extend(handler.calls)
+            txn.abort()
+            return False
+        return real_commit(offsets, metadata)
+
+    txn.commit = commit_failing_once  # type: ignore[method-assign]
+    consumer.subscribe([source])
+    _run(
+        consumer,
+        handler,
+        lambda: (
+            bool(in_failed)
+            and all(handler.calls[v] >= 2 for v in in_failed)
+            and all(handler.calls[v] for v in values)
+        ),
+    )
+    assert _committed(kafka, group, source, 1) == [10]
+    assert _transactions(reg, group, "aborted") == 1
 
 
 _WORKER = textwrap.dedent(
