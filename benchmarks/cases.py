@@ -150,6 +150,42 @@ def resilient_run_dedup_redis(s: Setup) -> Result:
         return _dedup_run(s, "resilient_run_dedup_redis", RedisStore(url))
 
 
+def _output_run(s: Setup, name: str, note: str, **options: Any) -> Result:
+    """A handler that writes one output record per input through the consumer's producer."""
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    out = f"{s.topic}-out-{name}"
+    admin_config = {k: v for k, v in s.config.items() if not k.startswith(("group.", "session."))}
+    admin = AdminClient(admin_config)
+    for future in admin.create_topics([NewTopic(out, 1)]).values():
+        future.result()
+    consumer = ResilientConsumer(consumer_config(s.config), registry=CollectorRegistry(), **options)
+    counter = Counter(s.count, s.warmup)
+    counter.stop = consumer.stop
+    produce = consumer.producer.produce
+
+    def handler(msg: Any) -> None:
+        produce(out, msg.value())
+        counter(msg)
+
+    consumer.subscribe([s.topic])
+    consumer.run(handler)
+    return Result(name, counter.timed, counter.elapsed, note)
+
+
+def resilient_run_with_output(s: Setup) -> Result:
+    return _output_run(s, "resilient_run_with_output", "one output record per input")
+
+
+def resilient_run_exactly_once(s: Setup) -> Result:
+    return _output_run(
+        s,
+        "resilient_run_exactly_once",
+        "one output record per input, exactly_once=True",
+        exactly_once=True,
+    )
+
+
 def _tracer_provider(ratio: float) -> Any:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult

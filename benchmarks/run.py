@@ -58,6 +58,8 @@ THROUGHPUT: dict[str, Callable[[Setup], Result]] = {
     "resilient_run_dedup_memory": cases.resilient_run_dedup_memory,
     "resilient_run_dedup_sqlite": cases.resilient_run_dedup_sqlite,
     "resilient_run_dedup_redis": cases.resilient_run_dedup_redis,
+    "resilient_run_with_output": cases.resilient_run_with_output,
+    "resilient_run_exactly_once": cases.resilient_run_exactly_once,
 }
 OTHER = ("retry_10pct", "dlq_publish", "produce", "latency", "rss_growth")
 PEERS = ("quixstreams", "faststream_confluent", "faststream_aiokafka")

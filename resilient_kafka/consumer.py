@@ -64,14 +64,14 @@ _TRIAL_WAIT = 2.0  # seconds to wait for a trial partition's first record before
 # run() fetches records in batches sized to take about _BATCH_SECONDS to handle (1 to
 # _BATCH_MAX records), and cuts a batch short after _BATCH_DEADLINE (the rest is rewound), so
 # housekeeping and max.poll.interval.ms never wait on a slow handler.
-_DEDUP_NEEDS_RUN = (
-    "dedup= skips duplicates around the handler of run(handler); the drop-in poll()/consume() "
-    "loop has no handler to skip (drop dedup= or use run())"
-)
 _SKIP = "\0skip"  # _claim(): the handler must not run for this record
 _BATCH_MAX = 500
 _BATCH_SECONDS = 0.1
 _BATCH_DEADLINE = 1.0
+
+
+class _SameBatch(Exception):
+    """consume(): a record's dedup identity is already claimed by a record in hand."""
 
 
 class DeserializationError(ResilientKafkaError):
@@ -309,6 +309,8 @@ class ResilientConsumer(Consumer):
         self._dedup_fail_open = on_dedup_error == "process"
         self._owner = uuid.uuid4().hex  # this consumer's name in dedup claims
         self._running = False
+        # the drop-in loop's dedup claims of records in hand: id(msg) -> (msg, key)
+        self._loop_claims: dict[int, tuple[Message, str]] = {}
         # exactly-once mode
         self._txn_interval = transaction_interval
         self._txn_started = time.monotonic()
@@ -534,8 +536,6 @@ class ResilientConsumer(Consumer):
 
     def poll(self, timeout: float | None = None) -> Message | None:
         """The next message for the application (retry records only once due), or None."""
-        if self._dedup is not None and not self._running:
-            raise ResilientKafkaError(_DEDUP_NEEDS_RUN)
         if self._in_hand:
             self._finish_in_hand()
         now = time.monotonic()
@@ -546,7 +546,7 @@ class ResilientConsumer(Consumer):
                 wait = self._maintain(deadline, now)
                 if self._probe_ready is not None:
                     probe = self._hand_out_probe()
-                    if probe is not None:
+                    if probe is not None and self._claimed_for_loop(probe):
                         return probe
                     now = time.monotonic()
                     continue
@@ -562,6 +562,9 @@ class ResilientConsumer(Consumer):
                 admitted = self._admit(msg)
                 if admitted is not None:
                     self._in_hand.append(admitted)
+                    if self._dedup is not None and not self._claimed_for_loop(admitted):
+                        now = time.monotonic()
+                        continue  # a duplicate (skipped), or held back
                     self._opens_at_handout = self._watch.opens
                     if metrics is not None:
                         metrics.polled(admitted.topic(), time.monotonic() - started)
@@ -572,15 +575,13 @@ class ResilientConsumer(Consumer):
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]:
         """Up to ``num_messages`` messages (retry records only once due)."""
-        if self._dedup is not None:
-            raise ResilientKafkaError(_DEDUP_NEEDS_RUN)
         self._finish_in_hand()
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         while True:
             wait = self._maintain(deadline, time.monotonic())
             if self._probe_ready is not None:
                 probe = self._hand_out_probe()
-                if probe is not None:
+                if probe is not None and self._claimed_for_loop(probe):
                     return [probe]
                 continue
             started = time.monotonic()
@@ -589,13 +590,22 @@ class ResilientConsumer(Consumer):
             out = []
             metrics = self._metrics
             try:
-                for msg in batch:
+                for i, msg in enumerate(batch):
                     if msg.error() is not None:
                         out.append(msg)
                         continue
                     admitted = self._admit(msg)
                     if admitted is not None:
                         self._in_hand.append(admitted)
+                        if self._dedup is not None:
+                            try:
+                                if not self._claimed_for_loop(admitted):
+                                    continue
+                            except _SameBatch:
+                                self._take_out_of_hand(admitted)
+                                self._seeked.clear()  # no application code ran in between
+                                self._rewind_unhandled(batch, i)
+                                break
                         out.append(admitted)
                         if metrics is not None:
                             metrics.consumed(admitted.topic())
@@ -715,6 +725,10 @@ class ResilientConsumer(Consumer):
         """Forget records in hand without completing them: they will be delivered again."""
         for msg in self._in_hand:
             self._raw.pop(id(msg), None)
+            if self._loop_claims:
+                entry = self._loop_claims.pop(id(msg), None)
+                if entry is not None:
+                    self._unclaim(entry[1])
         self._in_hand.clear()
 
     def _finish_in_hand(self) -> None:
@@ -739,6 +753,11 @@ class ResilientConsumer(Consumer):
         if self._raw:
             for msg in in_hand:
                 self._raw.pop(id(msg), None)
+        if self._loop_claims:  # the drop-in loop's records are processed: mark them done
+            for msg in in_hand:
+                entry = self._loop_claims.pop(id(msg), None)
+                if entry is not None:
+                    self._claimed_done(entry[1], msg)
         in_hand.clear()
 
     def _maintain(self, deadline: float | None, now: float) -> float:
@@ -823,6 +842,10 @@ class ResilientConsumer(Consumer):
                 "poll()/consume()"
             )
         self._maintain_at = 0.0  # a forward to send and acknowledge, or an outage to tend
+        if self._loop_claims:
+            entry = self._loop_claims.pop(id(msg), None)
+            if entry is not None:
+                self._unclaim(entry[1])  # not done: the retry hop claims again
         if self._txn is not None and (
             self._txn_failed or self._producer.produced != self._produced_mark
         ):
@@ -1629,12 +1652,13 @@ class ResilientConsumer(Consumer):
 
     # -- dedup -------------------------------------------------------------------------------
 
-    def _claim(self, msg: Message) -> str | None:
+    def _claim(self, msg: Message, key: str | None = None) -> str | None:
         """Claim ``msg`` in the dedup store: its key (run the handler), None (run it without a
         claim: the store failed and on_dedup_error="process"), or _SKIP (a duplicate, or held
         back because the store failed)."""
         assert self._dedup is not None
-        key = f"{self._group}|{self._dedup_key(msg)}"
+        if key is None:
+            key = f"{self._group}|{self._dedup_key(msg)}"
         waited_until = time.monotonic() + self._dedup_lease + 1
         while True:
             try:
@@ -1660,13 +1684,33 @@ class ResilientConsumer(Consumer):
                 log.info("skipping %s: already processed", key)
                 self._take_out_of_hand(msg)
                 self._barrier.complete(msg.topic(), msg.partition(), msg.offset())
+                if self._outage is not None and self._outage.is_probe(msg):
+                    self._end_outage(seek_past=msg)  # the store answered
                 return _SKIP
             assert verdict == BUSY  # another consumer holds a live claim: wait it out
             if self._stop.is_set() or time.monotonic() > waited_until:
                 self._take_out_of_hand(msg)  # not done: redelivered, never committed
                 super().seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+                if self._outage is not None and self._outage.is_probe(msg):
+                    self._end_outage(seek_past=None)  # the store answered
                 return _SKIP
             self._stop.wait(0.05)
+
+    def _claimed_for_loop(self, msg: Message) -> bool:
+        """The drop-in loop's dedup: claim ``msg`` (in hand) before handing it out; False if
+        it is not handed out (a duplicate, skipped; or held back). Claims complete when the
+        application asks for more, and are released by :meth:`fail`."""
+        if self._dedup is None or self._running:  # run() claims around its handler
+            return True
+        key = f"{self._group}|{self._dedup_key(msg)}"
+        if self._loop_claims and any(k == key for _, k in self._loop_claims.values()):
+            raise _SameBatch  # its twin is in hand, not done yet: it comes again after
+        claim = self._claim(msg, key)
+        if claim is _SKIP:
+            return False
+        if claim is not None:
+            self._loop_claims[id(msg)] = (msg, claim)
+        return True
 
     def _take_out_of_hand(self, msg: Message) -> None:
         for i, in_hand in enumerate(self._in_hand):

@@ -17,7 +17,7 @@ import pytest
 from confluent_kafka import Message, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from resilient_kafka import ResilientConsumer, ResilientKafkaError, ResilientProducer
+from resilient_kafka import ResilientConsumer, ResilientProducer, RetryPolicy
 from resilient_kafka.dedup import (
     BUSY,
     DONE,
@@ -370,13 +370,56 @@ def test_store_failures_follow_the_policy(kafka: KafkaCluster, topic_factory, po
         assert errors == 5  # processed without a claim, each failure counted
 
 
-def test_dedup_needs_run_and_valid_settings(kafka: KafkaCluster) -> None:
-    consumer = ResilientConsumer(kafka.client_config(group_id="g-dedup"), dedup=MemoryStore())
+@pytest.mark.parametrize("loop", ["poll", "consume"])
+def test_the_drop_in_loop_skips_duplicates_and_releases_failed_claims(
+    kafka: KafkaCluster, topic_factory, loop: str
+) -> None:
+    topic, group = topic_factory(1), f"g{uuid.uuid4().hex[:8]}"
+    _produce(
+        kafka.producer_config(),
+        topic,
+        [
+            ("pay-1", {"rk.id": b"order-1"}, 0),
+            ("pay-1", {"rk.id": b"order-1"}, 0),  # a duplicate
+            ("pay-2", {"rk.id": b"order-2"}, 0),  # fails once: its claim must be released
+            ("pay-3", None, 0),
+        ],
+    )
+    reg = CollectorRegistry()
+    store = MemoryStore()
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        dedup=store,
+        retry=RetryPolicy(delays=(0.2,)),
+        registry=reg,
+    )
+    side_effects: list[bytes] = []
+    calls: list[bytes] = []
+    consumer.subscribe([topic])
     try:
-        with pytest.raises(ResilientKafkaError, match="run"):
-            consumer.poll(0)
+        deadline = time.monotonic() + 60
+        while len(side_effects) < 3 or _skipped(reg, topic, group) < 1:
+            assert time.monotonic() < deadline, (side_effects, calls)
+            batch = [consumer.poll(0.5)] if loop == "poll" else consumer.consume(10, 0.5)
+            for msg in batch:
+                if msg is None or msg.error() is not None:
+                    continue
+                calls.append(msg.value())
+                if msg.value() == b"pay-2" and calls.count(b"pay-2") == 1:
+                    consumer.fail(msg, RuntimeError("downstream hiccup"))
+                    continue
+                side_effects.append(msg.value())
+        consumer.commit(asynchronous=False)
+        (committed,) = consumer.committed([TopicPartition(topic, 0)], timeout=10)
     finally:
         consumer.close()
+    assert sorted(side_effects) == [b"pay-1", b"pay-2", b"pay-3"]  # each once
+    assert calls.count(b"pay-1") == 1  # the duplicate never reached the application
+    assert committed.offset == 4
+    assert store.claim(f"{group}|id:order-2", "someone-else", 10) == DONE  # done after its retry
+
+
+def test_dedup_settings_are_checked(kafka: KafkaCluster) -> None:
     with pytest.raises(ConfigurationError, match="dedup_lease"):
         ResilientConsumer(kafka.client_config(group_id="g"), dedup=MemoryStore(), dedup_lease=0)
     with pytest.raises(ConfigurationError, match=r"max\.poll\.interval\.ms=30000"):
