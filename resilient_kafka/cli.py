@@ -49,6 +49,24 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_toxiproxy(args: argparse.Namespace) -> int:
+    from resilient_kafka.toxiproxy import ToxiproxyServer
+
+    server = ToxiproxyServer(host=args.host, port=args.port)
+
+    def request_stop(signum: int, frame: object) -> None:
+        server.shutdown()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    server.start()
+    print(f"TOXIPROXY_URL={server.url}", flush=True)
+    print(f"Toxiproxy-compatible API listening on {server.url}. Press Ctrl-C to stop.", flush=True)
+    server.serve_forever()
+    print("Stopping Toxiproxy.", flush=True)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from resilient_kafka.demo import run_demo
 
@@ -111,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--advertised-port", type=int, help="port put in metadata")
     broker.set_defaults(func=_cmd_broker)
 
+    toxiproxy = commands.add_parser(
+        "toxiproxy", help="run a Toxiproxy-compatible server (API and proxies) in the foreground"
+    )
+    toxiproxy.add_argument("--host", default="127.0.0.1", help="API address (default 127.0.0.1)")
+    toxiproxy.add_argument(
+        "--port", type=int, default=8474, help="API port (default 8474; 0: a free one)"
+    )
+    toxiproxy.set_defaults(func=_cmd_toxiproxy)
+
     demo = commands.add_parser(
         "demo", help="run the main job end to end on the embedded broker and report"
     )
@@ -141,8 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
 
     from resilient_kafka import _dlq_cli
+    from resilient_kafka.chaos import _cli as _chaos_cli
 
     _dlq_cli.add_parser(commands)
+    _chaos_cli.add_parser(commands)
     return parser
 
 

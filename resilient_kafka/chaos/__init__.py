@@ -1,0 +1,102 @@
+"""Chaos scenarios: faults injected through the Toxiproxy API (and process kills) while
+ResilientConsumer workers process a keyed load; invariants prove nothing is lost.
+
+``resilient-kafka chaos run`` is the command; :func:`run_all` is the same from Python.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from resilient_kafka.chaos.runner import Result, run_scenario
+from resilient_kafka.chaos.scenario import Fault, Scenario, builtin, load, parse
+
+__all__ = ["Fault", "Result", "Scenario", "builtin", "load", "parse", "run_all", "run_scenario"]
+
+
+def run_all(
+    scenarios: list[Scenario],
+    *,
+    messages: int,
+    duration: float,
+    drain_timeout: float,
+    seed: int,
+    report: Path,
+    bootstrap: str | None = None,
+    toxiproxy_url: str | None = None,
+    workdir: Path,
+) -> list[Result]:
+    """Run ``scenarios`` one after another on one stack, print the summary, write the report."""
+    from resilient_kafka._extras import require
+
+    require("rich", extra="chaos", purpose="the chaos run's progress view")
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from resilient_kafka.chaos import report as chaos_report
+    from resilient_kafka.chaos._stack import Stack
+
+    console = Console(stderr=True)
+    with console.status("starting the stack (broker, proxy)..."):
+        stack = (
+            Stack.external_stack(bootstrap, toxiproxy_url)
+            if bootstrap
+            else Stack.embedded_stack(toxiproxy_url, seed)
+        )
+    proxy = f"Toxiproxy {toxiproxy_url}" if toxiproxy_url else "the built-in Toxiproxy-API proxy"
+    topology = (
+        f"cluster {bootstrap} through {proxy}"
+        if bootstrap
+        else f"embedded durable Tansu broker behind {proxy}"
+    )
+    results: list[Result] = []
+    try:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            overall = progress.add_task("scenarios", total=len(scenarios))
+            for scenario in scenarios:
+                task = progress.add_task(f"  {scenario.name}: starting", total=messages)
+
+                def status(
+                    phase: str,
+                    done: int,
+                    total: int,
+                    task: TaskID = task,
+                    name: str = scenario.name,
+                ) -> None:
+                    progress.update(task, description=f"  {name}: {phase}", completed=done)
+
+                result = run_scenario(
+                    stack,
+                    scenario.scaled(duration),
+                    messages=messages,
+                    seed=seed,
+                    drain_timeout=drain_timeout,
+                    workdir=workdir / scenario.name,
+                    status=status,
+                )
+                verdict = "skipped" if result.skipped else ("PASS" if result.passed else "FAIL")
+                progress.update(task, description=f"  {scenario.name}: {verdict}")
+                progress.advance(overall)
+                results.append(result)
+    finally:
+        stack.close()
+    meta = {"topology": topology, "messages": messages, "duration": duration, "seed": seed}
+    written = chaos_report.write(results, report, meta)
+    print(chaos_report.markdown(results, meta), flush=True)
+    console.print(
+        f"report: {', '.join(str(p) for p in written[:2])} (+ {len(written) - 2} timelines)"
+    )
+    return results

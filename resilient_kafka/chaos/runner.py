@@ -1,0 +1,522 @@
+"""Run a scenario: workers and a producer as OS processes, faults on a timeline, then the
+invariants, from the ledger, the DLQ and the producer's acknowledgements."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from resilient_kafka.chaos._stack import Stack
+from resilient_kafka.chaos.scenario import Fault, Scenario
+
+log = logging.getLogger("resilient_kafka.chaos")
+
+PARTITIONS = 4
+_SAMPLE = 0.5  # seconds between timeline samples
+
+
+@dataclass
+class Profile:
+    messages: int
+    duration: float
+    drain_timeout: float
+
+
+PROFILES = {
+    "short": Profile(messages=400, duration=10.0, drain_timeout=30.0),
+    "long": Profile(messages=20_000, duration=120.0, drain_timeout=300.0),
+}
+
+
+@dataclass
+class Result:
+    """One scenario's outcome; the first fields are report.json's contract."""
+
+    name: str
+    produced: int = 0
+    acknowledged: int = 0
+    processed: int = 0
+    dead_lettered: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    reorders: int = 0
+    recovery_seconds: float | None = 0.0  # None: never recovered
+    passed: bool = False
+    description: str = ""
+    skipped: str = ""
+    failures: list[str] = field(default_factory=list)
+    max_stall_seconds: float = 0.0
+    unexpected_dead_letters: int = 0
+    lost_by_broker: int = 0  # of the lost: acknowledged, but not in the topic's log at all
+    elapsed_seconds: float = 0.0
+    faults: list[dict[str, Any]] = field(default_factory=list)  # {label, start, end} (s)
+    timeline: list[tuple[float, int, int]] = field(default_factory=list)  # t, acked, processed
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Processes:
+    """The scenario's OS processes (workers, producer); all of them killed on the way out."""
+
+    def __init__(self, workdir: Path, settings: dict[str, Any]) -> None:
+        self.workdir = workdir
+        self.settings = settings
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.producer: subprocess.Popen[bytes] | None = None
+        self._n = 0
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def _spawn(
+        self, module: str, settings: dict[str, Any], log_name: str
+    ) -> subprocess.Popen[bytes]:
+        out = open(self.workdir / log_name, "ab")  # noqa: SIM115 - the child keeps it
+        try:
+            return subprocess.Popen(
+                [sys.executable, "-m", module, json.dumps(settings)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self._env,
+            )
+        finally:
+            out.close()
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        self._n += 1
+        name = f"worker-{self._n}"
+        proc = self._spawn(
+            "resilient_kafka.chaos._worker", {**self.settings, "worker": name}, f"{name}.log"
+        )
+        self.workers.append(proc)
+        return proc
+
+    def live_workers(self) -> list[subprocess.Popen[bytes]]:
+        return [w for w in self.workers if w.poll() is None]
+
+    def start_producer(self, settings: dict[str, Any]) -> None:
+        self.producer = self._spawn("resilient_kafka.chaos._producer", settings, "producer.log")
+
+    def stop_all(self) -> None:
+        procs = [*self.workers, *([self.producer] if self.producer else [])]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class _Ledger:
+    """Read side of the workers' SQLite ledger."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _query(self, sql: str) -> list[Any]:
+        if not self.path.exists():
+            return []
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+        try:
+            return db.execute(sql).fetchall()
+        except sqlite3.OperationalError:  # no ledger table yet
+            return []
+        finally:
+            db.close()
+
+    def count(self) -> int:
+        rows = self._query("SELECT COUNT(DISTINCT id) FROM ledger")
+        return int(rows[0][0]) if rows else 0
+
+    def rows(self) -> list[tuple[str, str, int, str, float]]:
+        return [
+            tuple(r) for r in self._query("SELECT id, key, seq, worker, at FROM ledger ORDER BY at")
+        ]
+
+
+def _rk_ids(msg: Any) -> list[str]:
+    return [
+        value.decode()
+        for key, value in msg.headers() or []
+        if key == "rk.id" and isinstance(value, bytes)
+    ]
+
+
+def _ids_in_log(bootstrap: str, topic: str, quiet: float = 3.0, limit: float = 30.0) -> set[str]:
+    """Every rk.id in ``topic`` (read from the start until nothing arrives for ``quiet`` s):
+    tells "the broker lost it" from "the consumer lost it", as Kafka's own system tests do."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"rk-chaos-verifier-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "log_level": 0,
+        }
+    )
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+    ids: set[str] = set()
+    deadline = time.monotonic() + limit
+    last = time.monotonic()
+    try:
+        while time.monotonic() < deadline and time.monotonic() - last < quiet:
+            msg = consumer.poll(0.2)
+            if msg is None or msg.error() is not None:
+                continue
+            last = time.monotonic()
+            ids.update(_rk_ids(msg))
+    finally:
+        consumer.close()
+    return ids
+
+
+def _read_ids(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+
+
+class _DeadLetters:
+    """Follows the DLQ topic in a thread: the ids dead-lettered so far."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.ids: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, args=(bootstrap, topic), daemon=True)
+        self._thread.start()
+
+    def _follow(self, bootstrap: str, topic: str) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"rk-chaos-verifier-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "log_level": 0,
+            }
+        )
+        consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+        try:
+            while not self._stop.is_set():
+                msg = consumer.poll(0.2)
+                if msg is None or msg.error() is not None:
+                    continue
+                self.ids.update(_rk_ids(msg))
+        finally:
+            consumer.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+class _Timeline:
+    """Applies the scenario's faults at their times (and reverts them), recording when."""
+
+    def __init__(
+        self, stack: Stack, procs: _Processes, scenario: Scenario, flag: Path, seed: int
+    ) -> None:
+        self.stack = stack
+        self.procs = procs
+        self.scenario = scenario
+        self.flag = flag
+        self.rng = random.Random(seed)
+        self.windows: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.started = 0.0
+
+    def start(self, started: float) -> None:
+        self.started = started
+        self._thread.start()
+
+    def _at(self, offset: float) -> bool:
+        """Wait until ``offset`` seconds after the start; False if stopped first."""
+        return not self._stop.wait(max(0.0, self.started + offset - time.monotonic()))
+
+    def _run(self) -> None:
+        events: list[tuple[float, int, str, Fault]] = []
+        for i, fault in enumerate(self.scenario.faults):
+            events.append((fault.at, i, "begin", fault))
+            events.append((fault.end, i, "end", fault))
+        events.sort(key=lambda e: (e[0], e[2] == "begin"))
+        churn: dict[int, threading.Thread] = {}
+        for offset, i, what, fault in events:
+            if not self._at(offset):
+                return
+            now = time.monotonic() - self.started
+            try:
+                if what == "begin":
+                    self.windows.append({"label": fault.label(), "start": now, "end": None})
+                    if fault.kind == "worker-churn":
+                        churn[i] = threading.Thread(target=self._churn, args=(fault,), daemon=True)
+                        churn[i].start()
+                    else:
+                        self._begin(fault, i)
+                else:
+                    if fault.kind == "worker-churn":
+                        churn[i].join()
+                    else:
+                        self._end(fault, i)
+                    for window in self.windows:
+                        if window["label"] == fault.label() and window["end"] is None:
+                            window["end"] = time.monotonic() - self.started
+                            break
+            except Exception as exc:
+                self.errors.append(f"{what} {fault.label()}: {exc}")
+                log.exception("chaos fault %s %s failed", what, fault.label())
+
+    def _begin(self, fault: Fault, i: int) -> None:
+        if fault.kind == "proxy-down":
+            self.stack.set_enabled(False)
+        elif fault.kind == "toxic":
+            self.stack.add_toxic(fault.toxic, f"rk-chaos-{i}")
+        elif fault.kind == "broker-kill":
+            self.stack.kill_broker()
+        elif fault.kind == "downstream-down":
+            self.flag.touch()
+        elif fault.kind == "worker-kill":
+            live = self.procs.live_workers()
+            if live:
+                self.rng.choice(live).kill()  # SIGKILL, mid-batch
+
+    def _end(self, fault: Fault, i: int) -> None:
+        if fault.kind == "proxy-down":
+            self.stack.set_enabled(True)
+        elif fault.kind == "toxic":
+            self.stack.remove_toxic(f"rk-chaos-{i}")
+        elif fault.kind == "broker-kill":
+            self.stack.restart_broker()
+        elif fault.kind == "downstream-down":
+            self.flag.unlink(missing_ok=True)
+        elif fault.kind == "worker-kill":
+            self.procs.start_worker()
+
+    def _churn(self, fault: Fault) -> None:
+        """Within the window: a worker joins, then leaves (SIGTERM: a clean shutdown), and so
+        on every ``every`` seconds."""
+        extra = None
+        offset = fault.at
+        while offset < fault.end and not self._stop.is_set():
+            if extra is None:
+                extra = self.procs.start_worker()
+            else:
+                extra.send_signal(signal.SIGTERM)
+                extra = None
+            offset += fault.every / 2
+            if not self._at(min(offset, fault.end)):
+                break
+        if extra is not None:
+            extra.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+
+def _reorders(rows: list[tuple[str, str, int, str, float]], poison: set[str]) -> int:
+    """Per key, how often a message was first processed after a later one of the same key."""
+    seen: set[str] = set()
+    highest: dict[str, int] = {}
+    count = 0
+    for msg_id, key, seq, _worker, _at in rows:
+        if msg_id in seen or msg_id in poison:
+            continue
+        seen.add(msg_id)
+        if seq < highest.get(key, -1):
+            count += 1
+        highest[key] = max(seq, highest.get(key, -1))
+    return count
+
+
+def evaluate(
+    result: Result,
+    *,
+    produced: int,
+    acked: set[str],
+    rows: list[tuple[str, str, int, str, float]],
+    dead: set[str],
+    poison: set[str],
+    dedup: bool,
+    started_at: float,
+    fault_ends: list[float],
+    in_log: set[str] | None = None,
+) -> Result:
+    """The invariants, from the acknowledgements, the ledger rows and the DLQ ids."""
+    processed = {row[0] for row in rows}
+    result.produced = produced
+    result.acknowledged = len(acked)
+    result.processed = len(processed)
+    result.dead_lettered = len(dead)
+    lost = acked - processed - dead
+    result.lost = len(lost)
+    result.duplicates = len(rows) - len(processed)
+    result.reorders = _reorders(rows, poison)
+    result.unexpected_dead_letters = len(dead - poison)
+    times = sorted(row[4] - started_at for row in rows)
+    if len(times) > 1:
+        result.max_stall_seconds = max(b - a for a, b in itertools.pairwise(times))
+    recovery: float | None = 0.0
+    for end in fault_ends:
+        after = [t for t in times if t >= end]
+        if after and recovery is not None:
+            recovery = max(recovery, after[0] - end)
+        elif not after and acked - dead - {r[0] for r in rows if r[4] - started_at < end}:
+            recovery = None  # nothing processed after the fault, and work was left
+    result.recovery_seconds = recovery
+    if result.lost:
+        result.failures.append(f"{result.lost} acknowledged message(s) lost: {sorted(lost)[:5]}")
+        if in_log is not None:
+            result.lost_by_broker = len(lost - in_log)
+            result.failures.append(
+                f"of those, {result.lost_by_broker} not in the topic at all (lost by the broker)"
+                f" and {result.lost - result.lost_by_broker} in the topic but never processed"
+            )
+    if result.acknowledged < produced:
+        result.failures.append(f"{produced - result.acknowledged} message(s) never acknowledged")
+    if dedup and result.duplicates:
+        result.failures.append(f"{result.duplicates} duplicate side effect(s) with dedup on")
+    missing_poison = poison - dead
+    if missing_poison:
+        result.failures.append(f"{len(missing_poison)} poison message(s) not dead-lettered")
+    result.passed = not result.failures and not result.skipped
+    return result
+
+
+def run_scenario(
+    stack: Stack,
+    scenario: Scenario,
+    *,
+    messages: int,
+    seed: int,
+    drain_timeout: float,
+    workdir: Path,
+    status: Callable[[str, int, int], None] = lambda phase, done, total: None,
+) -> Result:
+    """Run one scenario on ``stack``; its processes' logs and ledger stay in ``workdir``."""
+    result = Result(scenario.name, description=scenario.description)
+    if any(f.kind == "broker-kill" for f in scenario.faults) and not stack.embedded:
+        result.skipped = (
+            "broker-kill needs the embedded broker (kill a real cluster's brokers with your "
+            "orchestrator while a scenario runs)"
+        )
+        return result
+    from resilient_kafka import _admin
+    from resilient_kafka.chaos._producer import records
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    suffix = uuid.uuid4().hex[:6]
+    topic, group = f"chaos-{scenario.name}-{suffix}", f"chaos-{scenario.name}-{suffix}"
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": stack.bootstrap})
+    _admin.create_topics(admin, {topic: PARTITIONS}, where=stack.bootstrap)
+    flag = workdir / "downstream.down"
+    flag.unlink(missing_ok=True)
+    db, acks = workdir / "ledger.db", workdir / "acks.txt"
+    for stale in (db, acks):
+        stale.unlink(missing_ok=True)
+    settings = {
+        "bootstrap": stack.bootstrap,
+        "topic": topic,
+        "group": group,
+        "db": str(db),
+        "downstream_flag": str(flag),
+        "downstream_latency_ms": scenario.downstream_latency_ms,
+        "dedup": scenario.dedup,
+    }
+    procs = _Processes(workdir, settings)
+    ledger = _Ledger(db)
+    poison = {r["id"] for r in records(messages, scenario.poison, seed) if r["poison"]}
+    dlq = _DeadLetters(stack.bootstrap, f"{topic}.{group}.dlq")
+    timeline = _Timeline(stack, procs, scenario, flag, seed)
+    started = time.monotonic()
+    wall_start = time.time()
+    try:
+        for _ in range(scenario.workers):
+            procs.start_worker()
+        procs.start_producer(
+            {
+                "bootstrap": stack.bootstrap,
+                "topic": topic,
+                "messages": messages,
+                "duration": scenario.duration,
+                "poison": scenario.poison,
+                "seed": seed,
+                "acks": str(acks),
+                "drain_timeout": drain_timeout,
+                # Tansu 0.6 answers the retry of an idempotent producer's batch that was in
+                # flight when it was SIGKILLed as a duplicate, although it never stored it: one
+                # acknowledged record lost per kill (broker-kill scenario, 3 runs out of 3). The
+                # embedded load therefore runs without idempotence; a real Kafka keeps it on.
+                "idempotence": not stack.embedded,
+            }
+        )
+        timeline.start(started)
+        load_end = started + max([scenario.duration, *(f.end for f in scenario.faults)])
+        drain_deadline = load_end + drain_timeout
+        while True:
+            now = time.monotonic()
+            acked = _read_ids(acks)
+            processed = ledger.count()
+            result.timeline.append((now - started, len(acked), processed))
+            phase = "load" if now < load_end else "draining"
+            status(phase, processed + len(dlq.ids & poison), messages)
+            producer_done = procs.producer is not None and procs.producer.poll() is not None
+            if now >= load_end and producer_done:
+                done = {r[0] for r in ledger.rows()} | dlq.ids
+                if acked <= done and len(acked) >= messages:
+                    break
+            if now >= drain_deadline:
+                result.failures.append(f"not drained {drain_timeout:.0f}s after the load")
+                break
+            time.sleep(_SAMPLE)
+    finally:
+        timeline.stop()
+        procs.stop_all()
+        dlq.stop()
+        flag.unlink(missing_ok=True)
+        try:
+            stack.heal()
+            if stack.embedded and not stack.broker.running:
+                stack.restart_broker()
+        except Exception as exc:
+            result.failures.append(f"could not heal the stack: {exc}")
+    result.failures.extend(timeline.errors)
+    in_log: set[str] | None = None
+    if result.failures:  # not drained: look the missing ids up in the log
+        in_log = _ids_in_log(stack.bootstrap, topic)
+    result.faults = timeline.windows
+    result.elapsed_seconds = time.monotonic() - started
+    return evaluate(
+        result,
+        produced=messages,
+        acked=_read_ids(acks),
+        rows=ledger.rows(),
+        dead=dlq.ids,
+        poison=poison,
+        dedup=scenario.dedup,
+        started_at=wall_start,
+        fault_ends=[w["end"] for w in timeline.windows if w["end"] is not None],
+        in_log=in_log,
+    )

@@ -1,0 +1,214 @@
+"""Scenario definitions: a load (messages over a duration) and a timeline of faults.
+
+Scenarios are small TOML files (the built-in ones are in ``resilient_kafka/chaos/scenarios``;
+``chaos/scenarios`` in the repository links there) so that users can copy one and write
+their own::
+
+    name = "latency"
+    description = "300 ms (+/- 50) on every byte the brokers send, for 6 s."
+    [[faults]]
+    kind = "toxic"
+    at = 2.0
+    for = 6.0
+    toxic = { type = "latency", stream = "downstream", attributes = { latency = 300, jitter = 50 } }
+
+Times are seconds from the start of the load and scale with ``--duration``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from resilient_kafka.errors import ConfigurationError
+
+FAULT_KINDS = {
+    "proxy-down": "the proxy in front of the broker refuses and drops every connection",
+    "toxic": "a Toxiproxy toxic on the broker proxy (latency, bandwidth, timeout, ...)",
+    "broker-kill": "SIGKILL the broker process; restart it when the fault ends (embedded only)",
+    "downstream-down": "the downstream service the handler calls fails every call",
+    "worker-kill": "SIGKILL one consumer worker; start a new one when the fault ends",
+    "worker-churn": "workers join and leave the group every `every` seconds",
+}
+TOXIC_TYPES = (
+    "latency",
+    "bandwidth",
+    "slow_close",
+    "timeout",
+    "reset_peer",
+    "slicer",
+    "limit_data",
+)
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    at: float
+    duration: float
+    toxic: dict[str, Any] = field(default_factory=dict)
+    every: float = 2.0
+
+    @property
+    def end(self) -> float:
+        return self.at + self.duration
+
+    def label(self) -> str:
+        if self.kind == "toxic":
+            return f"toxic {self.toxic.get('type')}"
+        return self.kind
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    faults: tuple[Fault, ...] = ()
+    duration: float = 10.0  # seconds of load the fault times refer to
+    workers: int = 2
+    poison: int = 0  # poison messages among the load (non-retryable: DLQ)
+    dedup: bool = True  # duplicate side effects fail the scenario
+    downstream_latency_ms: float = 1.0
+    source: str = ""
+
+    def scaled(self, duration: float) -> Scenario:
+        """The same timeline stretched to a load of ``duration`` seconds."""
+        factor = duration / self.duration
+        faults = tuple(
+            Fault(f.kind, f.at * factor, f.duration * factor, f.toxic, f.every * factor)
+            for f in self.faults
+        )
+        return Scenario(
+            self.name,
+            self.description,
+            faults,
+            duration,
+            self.workers,
+            self.poison,
+            self.dedup,
+            self.downstream_latency_ms,
+            self.source,
+        )
+
+
+def _fail(source: str, problem: str) -> ConfigurationError:
+    return ConfigurationError(f"scenario {source}: {problem}")
+
+
+def _number(data: dict[str, Any], key: str, default: float, source: str, minimum: float) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        raise _fail(source, f"{key} must be a number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def _fault(data: Any, source: str, duration: float) -> Fault:
+    if not isinstance(data, dict):
+        raise _fail(source, f"each [[faults]] entry must be a table, got {data!r}")
+    unknown = set(data) - {"kind", "at", "for", "toxic", "every"}
+    if unknown:
+        raise _fail(source, f"unknown fault keys {sorted(unknown)}")
+    kind = data.get("kind")
+    if kind not in FAULT_KINDS:
+        raise _fail(source, f"fault kind must be one of {sorted(FAULT_KINDS)}, got {kind!r}")
+    at = _number(data, "at", 0.0, source, 0.0)
+    length = _number(data, "for", 0.0, source, 0.0)
+    if length <= 0:
+        raise _fail(source, f"fault {kind!r} needs a positive `for` (seconds)")
+    if at + length > duration:
+        raise _fail(
+            source, f"fault {kind!r} ends at {at + length:g}s, after the load ({duration:g}s)"
+        )
+    toxic = data.get("toxic", {})
+    if kind == "toxic":
+        if not isinstance(toxic, dict) or toxic.get("type") not in TOXIC_TYPES:
+            raise _fail(source, f"a toxic fault needs toxic.type, one of {list(TOXIC_TYPES)}")
+        if toxic.get("stream", "downstream") not in ("upstream", "downstream"):
+            raise _fail(source, "toxic.stream must be 'upstream' or 'downstream'")
+        if not isinstance(toxic.get("attributes", {}), dict):
+            raise _fail(source, "toxic.attributes must be a table")
+    elif toxic:
+        raise _fail(source, f"only toxic faults take a toxic table (fault {kind!r})")
+    every = _number(data, "every", 2.0, source, 0.1)
+    return Fault(kind, at, length, dict(toxic), every)
+
+
+def parse(text: str, source: str) -> Scenario:
+    """A scenario from TOML text; ConfigurationError naming ``source`` and the problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _fail(source, f"not valid TOML: {exc}") from None
+    known = {
+        "name",
+        "description",
+        "faults",
+        "duration",
+        "workers",
+        "poison",
+        "dedup",
+        "downstream_latency_ms",
+    }
+    unknown = set(data) - known
+    if unknown:
+        raise _fail(source, f"unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    name = data.get("name")
+    if not isinstance(name, str) or not name.replace("-", "").isalnum():
+        raise _fail(source, f"name must be letters, digits and dashes, got {name!r}")
+    duration = _number(data, "duration", 10.0, source, 1.0)
+    workers = int(_number(data, "workers", 2, source, 1))
+    faults = data.get("faults", [])
+    if not isinstance(faults, list):
+        raise _fail(source, "faults must be an array of tables ([[faults]])")
+    dedup = data.get("dedup", True)
+    if not isinstance(dedup, bool):
+        raise _fail(source, f"dedup must be true or false, got {dedup!r}")
+    return Scenario(
+        name=name,
+        description=str(data.get("description", "")),
+        faults=tuple(_fault(f, source, duration) for f in faults),
+        duration=duration,
+        workers=workers,
+        poison=int(_number(data, "poison", 0, source, 0)),
+        dedup=dedup,
+        downstream_latency_ms=_number(data, "downstream_latency_ms", 1.0, source, 0.0),
+        source=source,
+    )
+
+
+def load(path: str | Path) -> Scenario:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read scenario file {path}: {exc}") from None
+    return parse(text, str(path))
+
+
+def builtin() -> list[Scenario]:
+    """The scenarios shipped with the library, in a stable order."""
+    folder = resources.files("resilient_kafka.chaos") / "scenarios"
+    found = [
+        parse(entry.read_text(encoding="utf-8"), f"built-in {entry.name}")
+        for entry in folder.iterdir()
+        if entry.name.endswith(".toml")
+    ]
+    return sorted(found, key=lambda s: _ORDER.index(s.name) if s.name in _ORDER else len(_ORDER))
+
+
+_ORDER = [
+    "broker-outage",
+    "broker-kill",
+    "latency",
+    "bandwidth",
+    "reset-peer",
+    "timeout",
+    "slow-close",
+    "downstream-outage",
+    "poison-pill",
+    "consumer-crash",
+    "rebalance-storm",
+]
