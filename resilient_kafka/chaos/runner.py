@@ -104,6 +104,16 @@ class _Processes:
         self.workers.append(proc)
         return proc
 
+    def wait_assigned(self, count: int, deadline: float) -> None:
+        """Until ``count`` workers have got partitions (a group join takes seconds)."""
+        while time.monotonic() < deadline:
+            logs = [self.workdir / f"worker-{n}.log" for n in range(1, self._n + 1)]
+            joined = sum(1 for path in logs if path.exists() and b"assigned" in path.read_bytes())
+            if joined >= count:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"the workers did not join the group (logs in {self.workdir})")
+
     def live_workers(self) -> list[subprocess.Popen[bytes]]:
         return [w for w in self.workers if w.poll() is None]
 
@@ -429,7 +439,7 @@ def run_scenario(
     topic, group = f"chaos-{scenario.name}-{suffix}", f"chaos-{scenario.name}-{suffix}"
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": stack.bootstrap})
+    admin = AdminClient({"bootstrap.servers": stack.bootstrap, "log_level": 0})
     _admin.create_topics(admin, {topic: PARTITIONS}, where=stack.bootstrap)
     flag = workdir / "downstream.down"
     flag.unlink(missing_ok=True)
@@ -455,6 +465,10 @@ def run_scenario(
     try:
         for _ in range(scenario.workers):
             procs.start_worker()
+        status("workers joining", 0, messages)
+        procs.wait_assigned(scenario.workers, deadline=time.monotonic() + 60)
+        started = time.monotonic()  # the timeline starts with the group in place
+        wall_start = time.time()
         procs.start_producer(
             {
                 "bootstrap": stack.bootstrap,
@@ -491,6 +505,9 @@ def run_scenario(
                 result.failures.append(f"not drained {drain_timeout:.0f}s after the load")
                 break
             time.sleep(_SAMPLE)
+    except Exception as exc:
+        log.exception("chaos scenario %s broke", scenario.name)
+        result.failures.append(f"the run broke: {exc}")
     finally:
         timeline.stop()
         procs.stop_all()

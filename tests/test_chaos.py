@@ -1,0 +1,160 @@
+"""The chaos suite: scenario files, the invariants, the command, and one scenario end to end on
+the embedded broker behind the built-in Toxiproxy-API proxy (CI runs them all with
+`resilient-kafka chaos run`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from resilient_kafka.chaos import builtin, parse, run_scenario
+from resilient_kafka.chaos._stack import Stack
+from resilient_kafka.chaos.report import write
+from resilient_kafka.chaos.runner import Result, evaluate
+from resilient_kafka.cli import main
+from resilient_kafka.errors import ConfigurationError
+
+REPORT_FIELDS = {
+    "name",
+    "produced",
+    "acknowledged",
+    "processed",
+    "dead_lettered",
+    "lost",
+    "duplicates",
+    "reorders",
+    "recovery_seconds",
+    "passed",
+}
+
+
+def test_the_built_in_scenarios_cover_the_issue_list() -> None:
+    names = [s.name for s in builtin()]
+    assert names == [
+        "broker-outage",
+        "broker-kill",
+        "latency",
+        "bandwidth",
+        "reset-peer",
+        "timeout",
+        "slow-close",
+        "downstream-outage",
+        "poison-pill",
+        "consumer-crash",
+        "rebalance-storm",
+    ]
+    latency = next(s for s in builtin() if s.name == "latency").scaled(20.0)
+    assert (latency.faults[0].at, latency.faults[0].duration) == (4.0, 10.0)  # scaled from 10 s
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("name = 'x'\nfaults = 3", "array of tables"),
+        ("name = 'x'\n[[faults]]\nkind = 'meteor'\nat = 1\nfor = 1", "fault kind must be one of"),
+        ("name = 'x'\n[[faults]]\nkind = 'proxy-down'\nat = 9\nfor = 5", "after the load"),
+        ("name = 'x'\n[[faults]]\nkind = 'proxy-down'\nat = 1", "positive `for`"),
+        ("name = 'x'\n[[faults]]\nkind = 'toxic'\nat = 1\nfor = 1", "toxic.type"),
+        ("name = 'x'\nworkerz = 2", "unknown keys ['workerz']"),
+        ("name = 'x'\nworkers = 0", "workers must be a number >= 1"),
+        ("name = 'has space'", "name must be"),
+        ("name = ", "not valid TOML"),
+    ],
+)
+def test_bad_scenario_files_get_specific_errors(text: str, problem: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"scenario my\.toml: ") as caught:
+        parse(text, "my.toml")
+    assert problem in str(caught.value)
+
+
+def _evaluate(**kwargs: object) -> Result:
+    base: dict[str, object] = {
+        "produced": 4,
+        "acked": {"a", "b", "c", "d"},
+        "rows": [("a", "k1", 0, "w1", 100.0), ("b", "k1", 1, "w1", 101.0)],
+        "dead": {"c"},
+        "poison": {"c"},
+        "dedup": True,
+        "started_at": 100.0,
+        "fault_ends": [],
+    }
+    base.update(kwargs)
+    return evaluate(Result("t"), **base)  # type: ignore[arg-type]
+
+
+def test_invariants_count_loss_duplicates_reorders_and_recovery() -> None:
+    lost = _evaluate(in_log={"a", "b", "c"})
+    assert (lost.lost, lost.lost_by_broker, lost.passed) == (1, 1, False)  # d: not even in log
+    assert "1 acknowledged message(s) lost: ['d']" in lost.failures[0]
+
+    rows = [
+        ("a", "k1", 1, "w1", 100.0),
+        ("b", "k1", 0, "w2", 103.0),  # k1 seq 0 after seq 1: a reorder
+        ("b", "k1", 0, "w2", 104.0),  # twice: a duplicate side effect
+        ("d", "k2", 0, "w1", 106.5),
+    ]
+    result = _evaluate(rows=rows, fault_ends=[5.0])
+    assert (result.lost, result.duplicates, result.reorders) == (0, 1, 1)
+    assert result.recovery_seconds == pytest.approx(1.5)  # fault ended at 5 s, next at 6.5 s
+    assert result.max_stall_seconds == pytest.approx(3.0)
+    assert not result.passed and "duplicate side effect" in result.failures[0]
+    assert _evaluate(rows=rows, fault_ends=[5.0], dedup=False).passed  # reported, not failed
+
+    unacked = _evaluate(acked={"a", "b", "c"}, rows=rows[:2] + rows[3:])
+    assert "1 message(s) never acknowledged" in unacked.failures
+    poison_processed = _evaluate(dead=set(), acked={"a", "b"})
+    assert "1 poison message(s) not dead-lettered" in poison_processed.failures
+
+
+def test_the_report_has_the_contracted_fields(tmp_path: Path) -> None:
+    result = _evaluate(rows=[("a", "k1", 0, "w1", 100.0), ("b", "k1", 1, "w1", 101.0)])
+    result.timeline = [(0.0, 0, 0), (0.5, 2, 1), (1.0, 4, 2)]
+    result.faults = [{"label": "proxy-down", "start": 0.2, "end": 0.6}]
+    written = write([result], tmp_path, {"messages": 4, "duration": 1, "seed": 1})
+    doc = json.loads((tmp_path / "report.json").read_text())
+    assert set(doc["scenarios"][0]) >= REPORT_FIELDS
+    assert "| `t` | 4 | 4 | 2 | 1 | 1 |" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "timeline-t.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(written) == 3
+
+
+def test_chaos_list_and_bad_run_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["chaos", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "broker-kill" in listed and "rebalance-storm" in listed
+    assert main(["chaos", "run", "no-such-scenario"]) == 1
+    assert "unknown scenario(s) ['no-such-scenario']" in capsys.readouterr().err
+
+
+def test_a_failed_invariant_makes_the_command_fail(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import resilient_kafka.chaos as chaos
+
+    def fake_run_all(scenarios: list[object], **kwargs: object) -> list[Result]:
+        return [Result("latency", lost=1, passed=False), Result("timeout", passed=True)]
+
+    monkeypatch.setattr(chaos, "run_all", fake_run_all)
+    assert main(["chaos", "run", "latency", "timeout", "--report", str(tmp_path)]) == 1
+
+
+def test_a_worker_sigkilled_mid_batch_loses_nothing(tmp_path: Path) -> None:
+    scenario = next(s for s in builtin() if s.name == "consumer-crash").scaled(6.0)
+    stack = Stack.embedded_stack(seed=3)
+    try:
+        result = run_scenario(
+            stack, scenario, messages=400, seed=3, drain_timeout=30, workdir=tmp_path
+        )
+    finally:
+        stack.close()
+    assert result.failures == []
+    assert (result.acknowledged, result.processed, result.lost, result.duplicates) == (
+        400,
+        400,
+        0,
+        0,
+    )
+    assert [w["label"] for w in result.faults] == ["worker-kill"]
+    assert result.passed
