@@ -20,6 +20,23 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None
         time.sleep(0.05)
 
 
+def run_until(
+    consumer: Any, handler: Callable[[Message], object], done: Callable[[], object]
+) -> None:
+    """``consumer.run(handler)`` in a thread until ``done()`` (60 s deadline), then stop it and
+    wait for it to close."""
+    import threading
+
+    thread = threading.Thread(target=consumer.run, args=(handler,), daemon=True)
+    thread.start()
+    try:
+        wait_for(done, 60, "the records to be handled")
+    finally:
+        consumer.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:

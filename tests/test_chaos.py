@@ -58,7 +58,18 @@ def test_the_built_in_scenarios_cover_the_issue_list() -> None:
         ("name = 'x'\n[[faults]]\nkind = 'proxy-down'\nat = 1", "positive `for`"),
         ("name = 'x'\n[[faults]]\nkind = 'toxic'\nat = 1\nfor = 1", "toxic.type"),
         ("name = 'x'\nworkerz = 2", "unknown keys ['workerz']"),
-        ("name = 'x'\nworkers = 0", "workers must be a number >= 1"),
+        ("name = 'x'\nworkers = 0", "workers must be a finite number >= 1"),
+        ("name = 'x'\nduration = inf", "duration must be a finite number"),
+        (
+            "name = 'x'\n[[faults]]\nkind = 'toxic'\nat = 1\nfor = 1\n"
+            "toxic = { type = 'latency', attributes = { latencyy = 5 } }",
+            "latency toxics take ['jitter', 'latency'], not ['latencyy']",
+        ),
+        (
+            "name = 'x'\n[[faults]]\nkind = 'toxic'\nat = 1\nfor = 1\n"
+            "toxic = { type = 'timeout', toxicity = 2 }",
+            "toxicity is a probability",
+        ),
         ("name = 'has space'", "name must be"),
         ("name = ", "not valid TOML"),
     ],
@@ -95,10 +106,16 @@ def test_invariants_count_loss_duplicates_reorders_and_recovery() -> None:
         ("b", "k1", 0, "w2", 104.0),  # twice: a duplicate side effect
         ("d", "k2", 0, "w1", 106.5),
     ]
-    result = _evaluate(rows=rows, fault_ends=[5.0])
+    # acknowledged 3 by the fault's end (5 s), processed 2 (+1 dead letter) only at 7 s
+    timeline = [(4.5, 3, 0), (5.0, 3, 1), (6.0, 4, 1), (7.0, 4, 2), (8.0, 4, 3)]
+    calls = ["a", "b", "b", "d"]  # b's downstream call ran twice (the kill window of dedup)
+    result = _evaluate(rows=rows, fault_ends=[5.0], timeline=timeline, calls=calls)
     assert (result.lost, result.duplicates, result.reorders) == (0, 1, 1)
-    assert result.recovery_seconds == pytest.approx(1.5)  # fault ended at 5 s, next at 6.5 s
+    assert result.downstream_duplicates == 1
+    assert result.recovery_seconds == pytest.approx(2.0)
     assert result.max_stall_seconds == pytest.approx(3.0)
+    never = _evaluate(rows=rows, fault_ends=[5.0], timeline=timeline[:2])
+    assert never.recovery_seconds is None
     assert not result.passed and "duplicate side effect" in result.failures[0]
     assert _evaluate(rows=rows, fault_ends=[5.0], dedup=False).passed  # reported, not failed
 
@@ -106,6 +123,9 @@ def test_invariants_count_loss_duplicates_reorders_and_recovery() -> None:
     assert "1 message(s) never acknowledged" in unacked.failures
     poison_processed = _evaluate(dead=set(), acked={"a", "b"})
     assert "1 poison message(s) not dead-lettered" in poison_processed.failures
+    healthy_in_dlq = _evaluate(dead={"c", "d"})  # d is not poison: retries ran out
+    assert healthy_in_dlq.lost == 0 and not healthy_in_dlq.passed
+    assert "1 healthy message(s) dead-lettered: ['d']" in healthy_in_dlq.failures
 
 
 def test_the_report_has_the_contracted_fields(tmp_path: Path) -> None:

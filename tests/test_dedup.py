@@ -9,7 +9,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from resilient_kafka.dedup import (
 )
 from resilient_kafka.errors import ConfigurationError
 from resilient_kafka.testing import KafkaCluster
-from tests.helpers import wait_for
+from tests.helpers import run_until, wait_for
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -136,19 +136,6 @@ def _produce(
     producer.close()
 
 
-def _run(
-    consumer: ResilientConsumer, handler: Callable[[Message], None], done: Callable[[], bool]
-) -> None:
-    thread = threading.Thread(target=consumer.run, args=(handler,), daemon=True)
-    thread.start()
-    try:
-        wait_for(done, 60, "the records to be handled")
-    finally:
-        consumer.stop()
-        thread.join(30)
-    assert not thread.is_alive()
-
-
 def _skipped(reg: CollectorRegistry, topic: str, group: str) -> float:
     value = reg.get_sample_value(
         "resilient_kafka_messages_handled_total",
@@ -183,7 +170,7 @@ def test_the_same_message_produced_twice_is_handled_once(
     )
     side_effects: list[bytes] = []
     consumer.subscribe([topic])
-    _run(
+    run_until(
         consumer,
         lambda msg: side_effects.append(msg.value()),
         lambda: _skipped(reg, topic, group) == 1 and len(side_effects) == 2,
@@ -307,7 +294,7 @@ def test_sigkill_after_side_effects_before_the_commit_skips_them_on_restart(
             out.write(msg.value().decode() + "\n")
 
     consumer.subscribe([topic])
-    _run(consumer, handler, lambda: len(handled) == 5)
+    run_until(consumer, handler, lambda: len(handled) == 5)
     assert handled == [f"v{i}" for i in range(5, 10)]  # v5 after the dead worker's lease ran out
     assert ledger.read_text().split() == [f"v{i}" for i in range(10)]  # each side effect once
     assert _skipped(reg, topic, group) == 5
@@ -352,7 +339,7 @@ def test_store_failures_follow_the_policy(kafka: KafkaCluster, topic_factory, po
         return len(handled) >= 5
 
     consumer.subscribe([topic])
-    _run(consumer, handler, done)
+    run_until(consumer, handler, done)
     assert sorted(handled) == [f"v{i}" for i in range(5)]  # each once, none lost
     errors = reg.get_sample_value(
         "resilient_kafka_dedup_lookups_total",

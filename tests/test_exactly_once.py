@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 
 import pytest
 import tenacity
@@ -33,7 +32,7 @@ from resilient_kafka import (
 )
 from resilient_kafka.dedup import MemoryStore
 from resilient_kafka.testing import KafkaCluster
-from tests.helpers import wait_for
+from tests.helpers import run_until, wait_for
 
 
 def _produce(kafka: KafkaCluster, topic: str, values: list[str], partitions: int = 1) -> None:
@@ -138,19 +137,6 @@ def _outputs_of_last_calls(outputs: list[Message], calls: Counter[str]) -> Count
     return found
 
 
-def _run(
-    consumer: ResilientConsumer, handler: Callable[[Message], None], done: Callable[[], bool]
-) -> None:
-    thread = threading.Thread(target=consumer.run, args=(handler,), daemon=True)
-    thread.start()
-    try:
-        wait_for(done, 60, "the records to be handled")
-    finally:
-        consumer.stop()
-        thread.join(30)
-    assert not thread.is_alive()
-
-
 def test_output_forwards_and_offsets_commit_together(
     kafka: KafkaCluster, topic_factory, aborted_hidden: bool
 ) -> None:
@@ -168,7 +154,7 @@ def test_output_forwards_and_offsets_commit_together(
     )
     handler = _Recorder(consumer, out, fail_first={"v3", "v12"})
     consumer.subscribe([source])
-    _run(
+    run_until(
         consumer,
         handler,
         lambda: all(handler.calls[v] >= (2 if v in {"v3", "v12"} else 1) for v in values),
@@ -300,7 +286,7 @@ def test_an_attempt_that_wrote_output_is_not_retried_in_place(
         recorder(msg)
 
     consumer.subscribe([source])
-    _run(consumer, handler, lambda: recorder.calls["v0"] >= 2 and recorder.calls["v1"] >= 1)
+    run_until(consumer, handler, lambda: recorder.calls["v0"] >= 2 and recorder.calls["v1"] >= 1)
     # both attempts' output would commit together after an in-place retry: it went to the
     # retry topic instead (its first output aborted)
     assert topics[0] == source and consumer.retry_topics(source)[0] in topics
@@ -335,7 +321,7 @@ def test_a_failed_commit_replays_from_the_last_committed_offset(
 
     txn.commit = commit_failing_once  # type: ignore[method-assign]
     consumer.subscribe([source])
-    _run(
+    run_until(
         consumer,
         handler,
         lambda: (
@@ -418,7 +404,7 @@ def test_sigkill_mid_transaction_loses_nothing_and_shows_no_partial_output(
         consumer.producer.produce(out, value=f"{msg.value().decode()}:2")
 
     consumer.subscribe([source])
-    _run(consumer, handler, lambda: len(handled) >= 10)
+    run_until(consumer, handler, lambda: len(handled) >= 10)
     assert handled == values  # nothing lost: v0..v5 again, then the rest
     assert _committed(kafka, group, source, 1) == [10]
     outputs = _read(kafka, out, "read_committed", expect=10)

@@ -93,10 +93,11 @@ def run_all(
                 results.append(result)
     finally:
         stack.close()
-    meta = {"topology": topology, "messages": messages, "duration": duration, "seed": seed}
-    written = chaos_report.write(results, report, meta)
-    print(chaos_report.markdown(results, meta), flush=True)
-    console.print(
-        f"report: {', '.join(str(p) for p in written[:2])} (+ {len(written) - 2} timelines)"
-    )
+        # whatever ran is reported, also when a scenario broke the run or Ctrl-C stopped it
+        meta = {"topology": topology, "messages": messages, "duration": duration, "seed": seed}
+        written = chaos_report.write(results, report, meta)
+        print(chaos_report.markdown(results, meta), flush=True)
+        console.print(
+            f"report: {', '.join(str(p) for p in written[:2])} (+ {len(written) - 2} timelines)"
+        )
     return results

@@ -87,13 +87,13 @@ def main(settings: dict[str, Any]) -> None:
         wait = started + i * interval - time.monotonic()
         producer.poll(max(0.0, wait))
         while retry:
-            send(retry.pop())
+            send(retry.pop(0))  # oldest first: keeps each key's order where it can
         send(record)
     deadline = time.monotonic() + settings["drain_timeout"]
     while time.monotonic() < deadline:
         producer.flush(1.0)
         while retry:
-            send(retry.pop())
+            send(retry.pop(0))
         if not retry and len(producer) == 0:
             break
     acks.close()

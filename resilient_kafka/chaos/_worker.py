@@ -19,12 +19,13 @@ import time
 from typing import Any
 
 from resilient_kafka import CircuitBreaker, ResilientConsumer, RetryPolicy
-from resilient_kafka.dedup import SQLiteStore
+from resilient_kafka.dedup import DedupStoreError, SQLiteStore
 
 LEDGER_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ledger (id TEXT NOT NULL, key TEXT, seq INTEGER,"
     " worker TEXT NOT NULL, at REAL NOT NULL)"
 )
+CALLS_SCHEMA = "CREATE TABLE IF NOT EXISTS calls (id TEXT NOT NULL, at REAL NOT NULL)"
 
 
 class Poison(ValueError):
@@ -43,17 +44,23 @@ class LedgerStore(SQLiteStore):
     def complete(self, key: str, owner: str) -> None:
         row = self.pending.pop(key)
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute(
-                    "INSERT INTO ledger VALUES (?, ?, ?, ?, ?)", (*row, self.worker, time.time())
-                )
-                self._db.execute(
-                    "INSERT OR REPLACE INTO rk_dedup VALUES (?, 'done', ?, ?)",
-                    (key, owner, time.time() + self.ttl),
-                )
-            finally:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.execute(
+                        "INSERT INTO ledger VALUES (?, ?, ?, ?, ?)",
+                        (*row, self.worker, time.time()),
+                    )
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO rk_dedup VALUES (?, 'done', ?, ?)",
+                        (key, owner, time.time() + self.ttl),
+                    )
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
                 self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise DedupStoreError(f"ledger {self.path}: {exc}") from exc
 
 
 def main(settings: dict[str, Any]) -> None:
@@ -62,11 +69,10 @@ def main(settings: dict[str, Any]) -> None:
     )
     group = settings["group"]
     store = LedgerStore(settings["db"], settings["worker"]) if settings["dedup"] else None
-    plain = None
-    if store is None:
-        plain = sqlite3.connect(settings["db"], timeout=30.0, isolation_level=None)
-        plain.execute("PRAGMA journal_mode=WAL")
-        plain.execute(LEDGER_SCHEMA)
+    plain = sqlite3.connect(settings["db"], timeout=30.0, isolation_level=None)
+    plain.execute("PRAGMA journal_mode=WAL")
+    plain.execute(LEDGER_SCHEMA)
+    plain.execute(CALLS_SCHEMA)
     breaker = CircuitBreaker("downstream", fail_max=5, reset_timeout=1.0)
     down_flag = settings["downstream_flag"]
     latency = settings["downstream_latency_ms"] / 1000
@@ -98,11 +104,12 @@ def main(settings: dict[str, Any]) -> None:
         if payload.get("poison"):
             raise Poison(f"message {payload['id']} can never be processed")
         breaker.call(downstream, payload)
+        # the downstream's own record of the call (committed on its own, like a remote service)
+        plain.execute("INSERT INTO calls VALUES (?, ?)", (payload["id"], time.time()))
         row = (payload["id"], payload["key"], payload["seq"])
         if store is not None:
             store.pending[f"{group}|id:{payload['id']}"] = row
         else:
-            assert plain is not None
             plain.execute(
                 "INSERT INTO ledger VALUES (?, ?, ?, ?, ?)", (*row, settings["worker"], time.time())
             )

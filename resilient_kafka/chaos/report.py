@@ -48,12 +48,17 @@ def markdown(results: list[Result], meta: dict[str, Any]) -> str:
     for r in results:
         if r.failures:
             lines.append(f"- `{r.name}`: " + "; ".join(r.failures))
+        if r.downstream_duplicates:
+            lines.append(
+                f"- `{r.name}`: {r.downstream_duplicates} downstream call(s) repeated after a "
+                "crash between the call and the dedup mark (dedup's documented window)"
+            )
     lines += [
         "",
         "lost = acknowledged ids neither processed nor dead-lettered; duplicates = side effects "
         "beyond one per id (must be 0 with dedup on); reorders = per-key order inversions "
-        "(reported: retries reorder by design); recovery = time from a fault's end to the next "
-        "processed message; timelines in `timeline-<scenario>.png`.",
+        "(reported: retries reorder by design); recovery = time from a fault's end until "
+        "everything acknowledged by then is handled; timelines in `timeline-<scenario>.png`.",
         "",
     ]
     return "\n".join(lines)

@@ -8,9 +8,7 @@ import json
 import logging
 import os
 import random
-import signal
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -22,6 +20,7 @@ from typing import Any
 
 from resilient_kafka.chaos._stack import Stack
 from resilient_kafka.chaos.scenario import Fault, Scenario
+from resilient_kafka.testing._process import ManagedProcess
 
 log = logging.getLogger("resilient_kafka.chaos")
 
@@ -62,6 +61,7 @@ class Result:
     max_stall_seconds: float = 0.0
     unexpected_dead_letters: int = 0
     lost_by_broker: int = 0  # of the lost: acknowledged, but not in the topic's log at all
+    downstream_duplicates: int = 0  # successful downstream calls repeated for one id
     elapsed_seconds: float = 0.0
     faults: list[dict[str, Any]] = field(default_factory=list)  # {label, start, end} (s)
     timeline: list[tuple[float, int, int]] = field(default_factory=list)  # t, acked, processed
@@ -71,67 +71,60 @@ class Result:
 
 
 class _Processes:
-    """The scenario's OS processes (workers, producer); all of them killed on the way out."""
+    """The scenario's OS processes (workers, producer): own sessions, killed with the runner
+    (``ManagedProcess``: PDEATHSIG and exit hooks), all stopped on the way out."""
 
     def __init__(self, workdir: Path, settings: dict[str, Any]) -> None:
         self.workdir = workdir
         self.settings = settings
-        self.workers: list[subprocess.Popen[bytes]] = []
-        self.producer: subprocess.Popen[bytes] | None = None
+        self.workers: list[ManagedProcess] = []
+        self.producer: ManagedProcess | None = None
         self._n = 0
+        self._lock = threading.Lock()
+        self._closed = False
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
-    def _spawn(
-        self, module: str, settings: dict[str, Any], log_name: str
-    ) -> subprocess.Popen[bytes]:
-        out = open(self.workdir / log_name, "ab")  # noqa: SIM115 - the child keeps it
-        try:
-            return subprocess.Popen(
-                [sys.executable, "-m", module, json.dumps(settings)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=self._env,
-            )
-        finally:
-            out.close()
-
-    def start_worker(self) -> subprocess.Popen[bytes]:
-        self._n += 1
-        name = f"worker-{self._n}"
-        proc = self._spawn(
-            "resilient_kafka.chaos._worker", {**self.settings, "worker": name}, f"{name}.log"
+    def _spawn(self, name: str, module: str, settings: dict[str, Any]) -> ManagedProcess:
+        proc = ManagedProcess(
+            name,
+            [sys.executable, "-m", module, json.dumps(settings)],
+            env=self._env,
+            log_dir=self.workdir,
         )
-        self.workers.append(proc)
+        proc.start()
         return proc
+
+    def start_worker(self) -> ManagedProcess | None:
+        with self._lock:
+            if self._closed:  # the scenario is over: a late churn tick starts nothing
+                return None
+            self._n += 1
+            name = f"worker-{self._n}"
+            proc = self._spawn(
+                name, "resilient_kafka.chaos._worker", {**self.settings, "worker": name}
+            )
+            self.workers.append(proc)
+            return proc
 
     def wait_assigned(self, count: int, deadline: float) -> None:
         """Until ``count`` workers have got partitions (a group join takes seconds)."""
         while time.monotonic() < deadline:
-            logs = [self.workdir / f"worker-{n}.log" for n in range(1, self._n + 1)]
-            joined = sum(1 for path in logs if path.exists() and b"assigned" in path.read_bytes())
-            if joined >= count:
+            if sum(1 for w in self.workers if "assigned" in w.log_text()) >= count:
                 return
             time.sleep(0.1)
         raise TimeoutError(f"the workers did not join the group (logs in {self.workdir})")
 
-    def live_workers(self) -> list[subprocess.Popen[bytes]]:
-        return [w for w in self.workers if w.poll() is None]
+    def live_workers(self) -> list[ManagedProcess]:
+        return [w for w in self.workers if w.running()]
 
     def start_producer(self, settings: dict[str, Any]) -> None:
-        self.producer = self._spawn("resilient_kafka.chaos._producer", settings, "producer.log")
+        self.producer = self._spawn("producer", "resilient_kafka.chaos._producer", settings)
 
     def stop_all(self) -> None:
-        procs = [*self.workers, *([self.producer] if self.producer else [])]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        for proc in procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        with self._lock:
+            self._closed = True
+        for proc in [*self.workers, *([self.producer] if self.producer else [])]:
+            proc.stop(timeout=20)
 
 
 class _Ledger:
@@ -154,6 +147,9 @@ class _Ledger:
     def count(self) -> int:
         rows = self._query("SELECT COUNT(DISTINCT id) FROM ledger")
         return int(rows[0][0]) if rows else 0
+
+    def calls(self) -> list[str]:
+        return [row[0] for row in self._query("SELECT id FROM calls")]
 
     def rows(self) -> list[tuple[str, str, int, str, float]]:
         return [
@@ -254,6 +250,7 @@ class _Timeline:
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._churns: dict[int, threading.Thread] = {}
         self.started = 0.0
 
     def start(self, started: float) -> None:
@@ -270,28 +267,28 @@ class _Timeline:
             events.append((fault.at, i, "begin", fault))
             events.append((fault.end, i, "end", fault))
         events.sort(key=lambda e: (e[0], e[2] == "begin"))
-        churn: dict[int, threading.Thread] = {}
+        windows: dict[int, dict[str, Any]] = {}
         for offset, i, what, fault in events:
             if not self._at(offset):
-                return
+                break
             now = time.monotonic() - self.started
             try:
                 if what == "begin":
-                    self.windows.append({"label": fault.label(), "start": now, "end": None})
+                    windows[i] = {"label": fault.label(), "start": now, "end": None}
+                    self.windows.append(windows[i])
                     if fault.kind == "worker-churn":
-                        churn[i] = threading.Thread(target=self._churn, args=(fault,), daemon=True)
-                        churn[i].start()
+                        self._churns[i] = threading.Thread(
+                            target=self._churn, args=(fault,), daemon=True
+                        )
+                        self._churns[i].start()
                     else:
                         self._begin(fault, i)
                 else:
                     if fault.kind == "worker-churn":
-                        churn[i].join()
+                        self._churns[i].join()
                     else:
                         self._end(fault, i)
-                    for window in self.windows:
-                        if window["label"] == fault.label() and window["end"] is None:
-                            window["end"] = time.monotonic() - self.started
-                            break
+                    windows[i]["end"] = time.monotonic() - self.started
             except Exception as exc:
                 self.errors.append(f"{what} {fault.label()}: {exc}")
                 log.exception("chaos fault %s %s failed", what, fault.label())
@@ -331,17 +328,32 @@ class _Timeline:
             if extra is None:
                 extra = self.procs.start_worker()
             else:
-                extra.send_signal(signal.SIGTERM)
+                extra.stop(timeout=20)  # a clean leave: commits, then the group rebalances
                 extra = None
             offset += fault.every / 2
             if not self._at(min(offset, fault.end)):
                 break
         if extra is not None:
-            extra.send_signal(signal.SIGTERM)
+            extra.stop(timeout=20)
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(60)
+        if self._thread.ident is not None:  # started
+            self._thread.join(60)
+        for thread in self._churns.values():
+            thread.join(60)
+
+
+def _caught_up(timeline: list[tuple[float, int, int]], end: float, dead: int) -> float | None:
+    """Seconds from ``end`` until the processed count reached what was acknowledged at
+    ``end`` (None: never)."""
+    acked_at_end = next((acked for t, acked, _ in timeline if t >= end), None)
+    if acked_at_end is None:
+        return 0.0
+    for t, _acked, processed in timeline:
+        if t >= end and processed + dead >= acked_at_end:
+            return t - end
+    return None
 
 
 def _reorders(rows: list[tuple[str, str, int, str, float]], poison: set[str]) -> int:
@@ -371,8 +383,15 @@ def evaluate(
     started_at: float,
     fault_ends: list[float],
     in_log: set[str] | None = None,
+    timeline: list[tuple[float, int, int]] | None = None,
+    calls: list[str] | None = None,
 ) -> Result:
-    """The invariants, from the acknowledgements, the ledger rows and the DLQ ids."""
+    """The invariants, from the acknowledgements, the ledger rows and the DLQ ids.
+
+    ``timeline``: (seconds, acknowledged, processed) samples, for the recovery time: from a
+    fault's end until everything acknowledged by then is handled. ``calls``: the ids of the
+    successful downstream calls (a call repeated after a crash between it and the dedup mark
+    is the documented limit of dedup: reported, not failed)."""
     processed = {row[0] for row in rows}
     result.produced = produced
     result.acknowledged = len(acked)
@@ -388,12 +407,11 @@ def evaluate(
         result.max_stall_seconds = max(b - a for a, b in itertools.pairwise(times))
     recovery: float | None = 0.0
     for end in fault_ends:
-        after = [t for t in times if t >= end]
-        if after and recovery is not None:
-            recovery = max(recovery, after[0] - end)
-        elif not after and acked - dead - {r[0] for r in rows if r[4] - started_at < end}:
-            recovery = None  # nothing processed after the fault, and work was left
+        caught_up = _caught_up(timeline or [], end, len(dead))
+        recovery = None if caught_up is None or recovery is None else max(recovery, caught_up)
     result.recovery_seconds = recovery
+    if calls is not None:
+        result.downstream_duplicates = len(calls) - len(set(calls))
     if result.lost:
         result.failures.append(f"{result.lost} acknowledged message(s) lost: {sorted(lost)[:5]}")
         if in_log is not None:
@@ -406,6 +424,11 @@ def evaluate(
         result.failures.append(f"{produced - result.acknowledged} message(s) never acknowledged")
     if dedup and result.duplicates:
         result.failures.append(f"{result.duplicates} duplicate side effect(s) with dedup on")
+    unexpected = dead - poison
+    if unexpected:
+        result.failures.append(
+            f"{len(unexpected)} healthy message(s) dead-lettered: {sorted(unexpected)[:5]}"
+        )
     missing_poison = poison - dead
     if missing_poison:
         result.failures.append(f"{len(missing_poison)} poison message(s) not dead-lettered")
@@ -439,8 +462,6 @@ def run_scenario(
     topic, group = f"chaos-{scenario.name}-{suffix}", f"chaos-{scenario.name}-{suffix}"
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": stack.bootstrap, "log_level": 0})
-    _admin.create_topics(admin, {topic: PARTITIONS}, where=stack.bootstrap)
     flag = workdir / "downstream.down"
     flag.unlink(missing_ok=True)
     db, acks = workdir / "ledger.db", workdir / "acks.txt"
@@ -463,6 +484,8 @@ def run_scenario(
     started = time.monotonic()
     wall_start = time.time()
     try:
+        admin = AdminClient({"bootstrap.servers": stack.bootstrap, "log_level": 0})
+        _admin.create_topics(admin, {topic: PARTITIONS}, where=stack.bootstrap)
         for _ in range(scenario.workers):
             procs.start_worker()
         status("workers joining", 0, messages)
@@ -488,7 +511,9 @@ def run_scenario(
         )
         timeline.start(started)
         load_end = started + max([scenario.duration, *(f.end for f in scenario.faults)])
-        drain_deadline = load_end + drain_timeout
+        # the drain allowance grows with the work the workers have to do
+        work = messages * scenario.downstream_latency_ms / 1000 / scenario.workers
+        drain_deadline = load_end + max(drain_timeout, 2 * work)
         while True:
             now = time.monotonic()
             acked = _read_ids(acks)
@@ -496,7 +521,7 @@ def run_scenario(
             result.timeline.append((now - started, len(acked), processed))
             phase = "load" if now < load_end else "draining"
             status(phase, processed + len(dlq.ids & poison), messages)
-            producer_done = procs.producer is not None and procs.producer.poll() is not None
+            producer_done = procs.producer is not None and not procs.producer.running()
             if now >= load_end and producer_done:
                 done = {r[0] for r in ledger.rows()} | dlq.ids
                 if acked <= done and len(acked) >= messages:
@@ -536,4 +561,6 @@ def run_scenario(
         started_at=wall_start,
         fault_ends=[w["end"] for w in timeline.windows if w["end"] is not None],
         in_log=in_log,
+        timeline=result.timeline,
+        calls=ledger.calls(),
     )

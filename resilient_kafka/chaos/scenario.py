@@ -17,6 +17,7 @@ Times are seconds from the start of the load and scale with ``--duration``.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -100,9 +101,27 @@ def _fail(source: str, problem: str) -> ConfigurationError:
 
 def _number(data: dict[str, Any], key: str, default: float, source: str, minimum: float) -> float:
     value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        raise _fail(source, f"{key} must be a number >= {minimum}, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < minimum
+    ):
+        raise _fail(source, f"{key} must be a finite number >= {minimum}, got {value!r}")
     return float(value)
+
+
+# each toxic's attributes (Toxiproxy ignores unknown ones and zeroes missing ones, so a typo
+# would silently make the toxic a no-op: reject it here)
+TOXIC_ATTRIBUTES = {
+    "latency": {"latency", "jitter"},
+    "bandwidth": {"rate"},
+    "slow_close": {"delay"},
+    "timeout": {"timeout"},
+    "reset_peer": {"timeout"},
+    "slicer": {"average_size", "size_variation", "delay"},
+    "limit_data": {"bytes"},
+}
 
 
 def _fault(data: Any, source: str, duration: float) -> Fault:
@@ -126,10 +145,26 @@ def _fault(data: Any, source: str, duration: float) -> Fault:
     if kind == "toxic":
         if not isinstance(toxic, dict) or toxic.get("type") not in TOXIC_TYPES:
             raise _fail(source, f"a toxic fault needs toxic.type, one of {list(TOXIC_TYPES)}")
+        extra = set(toxic) - {"type", "stream", "attributes", "toxicity"}
+        if extra:
+            raise _fail(source, f"unknown toxic keys {sorted(extra)}")
         if toxic.get("stream", "downstream") not in ("upstream", "downstream"):
             raise _fail(source, "toxic.stream must be 'upstream' or 'downstream'")
-        if not isinstance(toxic.get("attributes", {}), dict):
+        attributes = toxic.get("attributes", {})
+        if not isinstance(attributes, dict):
             raise _fail(source, "toxic.attributes must be a table")
+        allowed = TOXIC_ATTRIBUTES[toxic["type"]]
+        if set(attributes) - allowed:
+            raise _fail(
+                source,
+                f"{toxic['type']} toxics take {sorted(allowed)}, not "
+                f"{sorted(set(attributes) - allowed)}",
+            )
+        for name in attributes:
+            _number(attributes, name, 0, source, 0)
+        toxicity = _number(toxic, "toxicity", 1.0, source, 0.0)
+        if toxicity > 1:
+            raise _fail(source, f"toxic.toxicity is a probability (0 to 1), got {toxicity}")
     elif toxic:
         raise _fail(source, f"only toxic faults take a toxic table (fault {kind!r})")
     every = _number(data, "every", 2.0, source, 0.1)
