@@ -165,9 +165,8 @@ def _rk_ids(msg: Any) -> list[str]:
     ]
 
 
-def _ids_in_log(bootstrap: str, topic: str, quiet: float = 3.0, limit: float = 30.0) -> set[str]:
-    """Every rk.id in ``topic`` (read from the start until nothing arrives for ``quiet`` s):
-    tells "the broker lost it" from "the consumer lost it", as Kafka's own system tests do."""
+def _reader(bootstrap: str, topic: str) -> Any:
+    """A plain consumer on every partition of ``topic`` from the start (the verifier's view)."""
     from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer(
@@ -179,6 +178,13 @@ def _ids_in_log(bootstrap: str, topic: str, quiet: float = 3.0, limit: float = 3
         }
     )
     consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+    return consumer
+
+
+def _ids_in_log(bootstrap: str, topic: str, quiet: float = 3.0, limit: float = 30.0) -> set[str]:
+    """Every rk.id in ``topic`` (read from the start until nothing arrives for ``quiet`` s):
+    tells "the broker lost it" from "the consumer lost it", as Kafka's own system tests do."""
+    consumer = _reader(bootstrap, topic)
     ids: set[str] = set()
     deadline = time.monotonic() + limit
     last = time.monotonic()
@@ -210,17 +216,7 @@ class _DeadLetters:
         self._thread.start()
 
     def _follow(self, bootstrap: str, topic: str) -> None:
-        from confluent_kafka import Consumer, TopicPartition
-
-        consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"rk-chaos-verifier-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-                "log_level": 0,
-            }
-        )
-        consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+        consumer = _reader(bootstrap, topic)
         try:
             while not self._stop.is_set():
                 msg = consumer.poll(0.2)
