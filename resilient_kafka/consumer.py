@@ -311,6 +311,7 @@ class ResilientConsumer(Consumer):
         self._running = False
         # the drop-in loop's dedup claims of records in hand: id(msg) -> (msg, key)
         self._loop_claims: dict[int, tuple[Message, str]] = {}
+        self._loop_keys: set[str] = set()  # the keys of _loop_claims: twins found in O(1)
         # exactly-once mode
         self._txn_interval = transaction_interval
         self._txn_started = time.monotonic()
@@ -726,9 +727,7 @@ class ResilientConsumer(Consumer):
         for msg in self._in_hand:
             self._raw.pop(id(msg), None)
             if self._loop_claims:
-                entry = self._loop_claims.pop(id(msg), None)
-                if entry is not None:
-                    self._unclaim(entry[1])
+                self._unclaim(self._pop_loop_claim(msg))
         self._in_hand.clear()
 
     def _finish_in_hand(self) -> None:
@@ -755,9 +754,7 @@ class ResilientConsumer(Consumer):
                 self._raw.pop(id(msg), None)
         if self._loop_claims:  # the drop-in loop's records are processed: mark them done
             for msg in in_hand:
-                entry = self._loop_claims.pop(id(msg), None)
-                if entry is not None:
-                    self._claimed_done(entry[1], msg)
+                self._claimed_done(self._pop_loop_claim(msg), msg)
         in_hand.clear()
 
     def _maintain(self, deadline: float | None, now: float) -> float:
@@ -843,9 +840,7 @@ class ResilientConsumer(Consumer):
             )
         self._maintain_at = 0.0  # a forward to send and acknowledge, or an outage to tend
         if self._loop_claims:
-            entry = self._loop_claims.pop(id(msg), None)
-            if entry is not None:
-                self._unclaim(entry[1])  # not done: the retry hop claims again
+            self._unclaim(self._pop_loop_claim(msg))  # not done: the retry hop claims again
         if self._txn is not None and (
             self._txn_failed or self._producer.produced != self._produced_mark
         ):
@@ -1703,14 +1698,23 @@ class ResilientConsumer(Consumer):
         if self._dedup is None or self._running:  # run() claims around its handler
             return True
         key = f"{self._group}|{self._dedup_key(msg)}"
-        if self._loop_claims and any(k == key for _, k in self._loop_claims.values()):
+        if key in self._loop_keys:
             raise _SameBatch  # its twin is in hand, not done yet: it comes again after
         claim = self._claim(msg, key)
         if claim is _SKIP:
             return False
         if claim is not None:
             self._loop_claims[id(msg)] = (msg, claim)
+            self._loop_keys.add(claim)
         return True
+
+    def _pop_loop_claim(self, msg: Message) -> str | None:
+        """The drop-in loop's claim on ``msg`` (forgotten here), or None."""
+        entry = self._loop_claims.pop(id(msg), None)
+        if entry is None:
+            return None
+        self._loop_keys.discard(entry[1])
+        return entry[1]
 
     def _take_out_of_hand(self, msg: Message) -> None:
         for i, in_hand in enumerate(self._in_hand):
