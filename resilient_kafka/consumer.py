@@ -1717,9 +1717,10 @@ class ResilientConsumer(Consumer):
         return entry[1]
 
     def _take_out_of_hand(self, msg: Message) -> None:
-        for i, in_hand in enumerate(self._in_hand):
-            if in_hand is msg:
-                del self._in_hand[i]
+        in_hand = self._in_hand
+        for i in range(len(in_hand) - 1, -1, -1):  # from the end: usually the newest
+            if in_hand[i] is msg:
+                del in_hand[i]
                 self._raw.pop(id(msg), None)
                 return
 
