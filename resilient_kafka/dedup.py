@@ -106,6 +106,23 @@ class MemoryStore:
         pass
 
 
+def _set_up(db: sqlite3.Connection, deadline: float, *statements: str) -> None:
+    """Run set-up statements, retrying "database is locked" until ``deadline``: SQLite answers
+    the switch to WAL with SQLITE_BUSY at once, without waiting out the busy timeout, when
+    another process is setting up the same new file (consumers started together)."""
+    for statement in statements:
+        pause = 0.005
+        while True:
+            try:
+                db.execute(statement)
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.1)
+
+
 class SQLiteStore:
     """A SQLite file: survives crashes and restarts of one machine's consumers (the default for
     one host). WAL journal; every claim is one short write transaction."""
@@ -128,13 +145,15 @@ class SQLiteStore:
             self._db = sqlite3.connect(
                 self.path, timeout=timeout, isolation_level=None, check_same_thread=False
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # a process crash loses nothing
-            self._db.execute(
+            _set_up(
+                self._db,
+                time.monotonic() + timeout,
+                "PRAGMA journal_mode=WAL",
+                "PRAGMA synchronous=NORMAL",  # a process crash loses nothing
                 "CREATE TABLE IF NOT EXISTS rk_dedup (key TEXT PRIMARY KEY, state TEXT NOT NULL,"
-                " owner TEXT NOT NULL, expires REAL NOT NULL)"
+                " owner TEXT NOT NULL, expires REAL NOT NULL)",
+                "CREATE INDEX IF NOT EXISTS rk_dedup_expires ON rk_dedup(expires)",
             )
-            self._db.execute("CREATE INDEX IF NOT EXISTS rk_dedup_expires ON rk_dedup(expires)")
         except sqlite3.Error as exc:
             raise DedupStoreError(f"cannot open dedup store {self.path}: {exc}") from exc
 

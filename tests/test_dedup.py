@@ -105,6 +105,35 @@ def test_sqlite_store_survives_a_reopen(tmp_path: Path) -> None:
     again.close()
 
 
+def test_consumers_opening_a_new_sqlite_store_together_all_succeed(tmp_path: Path) -> None:
+    # Workers started together used to fail with "database is locked": SQLite answers the
+    # switch to WAL with SQLITE_BUSY at once when another connection sets up the same new file.
+    failures: list[Exception] = []
+    for round_ in range(60):
+        path = tmp_path / f"new-{round_}.db"
+        barrier = threading.Barrier(8)
+
+        def open_store(path: Path = path, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            try:
+                store = SQLiteStore(path)
+            except DedupStoreError as exc:
+                failures.append(exc)
+                return
+            store.complete("m", "a")
+            store.close()
+
+        threads = [threading.Thread(target=open_store) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []
+    again = SQLiteStore(tmp_path / "new-0.db")
+    assert again.claim("m", "b", 30) == DONE
+    again.close()
+
+
 def test_store_errors_are_specific(tmp_path: Path) -> None:
     with pytest.raises(DedupStoreError, match="cannot open dedup store"):
         SQLiteStore(tmp_path / "missing-dir" / "x.db")
