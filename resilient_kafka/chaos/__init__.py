@@ -26,7 +26,8 @@ def run_all(
     toxiproxy_url: str | None = None,
     workdir: Path,
 ) -> list[Result]:
-    """Run ``scenarios`` one after another on one stack, print the summary, write the report."""
+    """Run ``scenarios`` one after another (each on a fresh embedded stack, or all on the given
+    cluster), print the summary, write the report."""
     from resilient_kafka._extras import require
 
     require("rich", extra="chaos", purpose="the chaos run's progress view")
@@ -44,12 +45,13 @@ def run_all(
     from resilient_kafka.chaos._stack import Stack
 
     console = Console(stderr=True)
-    with console.status("starting the stack (broker, proxy)..."):
-        stack = (
-            Stack.external_stack(bootstrap, toxiproxy_url)
-            if bootstrap
-            else Stack.embedded_stack(toxiproxy_url, seed)
-        )
+    # A real cluster is shared by the scenarios; the embedded stack is started afresh for each
+    # one, so every scenario meets the same broker: an empty store, no groups left by the last
+    # one (the local S3 server's listings cost grows with every object the store holds).
+    stack: Stack | None = None
+    if bootstrap:
+        with console.status("connecting to the cluster and Toxiproxy..."):
+            stack = Stack.external_stack(bootstrap, toxiproxy_url)
     proxy = f"Toxiproxy {toxiproxy_url}" if toxiproxy_url else "the built-in Toxiproxy-API proxy"
     topology = (
         f"cluster {bootstrap} through {proxy}"
@@ -78,6 +80,13 @@ def run_all(
                 ) -> None:
                     progress.update(task, description=f"  {name}: {phase}", completed=done)
 
+                if not bootstrap:
+                    progress.update(task, description=f"  {scenario.name}: starting the broker")
+                    if stack is not None:
+                        stack.close()
+                    stack = None
+                    stack = Stack.embedded_stack(toxiproxy_url, seed)
+                assert stack is not None
                 result = run_scenario(
                     stack,
                     scenario.scaled(duration),
@@ -92,7 +101,8 @@ def run_all(
                 progress.advance(overall)
                 results.append(result)
     finally:
-        stack.close()
+        if stack is not None:
+            stack.close()
         # whatever ran is reported, also when a scenario broke the run or Ctrl-C stopped it
         meta = {"topology": topology, "messages": messages, "duration": duration, "seed": seed}
         written = chaos_report.write(results, report, meta)
