@@ -12,6 +12,7 @@ from resilient_kafka.consumer import DeserializationError, ResilientConsumer
 from resilient_kafka.errors import (
     ConfigurationError,
     DeadLetterFloodError,
+    ForwardError,
     MissingDependencyError,
     ResilientKafkaError,
     TransactionError,
@@ -32,6 +33,7 @@ __all__ = [
     "DeadLetterFloodError",
     "DeadLetterPolicy",
     "DeserializationError",
+    "ForwardError",
     "MissingDependencyError",
     "ResilientConsumer",
     "ResilientKafkaError",

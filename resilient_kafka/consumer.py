@@ -39,6 +39,7 @@ from resilient_kafka.dedup import BUSY, DONE, NEW, DedupStore, DedupStoreError
 from resilient_kafka.errors import (
     ConfigurationError,
     DeadLetterFloodError,
+    ForwardError,
     ResilientKafkaError,
     TopicError,
     TransactionError,
@@ -58,6 +59,22 @@ _STORE_INTERVAL = 0.05  # seconds between offset-store calls: batches the per-me
 # this often instead of once per record; anything that needs it sooner sets _maintain_at = 0.
 _MAINTAIN_INTERVAL = 0.05
 _FORWARD_BACKOFF = (0.1, 5.0)  # first and maximum back-off of a failed forward
+# Produce errors no retry cures: the copy is kept (offset held) but the application is told.
+_PERMANENT_FORWARD_ERRORS = {
+    KafkaError.MSG_SIZE_TOO_LARGE: (
+        "the copy is larger than the target accepts: raise max.message.bytes of topic {target}"
+        " and message.max.bytes of the consumer's producer_config (now {limit}), or keep such"
+        " records off this path"
+    ),
+    KafkaError.RECORD_LIST_TOO_LARGE: (
+        "the batch is larger than the target accepts: raise max.message.bytes of topic {target}"
+    ),
+    KafkaError.INVALID_RECORD: "the broker rejected the record as invalid",
+    KafkaError.TOPIC_EXCEPTION: "{target} is not a valid topic name",
+    KafkaError.TOPIC_AUTHORIZATION_FAILED: "grant this client WRITE on topic {target}",
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED: "grant this client the cluster ACLs it needs",
+    KafkaError.POLICY_VIOLATION: "a broker policy refuses the record",
+}
 _BREAKER_CHECK_INTERVAL = 0.5  # seconds between looks at shared breaker state during an outage
 _BLOCKING_SHARE = 0.8  # blocking retries may use this share of max.poll.interval.ms
 _TRIAL_WAIT = 2.0  # seconds to wait for a trial partition's first record before the next one
@@ -87,6 +104,7 @@ class _Forward:
         "headers",
         "key",
         "next_try",
+        "permanent",
         "source",
         "span",
         "target",
@@ -113,6 +131,7 @@ class _Forward:
         self.generation = 0  # exactly-once: the transaction it was produced in
         self.next_try = 0.0
         self.span: Any = None
+        self.permanent = False  # the broker refused it for good (ForwardError raised once)
 
 
 class ResilientConsumer(Consumer):
@@ -248,6 +267,7 @@ class ResilientConsumer(Consumer):
 
             self._metrics_server, self.metrics_url = serve_metrics(metrics_port, registry=registry)
         self._max_bytes = int(pconf.get("message.max.bytes", 1_000_000))
+        self._forward_error: ForwardError | None = None
         self._where = str(conf.get("bootstrap.servers") or conf.get("metadata.broker.list"))
         self._key_deserializer = key_deserializer
         self._value_deserializer = value_deserializer
@@ -762,6 +782,9 @@ class ResilientConsumer(Consumer):
         self._producer.poll(0)
         if self._forwards:
             self._send_forwards()
+        if self._forward_error is not None:
+            error, self._forward_error = self._forward_error, None
+            raise error
         if self._to_resume:
             keys = self._to_resume - self._user_paused - self._waiting.keys()
             self._to_resume.clear()
@@ -1011,6 +1034,7 @@ class ResilientConsumer(Consumer):
             log.error("forward to %s failed inside a transaction: %s", forward.target, err)
             self._txn_failed = True
             self._maintain_at = 0.0
+            self._note_permanent(forward, err)  # a replay would fail the same way: stop
             return
         if err is None:
             self._barrier.complete(*forward.source)
@@ -1045,10 +1069,40 @@ class ResilientConsumer(Consumer):
                 {"messaging.destination.name": target, "reason": reason},
             )
 
+    def _note_permanent(self, forward: _Forward, err: object) -> bool:
+        """If ``err`` is one no retry cures, keep a ForwardError for the next housekeeping to
+        raise (once per forward: raising inside a delivery callback would lose it)."""
+        if isinstance(err, (TypeError, ValueError)):
+            hint = "the record's key or value is not bytes"
+        elif isinstance(err, KafkaError) and err.code() in _PERMANENT_FORWARD_ERRORS:
+            hint = _PERMANENT_FORWARD_ERRORS[err.code()].format(
+                target=forward.target, limit=self._max_bytes
+            )
+        else:
+            return False
+        if not forward.permanent:
+            forward.permanent = True
+            size = len(forward.key or b"") + len(forward.value or b"")
+            topic, partition, offset = forward.source
+            self._forward_error = ForwardError(
+                f"the {'DLQ' if forward.target.endswith('.dlq') else 'retry'} copy of {topic} "
+                f"[{partition}] @{offset} ({size} bytes of key and value) to {forward.target} "
+                f"was refused: {err}. {hint[0].upper()}{hint[1:]}. Nothing is lost: the "
+                "offset stays uncommitted (the record comes again after a restart) and the "
+                "copy is retried meanwhile",
+                forward.source,
+                forward.target,
+                err,
+            )
+            self._maintain_at = 0.0
+        return True
+
     def _forward_failed(self, forward: _Forward, err: object) -> None:
         forward.attempts += 1
         first, most = _FORWARD_BACKOFF
         backoff = min(most, first * 2 ** (forward.attempts - 1))
+        if self._note_permanent(forward, err):
+            backoff = most
         forward.next_try = time.monotonic() + backoff
         log.error(
             "forward of %s [%d] @%d to %s failed (attempt %d, retrying in %.1fs; its offset is "
@@ -1064,6 +1118,13 @@ class ResilientConsumer(Consumer):
         """Wait until every forward is acknowledged; False if ``timeout`` passed first."""
         deadline = time.monotonic() + timeout
         while self._forwards or self._in_flight:
+            if not self._in_flight and all(f.permanent for f in self._forwards):
+                log.error(
+                    "%d forward(s) refused by the broker for good; their offsets stay "
+                    "uncommitted and the records will be redelivered",
+                    len(self._forwards),
+                )
+                return False
             if time.monotonic() >= deadline:
                 log.warning(
                     "%d forward(s) still unacknowledged after %.0fs; their offsets stay "

@@ -43,6 +43,24 @@ class DeadLetterFloodError(ResilientKafkaError):
     """More records would go to the DLQ than ``DeadLetterPolicy`` allows (``on_flood="raise"``)."""
 
 
+class ForwardError(ResilientKafkaError):
+    """The broker refused a retry or DLQ copy for good (too large, not authorised, invalid).
+
+    Nothing is lost: the source record's offset stays uncommitted, so it comes again after a
+    restart, and the copy is retried in the background in case the cause is fixed meanwhile.
+    ``source`` is the record's (topic, partition, offset), ``target`` the topic it was going
+    to, ``kafka_error`` librdkafka's error (or the exception produce() raised).
+    """
+
+    def __init__(
+        self, message: str, source: tuple[str, int, int], target: str, kafka_error: object
+    ) -> None:
+        super().__init__(message)
+        self.source = source
+        self.target = target
+        self.kafka_error = kafka_error
+
+
 class TransactionError(ResilientKafkaError):
     """Exactly-once mode cannot go on: the transactional producer was fenced or could not start.
 

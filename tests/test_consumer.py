@@ -16,11 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from resilient_kafka import (
     ConfigurationError,
     DeadLetterPolicy,
+    ForwardError,
     ResilientConsumer,
     ResilientKafkaError,
     ResilientProducer,
@@ -29,7 +30,7 @@ from resilient_kafka import (
 )
 from resilient_kafka.errors import TopicError
 from resilient_kafka.testing import KafkaCluster
-from tests.helpers import consume, produce, wait_for
+from tests.helpers import consume, produce, run_until, wait_for
 
 RK_HEADERS = {
     "rk.original.topic",
@@ -777,3 +778,69 @@ def test_run_honours_an_assign_made_by_the_handler_mid_batch(
     consumer.assign([TopicPartition(topic, 0, 0)])
     _run_until_it_stops(consumer, handler, lambda: f"handled {handled}")
     assert handled == list(range(11)) + list(range(30, 40))
+
+
+@pytest.mark.parametrize("mode", ["run", "poll", "exactly_once"])
+def test_a_copy_the_broker_refuses_for_good_stops_the_consumer_and_loses_nothing(
+    kafka: KafkaCluster, topic_factory, mode: str
+) -> None:
+    # The source topic takes a 1.2 MB record; the consumer's producer (message.max.bytes
+    # 1 MB, librdkafka's default) cannot forward it. Before, the forward was retried forever
+    # in silence while consumption ran ahead of a commit that could never move.
+    topic, group = topic_factory(1), _group()
+    big = b"x" * 1_200_000
+    producer = ResilientProducer({**kafka.producer_config(), "message.max.bytes": 2_000_000})
+    producer.produce(topic, key=b"a", value=b"ok")
+    producer.produce(topic, key=b"b", value=big)
+    producer.produce(topic, key=b"c", value=b"ok")
+    assert producer.flush(10) == 0
+    producer.close()
+    handled: list[tuple[str, int]] = []
+
+    def handler(msg: Message) -> None:
+        handled.append((msg.topic(), msg.offset()))
+        if msg.value() == big:
+            raise ConnectionError("downstream timed out")
+
+    config = kafka.client_config(group_id=group, auto_offset_reset="earliest")
+    options: dict[str, Any] = {"exactly_once": mode == "exactly_once"}
+    consumer = ResilientConsumer(config, retry=RetryPolicy(delays=(0.2,)), **options)
+    consumer.subscribe([topic])
+    started = time.monotonic()
+    with pytest.raises(ResilientKafkaError) as raised:
+        if mode == "poll":
+            try:
+                while time.monotonic() - started < 60:
+                    msg = consumer.poll(0.5)
+                    if msg is not None and msg.error() is None:
+                        try:
+                            handler(msg)
+                        except ConnectionError as exc:
+                            consumer.fail(msg, exc)
+            finally:
+                consumer.close()
+        else:
+            consumer.run(handler)  # closes on the way out
+    assert time.monotonic() - started < 60
+    error = raised.value
+    assert isinstance(error, ForwardError)
+    assert error.source == (topic, 0, 1)
+    assert error.target == f"{topic}.{group}.retry.1"
+    assert isinstance(error.kafka_error, KafkaError)
+    assert error.kafka_error.code() == KafkaError.MSG_SIZE_TOO_LARGE
+    assert "max.message.bytes" in str(error) and "1200001 bytes" in str(error)
+    assert _committed(kafka, group, topic, 1)[0] <= 1, "committed past the refused record"
+
+    # with a producer that can send it, a restart forwards the record and moves on
+    again = ResilientConsumer(
+        config,
+        retry=RetryPolicy(delays=(0.2,)),
+        producer_config={"message.max.bytes": 2_000_000},
+        **options,
+    )
+    again.subscribe([topic])
+    handled.clear()
+    retry_1 = f"{topic}.{group}.retry.1"
+    run_until(again, handler, lambda: (retry_1, 0) in handled)  # forwarded, then consumed
+    assert (topic, 1) in handled and (topic, 2) in handled
+    assert _committed(kafka, group, topic, 1) == [3]

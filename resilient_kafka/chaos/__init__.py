@@ -98,6 +98,7 @@ def run_all(
                 )
                 verdict = "skipped" if result.skipped else ("PASS" if result.passed else "FAIL")
                 progress.update(task, description=f"  {scenario.name}: {verdict}")
+                progress.stop_task(task)  # its clock stops also when it never reached the total
                 progress.advance(overall)
                 results.append(result)
     finally:
