@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cases
+from benchmarks import _workload, cases
 from benchmarks._workload import preload
 from benchmarks.cases import Result, Setup
 from benchmarks.report import render, targets, write_plot
@@ -150,6 +150,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             print(text, file=sys.stderr, flush=True)
 
+    if args.profile == "smoke":
+        _workload.GROUP_TIMING.update({"session.timeout.ms": 2000, "heartbeat.interval.ms": 500})
     with _broker(args.bootstrap) as config, progress or contextlib.nullcontext():
         run_id = uuid.uuid4().hex[:6]
         partitions = args.partitions

@@ -831,6 +831,8 @@ def test_a_copy_the_broker_refuses_for_good_stops_the_consumer_and_loses_nothing
     assert "max.message.bytes" in str(error) and "1200001 bytes" in str(error)
     assert _committed(kafka, group, topic, 1)[0] <= 1, "committed past the refused record"
 
+    if mode != "run":
+        return  # the restart is the same in every mode
     # with a producer that can send it, a restart forwards the record and moves on
     again = ResilientConsumer(
         config,
