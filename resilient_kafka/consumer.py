@@ -268,6 +268,7 @@ class ResilientConsumer(Consumer):
             self._metrics_server, self.metrics_url = serve_metrics(metrics_port, registry=registry)
         self._max_bytes = int(pconf.get("message.max.bytes", 1_000_000))
         self._forward_error: ForwardError | None = None
+        self._refused_logged: set[tuple[str, int, int]] = set()
         self._where = str(conf.get("bootstrap.servers") or conf.get("metadata.broker.list"))
         self._key_deserializer = key_deserializer
         self._value_deserializer = value_deserializer
@@ -1119,11 +1120,14 @@ class ResilientConsumer(Consumer):
         deadline = time.monotonic() + timeout
         while self._forwards or self._in_flight:
             if not self._in_flight and all(f.permanent for f in self._forwards):
-                log.error(
-                    "%d forward(s) refused by the broker for good; their offsets stay "
-                    "uncommitted and the records will be redelivered",
-                    len(self._forwards),
-                )
+                refused = {f.source for f in self._forwards}
+                if refused != self._refused_logged:  # close() drains twice (and on revoke)
+                    self._refused_logged = refused
+                    log.error(
+                        "%d forward(s) refused by the broker for good; their offsets stay "
+                        "uncommitted and the records will be redelivered",
+                        len(self._forwards),
+                    )
                 return False
             if time.monotonic() >= deadline:
                 log.warning(

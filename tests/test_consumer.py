@@ -782,7 +782,7 @@ def test_run_honours_an_assign_made_by_the_handler_mid_batch(
 
 @pytest.mark.parametrize("mode", ["run", "poll", "exactly_once"])
 def test_a_copy_the_broker_refuses_for_good_stops_the_consumer_and_loses_nothing(
-    kafka: KafkaCluster, topic_factory, mode: str
+    kafka: KafkaCluster, topic_factory, mode: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The source topic takes a 1.2 MB record; the consumer's producer (message.max.bytes
     # 1 MB, librdkafka's default) cannot forward it. Before, the forward was retried forever
@@ -830,6 +830,11 @@ def test_a_copy_the_broker_refuses_for_good_stops_the_consumer_and_loses_nothing
     assert error.kafka_error.code() == KafkaError.MSG_SIZE_TOO_LARGE
     assert "max.message.bytes" in str(error) and "1200001 bytes" in str(error)
     assert _committed(kafka, group, topic, 1)[0] <= 1, "committed past the refused record"
+    said = [r.getMessage() for r in caplog.records if "refused by the broker for good" in r.msg]
+    assert said == [
+        "1 forward(s) refused by the broker for good; their offsets stay "
+        "uncommitted and the records will be redelivered"
+    ]
 
     if mode != "run":
         return  # the restart is the same in every mode
