@@ -1,4 +1,4 @@
-"""Where a chaos run happens: an embedded durable broker behind a Toxiproxy-API proxy, or a real
+"""Where a chaos run happens: an embedded broker behind a Toxiproxy-API proxy, or a real
 cluster behind a real Toxiproxy. Every fault goes through the Toxiproxy HTTP API."""
 
 from __future__ import annotations
@@ -35,9 +35,13 @@ class Stack:
         return self.toxiproxy
 
     @classmethod
-    def embedded_stack(cls, toxiproxy_url: str | None = None, seed: int | None = None) -> Stack:
-        """A durable Tansu broker advertising the proxy's address, and the proxy (this
-        package's Toxiproxy-API server, or the one at ``toxiproxy_url``)."""
+    def embedded_stack(
+        cls, toxiproxy_url: str | None = None, seed: int | None = None, *, durable: bool = True
+    ) -> Stack:
+        """A Tansu broker advertising the proxy's address, and the proxy (this package's
+        Toxiproxy-API server, or the one at ``toxiproxy_url``). ``durable``: storage in a local
+        S3 server, which survives a broker kill; else in the broker's memory (much less CPU:
+        the S3 server lists a prefix by scanning every object it holds)."""
         from resilient_kafka.testing._embedded import EmbeddedKafka, free_port
 
         stack = cls()
@@ -48,7 +52,7 @@ class Stack:
                 stack._server = ToxiproxyServer(seed=seed).start()
                 stack.toxiproxy = stack._server.client()
             port = free_port()
-            stack.broker = EmbeddedKafka(durable=True, advertised_port=port).start()
+            stack.broker = EmbeddedKafka(durable=durable, advertised_port=port).start()
             with contextlib.suppress(ToxiproxyError):  # left over from an interrupted run
                 stack.client.delete_proxy(PROXY)
             stack.client.create_proxy(PROXY, f"127.0.0.1:{port}", stack.broker.listener)
