@@ -8,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from resilient_kafka import dlq, headers
 from resilient_kafka.breaker import CircuitBreaker, CircuitBreakerError
-from resilient_kafka.consumer import DeserializationError, ResilientConsumer
+from resilient_kafka.consumer import DedupKeyError, DeserializationError, ResilientConsumer
 from resilient_kafka.errors import (
     ConfigurationError,
     DeadLetterFloodError,
@@ -32,6 +32,7 @@ __all__ = [
     "ConfigurationError",
     "DeadLetterFloodError",
     "DeadLetterPolicy",
+    "DedupKeyError",
     "DeserializationError",
     "ForwardError",
     "MissingDependencyError",

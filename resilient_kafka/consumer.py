@@ -33,6 +33,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from resilient_kafka import _admin, _transaction, headers
 from resilient_kafka._barrier import CommitBarrier
+from resilient_kafka._lease import LeaseKeeper
 from resilient_kafka._outage import BREAKER, DEDUP_STORE, DLQ_FLOOD, FloodGuard, Outage
 from resilient_kafka.breaker import CLOSED, BreakerWatch, CircuitBreakerError, probe_due_at
 from resilient_kafka.dedup import BUSY, DONE, NEW, DedupStore, DedupStoreError
@@ -82,17 +83,23 @@ _TRIAL_WAIT = 2.0  # seconds to wait for a trial partition's first record before
 # _BATCH_MAX records), and cuts a batch short after _BATCH_DEADLINE (the rest is rewound), so
 # housekeeping and max.poll.interval.ms never wait on a slow handler.
 _SKIP = "\0skip"  # _claim(): the handler must not run for this record
+_LATER = "\0later"  # _claim(): not now (another consumer holds it): deliver it again
 _BATCH_MAX = 500
 _BATCH_SECONDS = 0.1
 _BATCH_DEADLINE = 1.0
 
 
-class _SameBatch(Exception):
-    """consume(): a record's dedup identity is already claimed by a record in hand."""
+class _NotNow(Exception):
+    """The drop-in loop cannot hand a record out now (its dedup identity is claimed by a record
+    in hand, or by another consumer past the wait): it is delivered again."""
 
 
 class DeserializationError(ResilientKafkaError):
     """A record's key or value could not be deserialized; it went to the DLQ with its raw bytes."""
+
+
+class DedupKeyError(ResilientKafkaError):
+    """``dedup_key`` raised for a record: it has no identity, so it went to the DLQ unprocessed."""
 
 
 class _Forward:
@@ -329,6 +336,7 @@ class ResilientConsumer(Consumer):
         self._dedup_lease = dedup_lease
         self._dedup_fail_open = on_dedup_error == "process"
         self._owner = uuid.uuid4().hex  # this consumer's name in dedup claims
+        self._leases = LeaseKeeper(dedup, self._owner, dedup_lease) if dedup is not None else None
         self._running = False
         # the drop-in loop's dedup claims of records in hand: id(msg) -> (msg, key)
         self._loop_claims: dict[int, tuple[Message, str]] = {}
@@ -337,6 +345,7 @@ class ResilientConsumer(Consumer):
         self._txn_interval = transaction_interval
         self._txn_started = time.monotonic()
         self._txn_generation = 0
+        self._replayed: dict[_Key, tuple[int, int]] = {}  # partition -> (generation, offset)
         self._txn_failed = False  # a forward failed inside the open transaction: abort it
         self._produced_mark = 0  # producer.produced when the records in hand were handed out
         # records whose attempt was aborted with its transaction: routed when they come again
@@ -568,7 +577,7 @@ class ResilientConsumer(Consumer):
                 wait = self._maintain(deadline, now)
                 if self._probe_ready is not None:
                     probe = self._hand_out_probe()
-                    if probe is not None and self._claimed_for_loop(probe):
+                    if probe is not None and self._claimed_or_rewound(probe):
                         return probe
                     now = time.monotonic()
                     continue
@@ -577,16 +586,20 @@ class ResilientConsumer(Consumer):
                 if deadline is not None and deadline - now < wait:
                     wait = max(0.0, deadline - now)
             started = time.monotonic() if metrics is not None else 0.0
+            generation = self._txn_generation
             msg = super().poll(wait)
             if msg is not None:
                 if msg.error() is not None:
                     return msg
+                if self._txn_generation != generation and self._replayed_since(generation, msg):
+                    now = time.monotonic()
+                    continue
                 admitted = self._admit(msg)
                 if admitted is not None:
                     self._in_hand.append(admitted)
-                    if self._dedup is not None and not self._claimed_for_loop(admitted):
+                    if self._dedup is not None and not self._claimed_or_rewound(admitted):
                         now = time.monotonic()
-                        continue  # a duplicate (skipped), or held back
+                        continue  # a duplicate (skipped), held back, or for later
                     self._opens_at_handout = self._watch.opens
                     if metrics is not None:
                         metrics.polled(admitted.topic(), time.monotonic() - started)
@@ -603,11 +616,14 @@ class ResilientConsumer(Consumer):
             wait = self._maintain(deadline, time.monotonic())
             if self._probe_ready is not None:
                 probe = self._hand_out_probe()
-                if probe is not None and self._claimed_for_loop(probe):
+                if probe is not None and self._claimed_or_rewound(probe):
                     return [probe]
                 continue
             started = time.monotonic()
+            generation = self._txn_generation
             batch = super().consume(num_messages, wait)
+            if self._txn_generation != generation:
+                batch = [m for m in batch if not self._replayed_since(generation, m)]
             self._opens_at_handout = self._watch.opens
             out = []
             metrics = self._metrics
@@ -623,7 +639,7 @@ class ResilientConsumer(Consumer):
                             try:
                                 if not self._claimed_for_loop(admitted):
                                     continue
-                            except _SameBatch:
+                            except _NotNow:
                                 self._take_out_of_hand(admitted)
                                 self._seeked.clear()  # no application code ran in between
                                 self._rewind_unhandled(batch, i)
@@ -710,9 +726,14 @@ class ResilientConsumer(Consumer):
 
     def _unwind(self, batch: list[Message], admitted: list[Message]) -> None:
         """An exception stopped a batch: nothing of it reaches the application, so take its
-        records out of hand and seek every partition back to its first record of the batch."""
-        taken = {id(m) for m in admitted}
+        records out of hand (the one being admitted too: never completed unseen), release their
+        dedup claims, and seek every partition back to its first record of the batch."""
+        taken = {id(m) for m in batch}
         self._in_hand = [m for m in self._in_hand if id(m) not in taken]
+        for msg in batch:
+            self._raw.pop(id(msg), None)
+            if id(msg) in self._loop_claims:
+                self._unclaim(self._pop_loop_claim(msg))
         first: dict[_Key, int] = {}
         for msg in batch:
             offset = msg.offset()
@@ -1438,24 +1459,40 @@ class ResilientConsumer(Consumer):
             rewound += 1
             self._waiting.pop(key, None)
             self._seeked.add(key)  # run(): the rest of the batch is not rewound over this
-            if outage is not None and key in outage.partitions:
-                held = outage.held
-                if held is not None and (held.topic(), held.partition()) == key:
-                    outage.held = None  # it comes again from the rewound position
-                self._rewind(outage, key, offset)
-                continue
-            try:
-                super().seek(TopicPartition(topic, partition, offset))
-                if key not in self._user_paused:  # paused for a retry's due time, maybe
-                    super().resume([TopicPartition(topic, partition)])
-            except KafkaException as exc:  # going on would commit past the aborted records
-                raise TransactionError(
-                    f"cannot rewind {topic} [{partition}] to {offset} after an aborted "
-                    f"transaction: {exc}; stopping (a restart resumes from the committed offsets)"
-                ) from exc
+            # a replay inside a rebalance callback, mid poll()/consume(): the records that call
+            # fetched for this partition are dropped and the partition rewound again
+            self._replayed[key] = (self._txn_generation, offset)
+            self._rewind_for_replay(key, offset)
         self._batch_break = True
         log.warning("transaction aborted: replaying %d partition(s)", rewound)
         self._begin_transaction()
+
+    def _rewind_for_replay(self, key: _Key, offset: int) -> None:
+        outage = self._outage
+        if outage is not None and key in outage.partitions:
+            held = outage.held
+            if held is not None and (held.topic(), held.partition()) == key:
+                outage.held = None  # it comes again from the rewound position
+            self._rewind(outage, key, offset)
+            return
+        try:
+            super().seek(TopicPartition(key[0], key[1], offset))
+            if key not in self._user_paused:  # paused for a retry's due time, maybe
+                super().resume([TopicPartition(*key)])
+        except KafkaException as exc:  # going on would commit past the aborted records
+            raise TransactionError(
+                f"cannot rewind {key[0]} [{key[1]}] to {offset} after an aborted "
+                f"transaction: {exc}; stopping (a restart resumes from the committed offsets)"
+            ) from exc
+
+    def _replayed_since(self, generation: int, msg: Message) -> bool:
+        """True (and the partition rewound again) if ``msg`` was fetched by a call during
+        which a replay rewound its partition: it may predate the rewind, so it comes again."""
+        entry = self._replayed.get((msg.topic(), msg.partition()))
+        if entry is None or entry[0] <= generation or msg.error() is not None:
+            return False
+        self._rewind_for_replay((msg.topic(), msg.partition()), entry[1])
+        return True
 
     # -- committing --------------------------------------------------------------------------
 
@@ -1607,7 +1644,10 @@ class ResilientConsumer(Consumer):
         self._seeked.clear()
         # what is already fetched, without waiting for a full batch (latency); else wait for one
         started = time.monotonic()
+        generation = self._txn_generation
         batch = super().consume(self._batch_size, 0) or super().consume(1, wait)
+        if self._txn_generation != generation:
+            batch = [m for m in batch if not self._replayed_since(generation, m)]
         if not batch:
             return
         fetched = time.monotonic()
@@ -1691,6 +1731,9 @@ class ResilientConsumer(Consumer):
             claim = self._claim(msg)
             if claim is _SKIP:
                 return
+            if claim is _LATER:
+                self._seek_back(msg)
+                return
         if self._tracing is not None:
             self._run_traced(handler, msg, claim)
             return
@@ -1718,7 +1761,9 @@ class ResilientConsumer(Consumer):
         back because the store failed)."""
         assert self._dedup is not None
         if key is None:
-            key = f"{self._group}|{self._dedup_key(msg)}"
+            key = self._identity(msg)
+            if key is None:
+                return _SKIP
         waited_until = time.monotonic() + self._dedup_lease + 1
         while True:
             try:
@@ -1736,6 +1781,8 @@ class ResilientConsumer(Consumer):
             if verdict == NEW:
                 if self._metrics is not None:
                     self._metrics.dedup(msg.topic(), "miss")
+                assert self._leases is not None
+                self._leases.hold(key)
                 return key
             if verdict == DONE:
                 if self._metrics is not None:
@@ -1750,11 +1797,45 @@ class ResilientConsumer(Consumer):
             assert verdict == BUSY  # another consumer holds a live claim: wait it out
             if self._stop.is_set() or time.monotonic() > waited_until:
                 self._take_out_of_hand(msg)  # not done: redelivered, never committed
-                super().seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
                 if self._outage is not None and self._outage.is_probe(msg):
                     self._end_outage(seek_past=None)  # the store answered
-                return _SKIP
+                return _LATER  # the caller seeks back to it
             self._stop.wait(0.05)
+
+    def _identity(self, msg: Message) -> str | None:
+        """``msg``'s dedup key in this group; None if ``dedup_key`` raised (then the record is
+        dead-lettered: without an identity it cannot be processed once)."""
+        try:
+            return f"{self._group}|{self._dedup_key(msg)}"
+        except Exception as exc:
+            error = DedupKeyError(
+                f"dedup_key failed for {msg.topic()} [{msg.partition()}] @{msg.offset()}: "
+                f"{type(exc).__name__}: {exc}"
+            )
+            error.__cause__ = exc
+            log.warning("%s; sending it to the DLQ", error)
+            self._take_out_of_hand(msg)
+            held = self._route(msg, error, reason=headers.NON_RETRYABLE)
+            if not held and self._outage is not None and self._outage.is_probe(msg):
+                self._end_outage(seek_past=msg)
+            return None
+
+    def _seek_back(self, msg: Message) -> None:
+        """Deliver ``msg`` again (it was fetched, never handed out); the rest of a run() batch
+        is not rewound over this position."""
+        key = (msg.topic(), msg.partition())
+        try:
+            super().seek(TopicPartition(key[0], key[1], msg.offset()))
+        except KafkaException as exc:
+            log.warning(
+                "cannot rewind %s [%d] to %d (records from there are redelivered only after a "
+                "restart or rebalance): %s",
+                *key,
+                msg.offset(),
+                exc,
+            )
+        self._seeked.add(key)
+        self._batch_break = True
 
     def _claimed_for_loop(self, msg: Message) -> bool:
         """The drop-in loop's dedup: claim ``msg`` (in hand) before handing it out; False if
@@ -1762,16 +1843,34 @@ class ResilientConsumer(Consumer):
         application asks for more, and are released by :meth:`fail`."""
         if self._dedup is None or self._running:  # run() claims around its handler
             return True
-        key = f"{self._group}|{self._dedup_key(msg)}"
+        key = self._identity(msg)
+        if key is None:
+            return False
         if key in self._loop_keys:
-            raise _SameBatch  # its twin is in hand, not done yet: it comes again after
+            raise _NotNow  # its twin is in hand, not done yet: it comes again after
         claim = self._claim(msg, key)
         if claim is _SKIP:
             return False
+        if claim is _LATER:
+            raise _NotNow
         if claim is not None:
             self._loop_claims[id(msg)] = (msg, claim)
             self._loop_keys.add(claim)
         return True
+
+    def _claimed_or_rewound(self, msg: Message) -> bool:
+        """poll(): :meth:`_claimed_for_loop` for one record in hand; a record that is not handed
+        out now, or whose claim raised, leaves the hand and is delivered again."""
+        try:
+            return self._claimed_for_loop(msg)
+        except _NotNow:
+            self._take_out_of_hand(msg)
+            self._seek_back(msg)
+            return False
+        except BaseException:
+            self._take_out_of_hand(msg)
+            self._seek_back(msg)
+            raise
 
     def _pop_loop_claim(self, msg: Message) -> str | None:
         """The drop-in loop's claim on ``msg`` (forgotten here), or None."""
@@ -1792,18 +1891,30 @@ class ResilientConsumer(Consumer):
     def _claimed_done(self, claim: str | None, msg: Message) -> None:
         if claim is None:
             return
-        assert self._dedup is not None
+        assert self._dedup is not None and self._leases is not None
+        kept = self._leases.drop(claim)
         try:
-            self._dedup.complete(claim, self._owner)
+            ours = self._dedup.complete(claim, self._owner)
         except DedupStoreError as exc:  # the side effect happened: nothing to undo
             if self._metrics is not None:
                 self._metrics.dedup(msg.topic(), "error")
             log.error("dedup store failed to record %s as processed: %s", claim, exc)
+            return
+        if not kept or ours is False:
+            if self._metrics is not None:
+                self._metrics.dedup(msg.topic(), "lease_lost")
+            log.warning(
+                "the dedup claim on %s ran out before its handler finished (dedup_lease=%.0fs, "
+                "renewed every third of it): another consumer may have run it too",
+                claim,
+                self._dedup_lease,
+            )
 
     def _unclaim(self, claim: str | None) -> None:
         if claim is None:
             return
-        assert self._dedup is not None
+        assert self._dedup is not None and self._leases is not None
+        self._leases.drop(claim)
         try:
             self._dedup.release(claim, self._owner)
         except DedupStoreError as exc:  # the lease runs out on its own
@@ -1891,6 +2002,8 @@ class ResilientConsumer(Consumer):
                 log.warning("final commit failed (records will be redelivered): %s", exc)
         super().close()  # may run the revoke callback, which still needs the producer
         self._producer.close()  # flushes what is left, then releases the connection
+        if self._leases is not None:
+            self._leases.close()
         if self._metrics is not None:
             self._metrics.retire()
         server = getattr(self, "_metrics_server", None)

@@ -5,13 +5,16 @@ and the commit, a producer retry, a replay). A store keeps one entry per message
 
 - ``claim(key, owner, lease)`` before the handler runs: ``NEW`` (go ahead; the claim is yours
   for ``lease`` seconds), ``DONE`` (processed before: skip it) or ``BUSY`` (another consumer
-  holds a live claim: do not run the side effect twice);
-- ``complete(key, owner)`` after the handler succeeded: the entry is kept for ``ttl`` seconds;
+  holds a live claim: do not run the side effect twice). Claiming again with the same owner
+  renews the lease: the consumer does that while a handler runs longer than a third of it;
+- ``complete(key, owner)`` after the handler succeeded: the entry is kept for ``ttl`` seconds.
+  It returns False when another owner held a live claim on the key (this owner's lease had run
+  out, so the other may be running the side effect too);
 - ``release(key, owner)`` after it failed: the message stays retryable.
 
-Every store is bounded (``max_entries``, oldest entries go first) and expires entries after
-``ttl``. Errors are raised as :class:`DedupStoreError`, never swallowed; the consumer decides
-what a failing store means (``on_store_error``).
+Every store is bounded (``max_entries``: the oldest *done* entries go first; live claims are
+never evicted) and expires entries after ``ttl``. Errors are raised as :class:`DedupStoreError`,
+never swallowed; the consumer decides what a failing store means (``on_dedup_error``).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
 
 from resilient_kafka.errors import ConfigurationError, ResilientKafkaError
 
@@ -31,6 +35,8 @@ BUSY = "busy"
 
 DEFAULT_TTL = 7 * 24 * 3600.0  # a week: longer than any retry budget or replay window
 DEFAULT_MAX_ENTRIES = 1_000_000
+
+_T = TypeVar("_T")
 
 
 class DedupStoreError(ResilientKafkaError):
@@ -42,7 +48,7 @@ class DedupStore(Protocol):
 
     def claim(self, key: str, owner: str, lease: float) -> str: ...
 
-    def complete(self, key: str, owner: str) -> None: ...
+    def complete(self, key: str, owner: str) -> bool | None: ...
 
     def release(self, key: str, owner: str) -> None: ...
 
@@ -83,11 +89,15 @@ class MemoryStore:
             self._bound()
             return NEW
 
-    def complete(self, key: str, owner: str) -> None:
+    def complete(self, key: str, owner: str) -> bool:
+        now = time.time()
         with self._lock:
-            self._entries[key] = (DONE, owner, time.time() + self.ttl)
+            entry = self._entries.get(key)
+            ours = entry is None or entry[0] == DONE or entry[1] == owner or entry[2] <= now
+            self._entries[key] = (DONE, owner, now + self.ttl)
             self._entries.move_to_end(key)
             self._bound()
+            return ours
 
     def release(self, key: str, owner: str) -> None:
         with self._lock:
@@ -96,8 +106,18 @@ class MemoryStore:
                 del self._entries[key]
 
     def _bound(self) -> None:
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        entries = self._entries
+        if len(entries) <= self.max_entries:
+            return
+        now = time.time()
+        passed = 0  # live claims are moved behind, never evicted
+        while len(entries) > self.max_entries and passed < len(entries):
+            key, (state, _, expires) = next(iter(entries.items()))
+            if state != DONE and expires > now:
+                entries.move_to_end(key)
+                passed += 1
+            else:
+                del entries[key]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -157,59 +177,81 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise DedupStoreError(f"cannot open dedup store {self.path}: {exc}") from exc
 
-    def _write(self, sql: str, args: tuple[Any, ...]) -> None:
-        with self._lock:
-            try:
-                self._db.execute(sql, args)
-                self._writes += 1
-                if self._writes % 1000 == 0:
-                    self._prune()
-            except sqlite3.Error as exc:
-                raise DedupStoreError(f"dedup store {self.path}: {exc}") from exc
-
-    def claim(self, key: str, owner: str, lease: float) -> str:
-        now = time.time()
+    def _transaction(self, body: Callable[[], _T]) -> _T:
+        """``body()`` in one write transaction (rolled back if anything fails, so the connection
+        is never left inside a transaction that every later BEGIN would trip over)."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    row = self._db.execute(
-                        "SELECT state, owner, expires FROM rk_dedup WHERE key = ?", (key,)
-                    ).fetchone()
-                    if row is not None and row[2] > now:
-                        if row[0] == DONE:
-                            return DONE
-                        if row[1] != owner:
-                            return BUSY
-                    self._db.execute(
-                        "INSERT OR REPLACE INTO rk_dedup VALUES (?, 'claimed', ?, ?)",
-                        (key, owner, now + lease),
-                    )
-                    return NEW
-                finally:
+                    result = body()
                     self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+                self._writes += 1
+                if self._writes % 1000 == 0:
+                    self._prune()
+                return result
             except sqlite3.Error as exc:
                 raise DedupStoreError(f"dedup store {self.path}: {exc}") from exc
 
-    def complete(self, key: str, owner: str) -> None:
-        self._write(
+    def _row(self, key: str) -> tuple[str, str, float] | None:
+        return self._db.execute(  # type: ignore[no-any-return]
+            "SELECT state, owner, expires FROM rk_dedup WHERE key = ?", (key,)
+        ).fetchone()
+
+    def claim(self, key: str, owner: str, lease: float) -> str:
+        def body() -> str:
+            now = time.time()
+            row = self._row(key)
+            if row is not None and row[2] > now:
+                if row[0] == DONE:
+                    return DONE
+                if row[1] != owner:
+                    return BUSY
+            self._db.execute(
+                "INSERT OR REPLACE INTO rk_dedup VALUES (?, 'claimed', ?, ?)",
+                (key, owner, now + lease),
+            )
+            return NEW
+
+        return self._transaction(body)
+
+    def complete(self, key: str, owner: str) -> bool:
+        return self._transaction(lambda: self._mark_done(key, owner))
+
+    def _mark_done(self, key: str, owner: str) -> bool:
+        """The done entry, inside a transaction (a subclass can write its side effect in the
+        same one); False if another owner's live claim was there."""
+        now = time.time()
+        row = self._row(key)
+        ours = row is None or row[0] == DONE or row[1] == owner or row[2] <= now
+        self._db.execute(
             "INSERT OR REPLACE INTO rk_dedup VALUES (?, 'done', ?, ?)",
-            (key, owner, time.time() + self.ttl),
+            (key, owner, now + self.ttl),
         )
+        return ours
 
     def release(self, key: str, owner: str) -> None:
-        self._write(
-            "DELETE FROM rk_dedup WHERE key = ? AND owner = ? AND state != 'done'", (key, owner)
+        self._transaction(
+            lambda: self._db.execute(
+                "DELETE FROM rk_dedup WHERE key = ? AND owner = ? AND state != 'done'",
+                (key, owner),
+            )
         )
 
     def _prune(self) -> None:
-        """Expired entries, then the oldest beyond ``max_entries`` (called under the lock)."""
+        """Expired entries, then the oldest done entries beyond ``max_entries`` (live claims
+        stay: evicting one would let a second consumer run the side effect at the same time).
+        Called under the lock."""
         self._db.execute("DELETE FROM rk_dedup WHERE expires <= ?", (time.time(),))
         (count,) = self._db.execute("SELECT COUNT(*) FROM rk_dedup").fetchone()
         if count > self.max_entries:
             self._db.execute(
-                "DELETE FROM rk_dedup WHERE key IN (SELECT key FROM rk_dedup ORDER BY expires"
-                " LIMIT ?)",
+                "DELETE FROM rk_dedup WHERE key IN (SELECT key FROM rk_dedup WHERE state = 'done'"
+                " ORDER BY expires LIMIT ?)",
                 (count - self.max_entries,),
             )
 
@@ -236,6 +278,31 @@ if value == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
+# one round trip, atomic: a new claim, a renewal of our own, or what is there
+_CLAIM = """
+local value = redis.call('GET', KEYS[1])
+if not value then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 'new'
+end
+if value == 'done' then return 'done' end
+if value == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 'new'
+end
+return 'busy'
+"""
+
+# mark done; 0 when another owner's live claim was there (our lease had run out)
+_COMPLETE = """
+local value = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], 'done', 'PX', ARGV[2])
+if value and value ~= 'done' and value ~= ARGV[1] then return 0 end
+return 1
+"""
+
+_VERDICTS = {b"new": NEW, b"done": DONE, b"busy": BUSY, NEW: NEW, DONE: DONE, BUSY: BUSY}
+
 
 class RedisStore:
     """Redis: shared by every consumer instance of a group, on any host. Claims are
@@ -261,29 +328,30 @@ class RedisStore:
             url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
         )
         self._where = url.split("@")[-1]  # never the password
+        # EVALSHA, falling back to EVAL once per connection when the script is not cached
+        self._claim = self._client.register_script(_CLAIM)
+        self._complete = self._client.register_script(_COMPLETE)
 
     def _key(self, key: str) -> str:
         return self.prefix + key
 
     def claim(self, key: str, owner: str, lease: float) -> str:
-        claimed = f"c:{owner}"
         try:
-            if self._client.set(self._key(key), claimed, nx=True, px=max(1, int(lease * 1000))):
-                return NEW
-            value = self._client.get(self._key(key))
+            verdict = self._claim(
+                keys=[self._key(key)], args=[f"c:{owner}", max(1, int(lease * 1000))]
+            )
         except self._errors as exc:
             raise DedupStoreError(f"dedup store redis://{self._where}: {exc}") from exc
-        if value is None:  # expired in between: try once more
-            return self.claim(key, owner, lease)
-        if value == b"done":
-            return DONE
-        return NEW if value == claimed.encode() else BUSY
+        return _VERDICTS[verdict]
 
-    def complete(self, key: str, owner: str) -> None:
+    def complete(self, key: str, owner: str) -> bool:
         try:
-            self._client.set(self._key(key), "done", px=int(self.ttl * 1000))
+            ours = self._complete(
+                keys=[self._key(key)], args=[f"c:{owner}", max(1, int(self.ttl * 1000))]
+            )
         except self._errors as exc:
             raise DedupStoreError(f"dedup store redis://{self._where}: {exc}") from exc
+        return bool(ours)
 
     def release(self, key: str, owner: str) -> None:
         try:

@@ -254,7 +254,8 @@ class Families:
         )
         self.dedup_lookups = Counter(
             f"{ns}_dedup_lookups",
-            "Dedup store lookups: hit, miss, error.",
+            "Dedup store lookups: hit, miss, error, lease_lost (a claim ran out before its "
+            "handler finished).",
             [_DEST, _GROUP, "result"],
             registry=registry,
         )

@@ -92,3 +92,17 @@ def produce(config: dict[str, Any], topic: str, records: list[tuple[str, str]]) 
     assert producer.flush(30) == 0, "records still undelivered after 30s"
     producer.close()
     assert not errors, errors
+
+
+def read_all(kafka: Any, topic: str, count: int) -> list[Message]:
+    """``count`` records of ``topic`` from the beginning, read by a fresh group."""
+    import uuid
+
+    reader = Consumer(
+        kafka.client_config(group_id=f"reader-{uuid.uuid4().hex[:6]}", auto_offset_reset="earliest")
+    )
+    reader.subscribe([topic])
+    try:
+        return consume(reader, count)
+    finally:
+        reader.close()

@@ -30,7 +30,7 @@ from resilient_kafka import (
 )
 from resilient_kafka.errors import TopicError
 from resilient_kafka.testing import KafkaCluster
-from tests.helpers import consume, produce, run_until, wait_for
+from tests.helpers import produce, read_all, run_until, wait_for
 
 RK_HEADERS = {
     "rk.original.topic",
@@ -83,17 +83,6 @@ def _wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _read_all(kafka: KafkaCluster, topic: str, count: int) -> list[Message]:
-    reader = Consumer(
-        kafka.client_config(group_id=f"reader-{uuid.uuid4().hex[:6]}", auto_offset_reset="earliest")
-    )
-    reader.subscribe([topic])
-    try:
-        return consume(reader, count)
-    finally:
-        reader.close()
-
-
 def _committed(kafka: KafkaCluster, group: str, topic: str, partitions: int) -> list[int]:
     probe = Consumer(kafka.client_config(group_id=group))
     try:
@@ -142,7 +131,7 @@ def test_failures_walk_every_tier_then_the_dlq_with_exact_headers(
     consumer.subscribe([topic])
     thread = _run(consumer, handler)
     try:
-        dlq = _read_all(kafka, f"{topic}.{group}.dlq", 1)
+        dlq = read_all(kafka, f"{topic}.{group}.dlq", 1)
     finally:
         consumer.stop()
         thread.join(30)
@@ -226,7 +215,7 @@ def test_classification_and_the_retry_budget(kafka: KafkaCluster, topic_factory)
     consumer.subscribe([topic])
     thread = _run(consumer, handler)
     try:
-        dlq = _read_all(kafka, f"{topic}.{group}.dlq", 3)
+        dlq = read_all(kafka, f"{topic}.{group}.dlq", 3)
     finally:
         consumer.stop()
         thread.join(30)
@@ -252,7 +241,7 @@ def test_undeserializable_records_go_to_the_dlq_with_raw_bytes(
     consumer.subscribe([topic])
     thread = _run(consumer, lambda msg: values.append(msg.value()))
     try:
-        (dead,) = _read_all(kafka, f"{topic}.{group}.dlq", 1)
+        (dead,) = read_all(kafka, f"{topic}.{group}.dlq", 1)
         _wait(lambda: len(values) == 2, 20, "the two good records")
     finally:
         consumer.stop()
@@ -283,7 +272,7 @@ def test_oversized_dead_letter_drops_diagnostics_instead_of_failing(
     consumer.subscribe([topic])
     thread = _run(consumer, handler)
     try:
-        (dead,) = _read_all(kafka, f"{topic}.{group}.dlq", 1)
+        (dead,) = read_all(kafka, f"{topic}.{group}.dlq", 1)
     finally:
         consumer.stop()
         thread.join(30)
@@ -325,7 +314,7 @@ def test_drop_in_poll_loop_and_commit_clamped_to_safe_offsets(
         assert [tp.offset for tp in committed or []] == [5]
     finally:
         consumer.close()
-    (retry,) = _read_all(kafka, f"{topic}.{group}.retry.1", 1)
+    (retry,) = read_all(kafka, f"{topic}.{group}.retry.1", 1)
     assert retry.value() == b"v2"
 
 
@@ -598,7 +587,7 @@ def test_assign_mode_creates_the_dlq_on_first_failure(kafka: KafkaCluster, topic
         _wait(lambda: consumer._drain(0.1), 20, "the DLQ copy")
     finally:
         consumer.close()
-    (dead,) = _read_all(kafka, f"{topic}.{group}.dlq", 1)
+    (dead,) = read_all(kafka, f"{topic}.{group}.dlq", 1)
     assert headers.header_dict(dead)["rk.reason"] == b"exhausted"
 
 

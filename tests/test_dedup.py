@@ -29,7 +29,7 @@ from resilient_kafka.dedup import (
 )
 from resilient_kafka.errors import ConfigurationError
 from resilient_kafka.testing import KafkaCluster
-from tests.helpers import run_until, wait_for
+from tests.helpers import read_all, run_until, wait_for
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -39,7 +39,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
     elif request.param == "sqlite":
         made = SQLiteStore(tmp_path / "dedup.db", ttl=60)
     else:
-        made = RedisStore(request.getfixturevalue("redis_url"), ttl=60, prefix="t:")
+        made = RedisStore(  # one server for the session: a prefix of its own per test
+            request.getfixturevalue("redis_url"), ttl=60, prefix=f"t{uuid.uuid4().hex[:8]}:"
+        )
     yield made
     made.close()  # type: ignore[attr-defined]
 
@@ -94,6 +96,78 @@ def test_memory_and_sqlite_stores_are_bounded(tmp_path: Path) -> None:
     assert memory.claim("m249", "b", 30) == DONE and memory.claim("m0", "b", 30) == NEW
     assert sqlite.claim("m249", "b", 30) == DONE and sqlite.claim("m0", "b", 30) == NEW
     sqlite.close()
+
+
+def test_complete_reports_a_claim_another_owner_took(store) -> None:
+    assert store.claim("m", "slow", lease=0.2) == NEW
+    wait_for(lambda: store.claim("m", "other", lease=30) == NEW, 5, "the lease to expire")
+    # the slow owner finishes after its lease ran out and another consumer took the claim
+    assert store.complete("m", "slow") is False
+    assert store.claim("m", "third", lease=30) == DONE  # still recorded: it was processed
+    assert store.claim("n", "a", lease=30) == NEW
+    assert store.complete("n", "a") is True
+    assert store.complete("never-claimed", "a") is True
+
+
+def test_claiming_again_renews_the_lease(store) -> None:
+    assert store.claim("m", "a", lease=0.3) == NEW
+    assert store.claim("m", "a", lease=30) == NEW  # renewed: now 30 s from here
+    expired_by = time.monotonic() + 0.6
+    wait_for(lambda: time.monotonic() > expired_by, 5, "the first lease's end")
+    assert store.claim("m", "b", lease=30) == BUSY
+
+
+def test_bounds_never_evict_a_live_claim(tmp_path: Path) -> None:
+    memory = MemoryStore(ttl=60, max_entries=3)
+    sqlite = SQLiteStore(tmp_path / "bound.db", ttl=60, max_entries=3)
+    for made in (memory, sqlite):
+        assert made.claim("in-flight", "a", lease=60) == NEW
+        for i in range(10):
+            made.complete(f"m{i}", "a")
+    sqlite.prune()
+    for made in (memory, sqlite):
+        assert made.claim("in-flight", "b", lease=60) == BUSY  # the oldest entry, still held
+        assert made.claim("m9", "b", lease=60) == DONE  # the newest done entries are kept
+        assert made.claim("m0", "b", lease=60) == NEW
+    sqlite.close()
+
+
+def test_a_failed_sqlite_write_leaves_the_store_usable(tmp_path: Path, monkeypatch) -> None:
+    import sqlite3
+
+    store = SQLiteStore(tmp_path / "d.db")
+
+    def broken(key: str) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "_row", broken)
+    with pytest.raises(DedupStoreError, match="disk I/O error"):
+        store.claim("m", "a", 30)
+    monkeypatch.undo()
+    assert store.claim("m", "a", 30) == NEW  # rolled back: not stuck inside a transaction
+    store.close()
+
+
+def test_a_live_owner_keeps_its_claim_past_the_lease() -> None:
+    from resilient_kafka._lease import LeaseKeeper
+
+    store = MemoryStore()
+    keeper = LeaseKeeper(store, "a", lease=0.3)
+    try:
+        assert store.claim("m", "a", 0.3) == NEW
+        keeper.hold("m")
+        past_lease = time.monotonic() + 1.0
+        wait_for(lambda: time.monotonic() > past_lease, 5, "three leases to pass")
+        assert store.claim("m", "b", 0.3) == BUSY  # renewed all along
+        assert keeper.drop("m") is True
+        # a claim another owner took (the store lost it, say) is reported as lost
+        assert store.claim("n", "a", 0.3) == NEW
+        keeper.hold("n")
+        store._entries["n"] = ("claimed", "b", time.time() + 60)
+        wait_for(lambda: "n" in keeper.lost, 5, "the renewal to find the claim gone")
+        assert keeper.drop("n") is False
+    finally:
+        keeper.close()
 
 
 def test_sqlite_store_survives_a_reopen(tmp_path: Path) -> None:
@@ -448,3 +522,154 @@ def test_dedup_settings_are_checked(kafka: KafkaCluster) -> None:
         ResilientConsumer(
             kafka.client_config(group_id="g"), dedup=MemoryStore(), on_dedup_error="x"
         )
+
+
+def _consumer(kafka: KafkaCluster, group: str, **options: Any) -> ResilientConsumer:
+    """A consumer of ``group`` from the beginning, metrics off unless asked for."""
+    options.setdefault("metrics", False)
+    return ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"), **options
+    )
+
+
+def _committed(kafka: KafkaCluster, group: str, topic: str) -> int:
+    reader = ResilientConsumer(kafka.client_config(group_id=group), metrics=False)
+    try:
+        (committed,) = reader.committed([TopicPartition(topic, 0)], timeout=10)
+    finally:
+        reader.close()
+    return int(committed.offset)
+
+
+def test_a_handler_longer_than_the_lease_keeps_its_claim(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    topic, group = topic_factory(1), f"g{uuid.uuid4().hex[:8]}"
+    _produce(kafka.producer_config(), topic, [("slow", {"rk.id": b"slow-1"}, 0)])
+    store = MemoryStore()
+    consumer = _consumer(kafka, group, dedup=store, dedup_lease=1.0)
+    verdicts: list[str] = []
+
+    def handler(msg: Message) -> None:
+        past_lease = time.monotonic() + 2.5
+        while time.monotonic() < past_lease:  # a slow side effect, 2.5 leases long
+            verdicts.append(store.claim(key, "intruder", 1.0))
+            time.sleep(0.2)
+
+    consumer.subscribe([topic])
+    key = f"{group}|id:slow-1"
+    run_until(consumer, handler, lambda: store._entries.get(key, ("",))[0] == DONE)
+    assert verdicts and set(verdicts) == {BUSY}, verdicts  # never NEW for another consumer
+
+
+@pytest.mark.parametrize("loop", ["run", "poll", "consume"])
+def test_a_record_whose_dedup_key_fails_goes_to_the_dlq(
+    kafka: KafkaCluster, topic_factory, loop: str
+) -> None:
+    topic, group = topic_factory(1), f"g{uuid.uuid4().hex[:8]}"
+    _produce(kafka.producer_config(), topic, [("a", None, 0), ("bad", None, 0), ("c", None, 0)])
+
+    def order_id(msg: Message) -> str:
+        if msg.value() == b"bad":
+            raise KeyError("order_id")
+        return msg.value().decode()
+
+    consumer = _consumer(kafka, group, dedup=MemoryStore(), dedup_key=order_id)
+    handled: list[bytes] = []
+    consumer.subscribe([topic])
+    if loop == "run":
+        run_until(consumer, lambda msg: handled.append(msg.value()), lambda: len(handled) == 2)
+    else:
+        try:
+            deadline = time.monotonic() + 60
+            while len(handled) < 2:
+                assert time.monotonic() < deadline, handled
+                batch = [consumer.poll(0.5)] if loop == "poll" else consumer.consume(10, 0.5)
+                handled += [m.value() for m in batch if m is not None and m.error() is None]
+            consumer.poll(0.5)  # done with both; housekeeping commits (auto-commit)
+            consumer.commit(asynchronous=False)
+        finally:
+            consumer.close()
+    assert handled == [b"a", b"c"]
+    (dead,) = read_all(kafka, f"{topic}.{group}.dlq", 1)
+    assert dead.value() == b"bad"
+    dead_headers = {k: v for k, v in dead.headers()}
+    assert dead_headers["rk.exception.type"].endswith(b"DedupKeyError")
+    assert b"dedup_key failed" in dead_headers["rk.exception.message"]
+    assert dead_headers["rk.reason"] == b"non_retryable"
+    assert _committed(kafka, group, topic) == 3  # past the dead letter, once its copy is acked
+
+
+class _Interrupted(BaseException):
+    """Like KeyboardInterrupt, without pytest's own handling of it."""
+
+
+@pytest.mark.parametrize("loop", ["poll", "consume"])
+def test_a_claim_interrupted_mid_batch_loses_nothing(
+    kafka: KafkaCluster, topic_factory, loop: str
+) -> None:
+    # an exception out of the claim used to leave its record in hand (completed, and so
+    # committed, at the next call without the application ever seeing it), and in consume()
+    # the claims of the records before it were never released (the next call found their
+    # twins "in hand" again and again: no record ever came out)
+    topic, group = topic_factory(1), f"g{uuid.uuid4().hex[:8]}"
+    _produce(kafka.producer_config(), topic, [(f"v{i}", None, 0) for i in range(3)])
+    interrupt = [b"v1"]
+
+    def key(msg: Message) -> str:
+        if msg.value() in interrupt:
+            interrupt.clear()
+            raise _Interrupted
+        return msg.value().decode()
+
+    consumer = _consumer(kafka, group, dedup=MemoryStore(), dedup_key=key)
+    consumer.subscribe([topic])
+    seen: list[bytes] = []
+    raised = 0
+    try:
+        deadline = time.monotonic() + 60
+        while len(set(seen)) < 3:
+            assert time.monotonic() < deadline, (seen, raised)
+            try:
+                batch = [consumer.poll(0.5)] if loop == "poll" else consumer.consume(10, 0.5)
+            except _Interrupted:
+                raised += 1
+                continue
+            seen += [m.value() for m in batch if m is not None and m.error() is None]
+        consumer.poll(0.5)
+        consumer.commit(asynchronous=False)
+    finally:
+        consumer.close()
+    assert raised == 1
+    assert sorted(set(seen)) == [b"v0", b"v1", b"v2"]  # v1 was handed out after all
+    assert seen.count(b"v1") == 1
+    assert _committed(kafka, group, topic) == 3
+
+
+def test_a_record_another_consumer_holds_comes_again_after_the_wait(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    # the wait for another consumer's claim outlasts run()'s batch deadline: the record is
+    # seeked back, and the rest of the batch must not be rewound over that position (it was:
+    # the record never came again before a restart, and its partition's commits stalled)
+    topic, group = topic_factory(1), f"g{uuid.uuid4().hex[:8]}"
+    _produce(
+        kafka.producer_config(),
+        topic,
+        # "first" alone makes run()'s first batch; the rest arrive prefetched as the next one
+        [("first", None, 0), ("held", {"rk.id": b"held"}, 0)]
+        + [(f"v{i}", None, 0) for i in range(3)],
+    )
+    store = MemoryStore()
+    consumer = _consumer(kafka, group, dedup=store, dedup_lease=1.0)
+    handled: list[bytes] = []
+
+    def handler(msg: Message) -> None:
+        if msg.value() == b"first":  # a consumer that died holding "held" (never renewed)
+            assert store.claim(f"{group}|id:held", "crashed-consumer", 3.0) == NEW
+        handled.append(msg.value())
+
+    consumer.subscribe([topic])
+    run_until(consumer, handler, lambda: len(handled) == 5)
+    assert handled == [b"first", b"held", b"v0", b"v1", b"v2"]  # in order, each once
+    assert _committed(kafka, group, topic) == 5

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from resilient_kafka import CircuitBreaker, ResilientConsumer, RetryPolicy
-from resilient_kafka.dedup import DedupStoreError, SQLiteStore
+from resilient_kafka.dedup import SQLiteStore
 
 LEDGER_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ledger (id TEXT NOT NULL, key TEXT, seq INTEGER,"
@@ -41,26 +41,16 @@ class LedgerStore(SQLiteStore):
         self.worker = worker
         self.pending: dict[str, tuple[str, str, int]] = {}
 
-    def complete(self, key: str, owner: str) -> None:
+    def complete(self, key: str, owner: str) -> bool:
         row = self.pending.pop(key)
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    self._db.execute(
-                        "INSERT INTO ledger VALUES (?, ?, ?, ?, ?)",
-                        (*row, self.worker, time.time()),
-                    )
-                    self._db.execute(
-                        "INSERT OR REPLACE INTO rk_dedup VALUES (?, 'done', ?, ?)",
-                        (key, owner, time.time() + self.ttl),
-                    )
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise DedupStoreError(f"ledger {self.path}: {exc}") from exc
+
+        def body() -> bool:
+            self._db.execute(
+                "INSERT INTO ledger VALUES (?, ?, ?, ?, ?)", (*row, self.worker, time.time())
+            )
+            return self._mark_done(key, owner)
+
+        return self._transaction(body)
 
 
 def main(settings: dict[str, Any]) -> None:
