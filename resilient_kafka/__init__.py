@@ -8,10 +8,12 @@ from importlib.metadata import PackageNotFoundError, version
 
 from resilient_kafka import dlq, headers
 from resilient_kafka.breaker import CircuitBreaker, CircuitBreakerError
-from resilient_kafka.consumer import DedupKeyError, DeserializationError, ResilientConsumer
+from resilient_kafka.consumer import ResilientConsumer
 from resilient_kafka.errors import (
     ConfigurationError,
     DeadLetterFloodError,
+    DedupKeyError,
+    DeserializationError,
     ForwardError,
     MissingDependencyError,
     ResilientKafkaError,

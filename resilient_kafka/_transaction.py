@@ -158,3 +158,237 @@ class Transactions:
 
 class _Abortable(Exception):
     """The transaction cannot commit; abort it and replay its records."""
+
+
+class TransactionalCommitter:
+    """Exactly-once mode's committer: offsets commit inside the transaction that carries the
+    handler's output and the retry/DLQ copies, every ``transaction_interval``. An aborted
+    transaction is replayed: every partition rewinds to where the transaction began."""
+
+    def __init__(
+        self,
+        native: Any,
+        txn: Transactions,
+        producer: Any,
+        forwarder: Any,
+        control: Any,
+        outage: Any,
+        settings: Any,
+        metrics: Any,
+    ) -> None:
+        from resilient_kafka._barrier import CommitBarrier
+
+        self._native = native
+        self._txn = txn
+        self._producer = producer
+        self._forwarder = forwarder
+        self._control = control
+        self._outage = outage
+        self._interval = settings.transaction_interval
+        self._timeout = settings.forward_timeout
+        self._metrics = metrics
+        self.barrier = CommitBarrier()
+        self.abort_pending = False  # a record failed after writing output: abort, replay
+        self.generation = 0  # bumped by every replay
+        self.on_replay: Any = None  # the loop: drop the records in hand (they come again)
+        self._started = time.monotonic()
+        self._produced = producer.produced  # at the start of the open transaction
+        self._sent = forwarder.sent
+        self._replayed: dict[tuple[str, int], tuple[int, int]] = {}  # (generation, offset)
+        # records whose attempt was aborted with its transaction: routed when they come again
+        self._prefailed: dict[tuple[str, int, int], BaseException] = {}
+
+    @property
+    def open(self) -> bool:
+        return self._txn.open
+
+    def track(self, record: Any) -> None:
+        self.barrier.track(record.topic, record.partition, record.offset)
+
+    def complete(self, topic: str, partition: int, offset: int) -> None:
+        self.barrier.complete(topic, partition, offset)
+
+    def wrote_for(self, record: Any) -> bool:
+        """Whether the open transaction holds output written since ``record`` was handed out
+        (or must abort anyway)."""
+        return (
+            self.abort_pending
+            or self._forwarder.failed_in_transaction
+            or self._producer.produced != record.produced
+        )
+
+    def abort_for(self, record: Any, exc: BaseException | None) -> None:
+        """``record`` failed with its output in the open transaction: abort and replay at the
+        next housekeeping; with ``exc``, the record is routed when it comes again, without
+        running the handler (after-rollback processing)."""
+        self.abort_pending = True
+        if exc is not None:
+            self._prefailed[record.topic, record.partition, record.offset] = exc
+
+    def prefailed(self, record: Any) -> BaseException | None:
+        if not self._prefailed:
+            return None
+        return self._prefailed.pop((record.topic, record.partition, record.offset), None)
+
+    def maintain(self, now: float) -> float:
+        if (
+            self.abort_pending
+            or self._forwarder.failed_in_transaction
+            or now - self._started >= self._interval
+        ):
+            self.commit_transaction()
+        return float(self._interval)
+
+    def commit(self, message: Any, offsets: Any, asynchronous: bool) -> None:
+        if message is not None or offsets is not None:
+            from resilient_kafka.errors import ResilientKafkaError
+
+            raise ResilientKafkaError(
+                "in exactly-once mode offsets commit with the transaction, past every "
+                "record done; call commit() without message= or offsets="
+            )
+        self.commit_transaction()
+
+    def commit_transaction(self) -> None:
+        """Commit the open transaction with the offsets of every record done in it (abort and
+        replay it if that fails). Called between records, never with a record in hand."""
+        txn = self._txn
+        if not txn.open:
+            return
+        forwarder = self._forwarder
+        forwarder.send()
+        failed = self.abort_pending or forwarder.failed_in_transaction
+        if forwarder.in_flight or failed:
+            # a forward's ack is what makes its source offset committable; and an abort right
+            # after a produce can fail fatally in librdkafka (its issue #4849): flush first
+            self._producer.flush(self._timeout)
+        failed = self.abort_pending or forwarder.failed_in_transaction
+        if failed or forwarder.in_flight:
+            if forwarder.in_flight:
+                log.error(
+                    "%d forward(s) unacknowledged after %.0fs: aborting the transaction",
+                    forwarder.in_flight,
+                    self._timeout,
+                )
+            self.abort_and_replay()
+            return
+        points = self.barrier.replay_points()  # before advanced(): if the commit fails
+        offsets = [TopicPartition(t, p, o) for t, p, o in self.barrier.advanced()]
+        now = time.monotonic()
+        wrote = forwarder.sent != self._sent or self._producer.produced != self._produced
+        if not offsets and not wrote:
+            self._started = now  # nothing written, nothing consumed: keep it open
+            return
+        if txn.commit(offsets, self._native.consumer_group_metadata()):
+            self._metrics.commit(time.monotonic() - now)
+            self._metrics.transaction("committed")
+            self._begin()
+        else:
+            self._metrics.commit(time.monotonic() - now, "TransactionAborted")
+            self._replay(points)
+
+    def _begin(self) -> None:
+        self._txn.begin()
+        self._started = time.monotonic()
+        self._produced = self._producer.produced
+        self._sent = self._forwarder.sent
+
+    def abort_and_replay(self) -> None:
+        self._txn.abort()
+        self._replay(None)
+
+    def _replay(self, points: list[tuple[str, int, int]] | None) -> None:
+        """The open transaction was aborted: forget what it did and rewind every partition to
+        where it began (the offset committed with the last transaction), so its records come
+        again; then open the next one."""
+        self._metrics.transaction("aborted")
+        self.generation += 1
+        self._forwarder.discard()  # delivery reports of the aborted forwards are ignored
+        self.abort_pending = False
+        self._outage.void_probe()
+        if self.on_replay is not None:
+            self.on_replay()
+        if points is None:
+            points = self.barrier.replay_points()
+        try:
+            assigned = {(tp.topic, tp.partition) for tp in self._native.assignment()}
+        except KafkaException as exc:  # going on would commit past the aborted records
+            raise TransactionError(
+                f"cannot read the assignment to replay an aborted transaction: {exc}; stopping "
+                "(a restart resumes from the committed offsets)"
+            ) from exc
+        rewound = 0
+        for topic, partition, offset in points:
+            key = (topic, partition)
+            self.barrier.forget(topic, partition)
+            if key not in assigned:
+                continue
+            rewound += 1
+            # a replay inside a rebalance callback, mid poll()/consume(): the records that call
+            # fetched for this partition are dropped and the partition rewound again
+            self._replayed[key] = (self.generation, offset)
+            self._rewind(key, offset)
+        log.warning("transaction aborted: replaying %d partition(s)", rewound)
+        self._begin()
+
+    def _rewind(self, key: tuple[str, int], offset: int) -> None:
+        if self._outage.replayed(key, offset):
+            return
+        from resilient_kafka._partitions import RETRY_DUE
+
+        try:
+            self._control.seek(key, offset)
+        except KafkaException as exc:  # going on would commit past the aborted records
+            raise TransactionError(
+                f"cannot rewind {key[0]} [{key[1]}] to {offset} after an aborted "
+                f"transaction: {exc}; stopping (a restart resumes from the committed offsets)"
+            ) from exc
+        self._control.release([key], RETRY_DUE)  # its retry record comes again from there
+
+    def replayed_since(self, generation: int, msg: Any) -> bool:
+        """True (and the partition rewound again) if ``msg`` was fetched by a call during
+        which a replay rewound its partition: it may predate the rewind, so it comes again."""
+        key = (msg.topic(), msg.partition())
+        entry = self._replayed.get(key)
+        if entry is None or entry[0] <= generation or msg.error() is not None:
+            return False
+        self._rewind(key, entry[1])
+        return True
+
+    def revoke(self, keys: set[tuple[str, int]]) -> None:
+        """Partitions are being revoked (forwards drained): commit while still owned."""
+        self.commit_transaction()
+
+    def lost(self, keys: set[tuple[str, int]]) -> None:
+        """Partitions were lost: the open transaction's offsets cannot commit; abort it and
+        replay the partitions still owned."""
+        if self._txn.open:
+            self.abort_and_replay()
+
+    def forget(self, keys: set[tuple[str, int]]) -> None:
+        for key in keys:
+            self.barrier.forget(*key)
+        self._forwarder.forget(keys)  # their new owner routes them again
+        if self._prefailed:  # their new owner runs the handler on them again
+            for coordinates in [c for c in self._prefailed if (c[0], c[1]) in keys]:
+                del self._prefailed[coordinates]
+
+    def sync_store(self) -> None:
+        """(Offsets are never stored outside a transaction.)"""
+
+    def close(self, wrote: bool) -> None:
+        """Commit what is done; output written for records still in hand (``wrote``) is
+        aborted with it (those records were not reported processed and are redelivered)."""
+        txn = self._txn
+        if not txn.open:
+            return  # fenced: nothing can commit
+        from resilient_kafka.errors import ResilientKafkaError
+
+        try:
+            if wrote:
+                txn.abort()
+                self._metrics.transaction("aborted")
+            else:
+                self.commit_transaction()
+        except ResilientKafkaError as exc:
+            log.error("final transaction not committed (records will be redelivered): %s", exc)

@@ -70,3 +70,16 @@ class TransactionError(ResilientKafkaError):
     def __init__(self, message: str, kafka_error: object = None) -> None:
         super().__init__(message)
         self.kafka_error = kafka_error
+
+
+class DeserializationError(ResilientKafkaError):
+    """A record's key or value could not be deserialized; it went to the DLQ with its raw bytes."""
+
+    # its name is in the rk.exception.type header of DLQ records: kept where it always was
+    __module__ = "resilient_kafka.consumer"
+
+
+class DedupKeyError(ResilientKafkaError):
+    """``dedup_key`` raised for a record: it has no identity, so it went to the DLQ unprocessed."""
+
+    __module__ = "resilient_kafka.consumer"  # as DeserializationError

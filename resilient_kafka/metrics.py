@@ -509,6 +509,20 @@ class ConsumerMetrics:
                     self.fam.lag.labels(self.group, topic, partition).set(lag)
 
 
+class NoMetrics:
+    """Metrics switched off: the calls of :class:`ConsumerMetrics`, doing nothing (so the hot
+    path carries no ``if metrics`` branches)."""
+
+    fam = None
+
+    def _nothing(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    prepare_topic = consumed = polled = success = retire = flush = _nothing
+    outcome = dedup = retry = retry_delay = process = poll = commit = _nothing
+    transaction = rebalance = paused = stats = _nothing
+
+
 class BreakerMetrics:
     """pybreaker listener feeding the breaker metrics."""
 

@@ -11,6 +11,7 @@ extracted, injected or started.
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -182,3 +183,80 @@ class Tracing:
             _add_key(attrs, msg.key())
             span.set_attributes(attrs)
         return span
+
+    def start_forward(
+        self,
+        topic: str,
+        headers: Any,
+        key: Any,
+        *,
+        record_span: Any,
+        record_headers: Any,
+        parent_on_creation: bool,
+        attributes: dict[str, Any],
+    ) -> tuple[Any, list[tuple[str, Any]]]:
+        """Start ``send {topic}`` for a retry or DLQ copy, in the record's trace: a child of its
+        process span (``run()``), else of its creation context (the drop-in loop, unless
+        ``trace_parent="link_only"``), and linked to the creation context; never the ambient
+        context, which may belong to anything."""
+        creation = self.creation_context(record_headers)
+        if record_span is not None:
+            parent = trace.set_span_in_context(record_span)
+        elif parent_on_creation and creation is not None:
+            parent = creation
+        else:
+            parent = trace.set_span_in_context(trace.INVALID_SPAN)  # a root, linked
+        attrs: dict[str, Any] = {
+            "messaging.system": "kafka",
+            "messaging.operation.name": "send",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": topic,
+        }
+        _add_key(attrs, key)
+        attrs.update(attributes)
+        span = self.tracer.start_span(
+            f"send {topic}",
+            context=parent,
+            kind=SpanKind.PRODUCER,
+            attributes=attrs,
+            links=_links(creation),
+        )
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        kept = [(k, v) for k, v in _header_list(headers) if k not in PROPAGATION_HEADERS]
+        return span, kept + [(k, v.encode()) for k, v in carrier.items()]
+
+    @staticmethod
+    def routed(
+        span: Any, target: str, attempt: int, due_ms: int | None, reason: str | None
+    ) -> None:
+        """The record's outcome as an attribute and an event on its process span."""
+        if span is None or not span.is_recording():
+            return
+        if reason is None:
+            delay = (due_ms - time.time() * 1000) / 1000 if due_ms else 0.0
+            span.set_attribute("resilient_kafka.outcome", "retry_scheduled")
+            span.add_event(
+                "resilient_kafka.retry.scheduled",
+                {"messaging.destination.name": target, "attempt": attempt, "delay_s": delay},
+            )
+        else:
+            span.set_attribute("resilient_kafka.outcome", "dead_lettered")
+            span.add_event(
+                "resilient_kafka.dead_lettered",
+                {"messaging.destination.name": target, "reason": reason},
+            )
+
+
+class NoTracing:
+    """Tracing switched off: the same calls, doing nothing."""
+
+    @staticmethod
+    def start_forward(
+        topic: str, headers: Any, key: Any, **_: Any
+    ) -> tuple[None, list[tuple[str, Any]]]:
+        return None, headers
+
+    @staticmethod
+    def routed(*_: Any) -> None:
+        return None

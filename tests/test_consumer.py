@@ -596,9 +596,9 @@ def test_close_never_commits_an_older_stored_offset(
 ) -> None:
     """librdkafka's close-time auto-commit commits the *stored* offsets; a stale stored offset
     must not overwrite the final commit (found as an intermittent CI failure)."""
-    import resilient_kafka.consumer as consumer_module
+    import resilient_kafka._committer as committer_module
 
-    monkeypatch.setattr(consumer_module, "_STORE_INTERVAL", 3600.0)  # no periodic stores
+    monkeypatch.setattr(committer_module, "STORE_INTERVAL", 3600.0)  # no periodic stores
     topic, group = topic_factory(1), _group()
     produce(kafka.producer_config(), topic, [(f"k{i}", f"v{i}") for i in range(5)])
     consumer = ResilientConsumer(kafka.client_config(group_id=group, auto_offset_reset="earliest"))
@@ -606,7 +606,7 @@ def test_close_never_commits_an_older_stored_offset(
     try:
         _first_message(consumer)
         _first_message(consumer)  # v0 is now done
-        consumer._store_offsets()  # the store position is 1: stale from here on
+        consumer._committer.sync_store()  # the store position is 1: stale from here on
         for _ in range(3):
             _first_message(consumer)
         assert consumer.poll(0.5) is None  # asking for more: v4 is done too

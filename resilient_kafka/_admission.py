@@ -1,0 +1,127 @@
+"""Admission: whether a fetched record may be handed out now.
+
+A retry record waits for its due time (its partition pauses until then); during an outage only
+the probe's trial record passes; an aborted transaction's failed record is routed without its
+handler; undeserializable records go to the DLQ with their raw bytes. Every admitted record is
+tracked by the commit barrier before anyone sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from confluent_kafka import Message
+from confluent_kafka.serialization import MessageField, SerializationContext
+
+from resilient_kafka import headers
+from resilient_kafka._outage import OutageControl
+from resilient_kafka._partitions import RETRY_DUE, PartitionControl
+from resilient_kafka._record import Record
+from resilient_kafka._settle import Settlement
+from resilient_kafka._topics import Topics
+from resilient_kafka.errors import DeserializationError
+
+log = logging.getLogger("resilient_kafka.consumer")
+
+
+class Admission:
+    """Turns fetched messages into :class:`Record` objects, or keeps them back."""
+
+    def __init__(
+        self,
+        topics: Topics,
+        control: PartitionControl,
+        outage: OutageControl,
+        committer: Any,
+        settle: Settlement,
+        metrics: Any,
+        retry_delays: tuple[float, ...],
+        key_deserializer: Any,
+        value_deserializer: Any,
+    ) -> None:
+        self._tiers = topics.tiers
+        self._control = control
+        self._outage = outage
+        self._committer = committer
+        self._track = committer.track
+        self._settle = settle
+        self._metrics = metrics
+        self._delays = retry_delays
+        self._key_deserializer = key_deserializer
+        self._value_deserializer = value_deserializer
+        self._deserializing = key_deserializer is not None or value_deserializer is not None
+
+    def admit(self, msg: Message) -> Record | None:
+        """A :class:`Record` for ``msg`` to hand out, or None (kept back, or settled here)."""
+        record = Record(msg, msg.topic(), msg.partition(), msg.offset())  # type: ignore[arg-type]
+        outage = self._outage
+        if outage.current is None:
+            return self._checked(record)
+        # an outage first: a not-due check below would seek past records refused earlier
+        if not outage.admits(record, record.topic in self._tiers):
+            return None
+        admitted = self._checked(record)
+        current = outage.current
+        if admitted is None and current is not None and record is current.trial_record:
+            outage.abandon_trial()
+        return admitted
+
+    def _checked(self, record: Record) -> Record | None:
+        if record.topic in self._tiers and not self._due(record):
+            return None
+        self._track(record)
+        exc = self._committer.prefailed(record)
+        if exc is not None:  # its attempt was aborted with its transaction: route it
+            self._settle.route(record, exc)
+            return None
+        if self._deserializing:
+            return self._deserialized(record)
+        return record
+
+    def _due(self, record: Record) -> bool:
+        key = record.key
+        if self._control.paused_for(key, RETRY_DUE):
+            return False  # fetched in the same batch behind a record that is not due
+        due = headers.due(record.msg)
+        if due is None:
+            return True
+        now_ms = time.time() * 1000
+        if due > now_ms:
+            self._control.pause_until(key, due, record.offset)
+            return False
+        tier = self._tiers[record.topic][1]
+        nominal = self._delays[tier - 1] if tier <= len(self._delays) else 0.0
+        self._metrics.retry_delay(record.topic, (now_ms - due) / 1000 + nominal)
+        return True
+
+    def _deserialized(self, record: Record) -> Record | None:
+        msg = record.msg
+        raw = (msg.key(), msg.value())
+        try:
+            if self._key_deserializer is not None:
+                ctx = SerializationContext(record.topic, MessageField.KEY, msg.headers())
+                msg.set_key(self._key_deserializer(raw[0], ctx))
+            if self._value_deserializer is not None:
+                ctx = SerializationContext(record.topic, MessageField.VALUE, msg.headers())
+                msg.set_value(self._value_deserializer(raw[1], ctx))
+        except Exception as exc:
+            msg.set_key(raw[0])
+            msg.set_value(raw[1])
+            error = DeserializationError(f"cannot deserialize record: {exc}")
+            error.__cause__ = exc
+            log.warning(
+                "record %s [%d] @%d cannot be deserialized; sending it to the DLQ: %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                exc,
+            )
+            current = self._outage.current
+            if current is not None and record is current.trial_record:
+                self._outage.abandon_trial()  # no probe: the downstream was not called
+            self._settle.route(record, error, headers.DESERIALIZATION)
+            return None
+        record.raw = raw
+        return record

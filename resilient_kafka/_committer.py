@@ -1,0 +1,139 @@
+"""The offset committer: offsets are stored and committed only past records that are done.
+
+"Done" is the commit barrier's word (``_barrier``): handled, or its retry/DLQ copy acknowledged.
+With ``enable.auto.commit`` librdkafka commits what is stored here; explicit ``commit()`` calls
+are clamped to the barrier. Exactly-once mode commits through ``_transaction`` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from resilient_kafka._barrier import CommitBarrier
+from resilient_kafka._record import Record
+
+log = logging.getLogger("resilient_kafka.consumer")
+
+STORE_INTERVAL = 0.05  # seconds between offset-store calls: batches the per-record work
+
+
+class OffsetCommitter:
+    """Tracks records through the barrier; stores and commits what it lets through."""
+
+    abort_pending = False  # (exactly-once only) the open transaction must be aborted
+    generation = 0  # (exactly-once only) bumped by every replay
+
+    def __init__(self, native: Consumer, auto_commit: bool, metrics: Any) -> None:
+        self._native = native
+        self._auto_commit = auto_commit
+        self._metrics = metrics
+        self.barrier = CommitBarrier()
+        self._last_store = 0.0
+
+    def track(self, record: Record) -> None:
+        self.barrier.track(record.topic, record.partition, record.offset)
+
+    def complete(self, topic: str, partition: int, offset: int) -> None:
+        self.barrier.complete(topic, partition, offset)
+
+    def wrote_for(self, record: Record) -> bool:
+        return False
+
+    def prefailed(self, record: Record) -> BaseException | None:
+        return None
+
+    def maintain(self, now: float) -> float:
+        """Store what became safe (auto-commit); returns the longest wait it allows."""
+        if self._auto_commit and now - self._last_store >= STORE_INTERVAL:
+            self._last_store = now
+            self._store()
+        return 1.0
+
+    def _store(self) -> None:
+        moved = self.barrier.advanced()
+        if not moved:
+            return
+        try:
+            Consumer.store_offsets(
+                self._native, offsets=[TopicPartition(t, p, o) for t, p, o in moved]
+            )
+        except KafkaException as exc:  # a partition revoked in the meantime
+            log.debug("store_offsets skipped: %s", exc)
+
+    def sync_store(self) -> None:
+        """Store every safe offset now: librdkafka's own auto-commit (periodic, on revoke and
+        on close) commits the stored offsets, and must not commit an older position after an
+        explicit commit of a newer one."""
+        if self._auto_commit:
+            self._store()
+
+    def commit(
+        self,
+        message: Message | None,
+        offsets: list[TopicPartition] | None,
+        asynchronous: bool,
+    ) -> list[TopicPartition] | None:
+        """Commit, never past a record that is not done, whatever is passed."""
+        self.sync_store()
+        safe = {(t, p): o for t, p, o in self.barrier.committable()}
+        if message is not None:
+            requested = [
+                TopicPartition(message.topic(), message.partition(), message.offset() + 1)  # type: ignore[arg-type,operator]
+            ]
+        elif offsets is not None:
+            requested = offsets
+        else:
+            requested = [TopicPartition(t, p, o) for (t, p), o in safe.items()]
+        clamped = []
+        for tp in requested:
+            limit = safe.get((tp.topic, tp.partition), -1)
+            if limit >= 0:
+                clamped.append(TopicPartition(tp.topic, tp.partition, min(tp.offset, limit)))
+        if not clamped:
+            return None
+        started = time.monotonic()
+        try:
+            result: list[TopicPartition] | None = Consumer.commit(  # type: ignore[call-overload]
+                self._native, offsets=clamped, asynchronous=asynchronous
+            )
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            name = error.name() if isinstance(error, KafkaError) else type(exc).__name__
+            self._metrics.commit(time.monotonic() - started, name)
+            raise
+        if not asynchronous:
+            self._metrics.commit(time.monotonic() - started)
+        return result
+
+    def _commit_safe(self, keys: set[tuple[str, int]] | None, when: str) -> None:
+        self.sync_store()
+        safe = [
+            TopicPartition(t, p, o)
+            for t, p, o in self.barrier.committable()
+            if keys is None or (t, p) in keys
+        ]
+        if not safe:
+            return
+        try:
+            Consumer.commit(self._native, offsets=safe, asynchronous=False)
+        except KafkaException as exc:
+            log.warning("%s failed (records will be redelivered): %s", when, exc)
+
+    def revoke(self, keys: set[tuple[str, int]]) -> None:
+        """Partitions are being revoked (forwards drained): commit theirs while still owned."""
+        self._commit_safe(keys, "commit on revoke")
+
+    def lost(self, keys: set[tuple[str, int]]) -> None:
+        """Partitions were lost: nothing of theirs can commit now."""
+
+    def forget(self, keys: set[tuple[str, int]]) -> None:
+        for key in keys:
+            self.barrier.forget(*key)
+
+    def close(self, wrote: bool) -> None:
+        """The consumer closes (forwards drained): commit what is safe."""
+        self._commit_safe(None, "final commit")

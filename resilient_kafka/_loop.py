@@ -1,0 +1,405 @@
+"""The processing loop, on the polling thread: housekeeping, fetch, admit, hand out, settle.
+
+Read top to bottom: :meth:`Loop.housekeeping` (delivery reports, forwards, due retries,
+outages, commits), then the three ways records leave the loop: :meth:`Loop.poll` and
+:meth:`Loop.consume` (the drop-in: records stay in hand until the application asks for more,
+commits, or fails them) and :meth:`Loop.run` (``run()``: an executor handles each record).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Message
+
+from resilient_kafka import headers
+from resilient_kafka._admission import Admission
+from resilient_kafka._claims import Claims, Verdict
+from resilient_kafka._forwarding import Forwarder
+from resilient_kafka._outage import DEDUP_STORE, OutageControl
+from resilient_kafka._partitions import APPLICATION, RETRY_DUE, Key, PartitionControl
+from resilient_kafka._record import Record
+from resilient_kafka._settle import Settlement
+from resilient_kafka.errors import DedupKeyError, ResilientKafkaError
+
+log = logging.getLogger("resilient_kafka.consumer")
+
+# While records flow, housekeeping runs at most this often instead of once per record.
+_MAINTAIN_INTERVAL = 0.05
+# run() fetches records in batches sized to take about _BATCH_SECONDS to handle (1 to
+# _BATCH_MAX records), and cuts a batch short after _BATCH_DEADLINE (the rest is rewound), so
+# housekeeping and max.poll.interval.ms never wait on a slow handler.
+_BATCH_MAX = 500
+_BATCH_SECONDS = 0.1
+_BATCH_DEADLINE = 1.0
+
+
+def usable(msg: Message) -> bool:
+    """False for consumer events (logged); a fatal error is raised."""
+    error = msg.error()
+    if error is None:
+        return True
+    if error.fatal():
+        raise KafkaException(error)
+    log.debug("consumer event: %s", error)
+    return False
+
+
+class Loop:
+    """Owns the records in hand and the rhythm of housekeeping."""
+
+    def __init__(
+        self,
+        native: Consumer,
+        *,
+        control: PartitionControl,
+        admission: Admission,
+        settle: Settlement,
+        claims: Claims | None,
+        committer: Any,
+        forwarder: Forwarder,
+        outage: OutageControl,
+        producer: Any,
+        metrics: Any,
+        stop: threading.Event,
+    ) -> None:
+        self._native = native
+        self._control = control
+        self._admit = admission.admit
+        self._settle = settle
+        self._claims = claims
+        self._committer = committer
+        self._forwarder = forwarder
+        self._outage = outage
+        self._watch = outage.watch
+        self._producer = producer
+        self._metrics = metrics
+        self._stop = stop
+        self.in_hand: list[Record] = []  # the drop-in loop's records, not yet settled
+        self._maintain_at = 0.0  # monotonic time of the next housekeeping pass
+        self._last_gauges = 0.0
+        self._batch_size = 32  # run(): records per fetch, adapted to the handler's speed
+        self.running = False  # run() is the loop (it claims around the handler itself)
+
+    # -- housekeeping ------------------------------------------------------------------------
+
+    def housekeeping(self, now: float, deadline: float | None) -> float:
+        """Between fetches; returns how long the next fetch may block."""
+        self._producer.poll(0)
+        forwarder = self._forwarder
+        forwarder.send()
+        error = forwarder.take_error()
+        if error is not None:
+            raise error
+        control = self._control
+        control.reconcile()
+        wait = 0.1 if forwarder.busy else 1.0
+        if self._outage.current is not None:
+            wait = min(wait, self._outage.tend(now))
+        metrics = self._metrics
+        metrics.flush()
+        if now - self._last_gauges >= 0.5:
+            self._last_gauges = now
+            self._update_gauges()
+        wait = min(wait, float(self._committer.maintain(now)))
+        due = control.release_due(time.time() * 1000)
+        if due is not None:
+            wait = min(wait, due)
+        self._maintain_at = now + min(wait, _MAINTAIN_INTERVAL)
+        if deadline is not None:
+            wait = min(wait, max(0.0, deadline - now))
+        return wait
+
+    def _update_gauges(self) -> None:
+        paused = self._metrics.paused
+        for reason, count in self._outage.paused_counts().items():
+            paused(reason, count)
+        paused("retry_backoff", len(self._control.paused_by(RETRY_DUE)))
+        paused("manual", len(self._control.paused_by(APPLICATION)))
+
+    # -- the drop-in loop --------------------------------------------------------------------
+
+    def poll(self, timeout: float | None) -> Message | None:
+        """The next message for the application (retry records only once due), or None."""
+        if self.in_hand:
+            self.finish_in_hand()
+        now = time.monotonic()
+        deadline = None if timeout is None or timeout < 0 else now + timeout
+        metrics = self._metrics
+        outage = self._outage
+        committer = self._committer
+        native_poll = self._native_poll
+        while True:
+            if now >= self._maintain_at or outage.current is not None or committer.abort_pending:
+                wait = self.housekeeping(now, deadline)
+                probe = outage.take_probe()
+                if probe is not None:
+                    if self._hand_out(probe) is Verdict.RUN:
+                        return probe.msg
+                    now = time.monotonic()
+                    continue
+            else:  # records are flowing: poll until the next housekeeping is due
+                wait = self._maintain_at - now
+                if deadline is not None and deadline - now < wait:
+                    wait = max(0.0, deadline - now)
+            started = time.monotonic()
+            generation = committer.generation
+            msg = native_poll(wait)
+            if msg is not None:
+                if msg.error() is not None:
+                    return msg
+                if committer.generation != generation and committer.replayed_since(generation, msg):
+                    now = time.monotonic()
+                    continue
+                self._control.mark()
+                record = self._admit(msg)
+                if record is not None and self._hand_out(record) is Verdict.RUN:
+                    metrics.polled(record.topic, time.monotonic() - started)
+                    return msg
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return None
+
+    def _native_poll(self, timeout: float) -> Message | None:
+        return Consumer.poll(self._native, timeout)
+
+    def consume(self, num_messages: int, timeout: float | None) -> list[Message]:
+        """Up to ``num_messages`` messages (retry records only once due)."""
+        self.finish_in_hand()
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        committer = self._committer
+        metrics = self._metrics
+        while True:
+            wait = self.housekeeping(time.monotonic(), deadline)
+            probe = self._outage.take_probe()
+            if probe is not None:
+                if self._hand_out(probe) is Verdict.RUN:
+                    return [probe.msg]
+                continue
+            started = time.monotonic()
+            generation = committer.generation
+            batch = Consumer.consume(self._native, num_messages, wait)
+            if committer.generation != generation:
+                batch = [m for m in batch if not committer.replayed_since(generation, m)]
+            self._control.mark()
+            out: list[Message] = []
+            try:
+                for i, msg in enumerate(batch):
+                    if msg.error() is not None:
+                        out.append(msg)
+                        continue
+                    record = self._admit(msg)
+                    if record is None:
+                        continue
+                    verdict = self._hand_out(record)
+                    if verdict is Verdict.RUN:
+                        out.append(msg)
+                        metrics.consumed(record.topic)
+                    elif verdict is Verdict.LATER:
+                        self._rewind(batch, i)  # its twin (or another claim) goes first
+                        break
+            except BaseException:
+                self._unwind(batch, out)
+                raise
+            if out and out[-1].error() is None:
+                metrics.poll(out[-1].topic(), time.monotonic() - started)
+            if out or (deadline is not None and time.monotonic() >= deadline):
+                return out
+
+    def _hand_out(self, record: Record) -> Verdict | None:
+        """Give ``record`` to the application (in hand until it asks for more): RUN. The
+        drop-in loop's dedup may keep it back (another verdict, applied here; None: it has no
+        identity and went to the DLQ). ``run()`` claims in :meth:`_execute` instead."""
+        record.opens = self._watch.opens
+        record.produced = self._producer.produced
+        claims = self._claims
+        if claims is None or self.running:
+            self.in_hand.append(record)
+            return Verdict.RUN
+        try:
+            key = claims.identity(record)
+        except DedupKeyError as exc:
+            self._settle.refused(record, exc, headers.NON_RETRYABLE)
+            return None
+        verdict = claims.claim(record, key, twins=True)
+        if verdict is Verdict.RUN:
+            self.in_hand.append(record)
+        else:
+            self._apply(verdict, record)
+        return verdict
+
+    def _apply(self, verdict: Verdict, record: Record) -> None:
+        """Settle a record its dedup claim keeps from the handler."""
+        if verdict is Verdict.DUPLICATE:
+            self._settle.duplicate(record)
+        elif verdict is Verdict.LATER:
+            self._settle.later(record)
+        else:
+            self._settle.held(record, DEDUP_STORE)
+
+    def fail(self, msg: Message, exc: BaseException) -> None:
+        """The application could not process ``msg``: route it (or hold it, an outage)."""
+        in_hand = self.in_hand
+        for i in range(len(in_hand) - 1, -1, -1):
+            if in_hand[i].msg is msg:
+                record = in_hand.pop(i)
+                break
+        else:
+            raise ResilientKafkaError(
+                "fail() needs a message this consumer handed out and that is still in hand "
+                f"({msg.topic()} [{msg.partition()}] @{msg.offset()}); call it before the next "
+                "poll()/consume()"
+            )
+        self._settle.failed(record, exc)
+
+    def finish_in_hand(self) -> None:
+        """The application asked for more (or commits): what it holds and did not fail is
+        done."""
+        in_hand = self.in_hand
+        if not in_hand:
+            return
+        self.in_hand = []
+        done = self._settle.done
+        for record in in_hand:
+            done(record)
+
+    def drop_in_hand(self) -> None:
+        """Forget the records in hand without settling them: they will be delivered again."""
+        in_hand, self.in_hand = self.in_hand, []
+        if self._claims is not None:
+            for record in in_hand:
+                self._claims.release(record)
+
+    def wrote_in_hand(self) -> bool:
+        """Exactly-once: output was written since a record still in hand was handed out."""
+        return any(self._committer.wrote_for(record) for record in self.in_hand)
+
+    def _unwind(self, batch: list[Message], admitted: list[Message]) -> None:
+        """An exception stopped a batch: nothing of it reaches the application, so its records
+        leave the hand (claims released) and every partition rewinds to its first record of
+        the batch."""
+        taken = {id(m) for m in batch}
+        kept = []
+        for record in self.in_hand:
+            if id(record.msg) in taken:
+                if self._claims is not None:
+                    self._claims.release(record)
+            else:
+                kept.append(record)
+        self.in_hand = kept
+        self._rewind(batch, 0, every=True)
+
+    def _rewind(self, batch: list[Message], start: int, every: bool = True) -> None:
+        """Records from ``start`` on were fetched but not handed out: deliver them again. A
+        partition positioned since the fetch keeps its position unless ``every``; rewinding
+        never skips a lower position set while it is stopped."""
+        first: dict[Key, int] = {}
+        for msg in batch[start:]:
+            if msg.error() is None:
+                first.setdefault((msg.topic(), msg.partition()), msg.offset())  # type: ignore[arg-type]
+        control = self._control
+        for key, offset in first.items():
+            if key not in control.assigned or (not every and control.positioned(key)):
+                continue
+            control.rewind(key, offset)
+
+    # -- run() -------------------------------------------------------------------------------
+
+    def run(self, executor: Any, poll_timeout: float) -> None:
+        """Hand records to ``executor`` until stopped; one record at a time in an outage (the
+        probes come through poll())."""
+        stop = self._stop
+        while not stop.is_set():
+            if self._outage.current is None:
+                self._run_batch(executor, poll_timeout)
+                continue
+            msg = self.poll(poll_timeout)
+            if msg is not None and usable(msg):
+                self._execute(executor, self.in_hand.pop())
+            executor.collect()
+
+    def _execute(self, executor: Any, record: Record) -> None:
+        """Claim ``record`` (dedup) and hand it to the executor."""
+        claims = self._claims
+        if claims is not None and record.claim is None:
+            try:
+                key = claims.identity(record)
+            except DedupKeyError as exc:
+                self._settle.refused(record, exc, headers.NON_RETRYABLE)
+                return
+            verdict = claims.claim(record, key)
+            if verdict is not Verdict.RUN:
+                self._apply(verdict, record)
+                return
+        executor.submit(record)
+
+    def _run_batch(self, executor: Any, timeout: float) -> None:
+        """Fetch a batch and hand its records to the executor one by one, admitting each only
+        when its turn comes (so a pause, a seek, an outage or a due time met mid-batch applies
+        to the records behind it, exactly as with one poll() per record)."""
+        if self.in_hand:
+            self.finish_in_hand()
+        now = time.monotonic()
+        wait = self.housekeeping(now, now + timeout)
+        outage = self._outage
+        if outage.current is not None or outage.probe_ready is not None:
+            return
+        committer = self._committer
+        native = self._native
+        # what is already fetched, without waiting for a full batch (latency); else wait for one
+        started = time.monotonic()
+        generation = committer.generation
+        batch = Consumer.consume(native, self._batch_size, 0) or Consumer.consume(native, 1, wait)
+        if committer.generation != generation:
+            batch = [m for m in batch if not committer.replayed_since(generation, m)]
+        if not batch:
+            return
+        control = self._control
+        control.mark()
+        version = control.version
+        fetched = time.monotonic()
+        metrics = self._metrics
+        polled = False  # the poll duration is recorded once a record is handed out
+        admit = self._admit
+        stop = self._stop
+        watch = self._watch
+        producer = self._producer
+        skipped: dict[Key, int] = {}
+        handled = 0
+        for i, msg in enumerate(batch):
+            if control.version != version and msg.error() is None:
+                key: Key = (msg.topic(), msg.partition())  # type: ignore[assignment]
+                if control.stopped(key):  # paused, positioned or revoked since the fetch
+                    skipped.setdefault(key, msg.offset())  # type: ignore[arg-type]
+                    continue
+            if (
+                stop.is_set()
+                or committer.abort_pending
+                or outage.current is not None
+                or time.monotonic() - fetched > _BATCH_DEADLINE
+            ):
+                self._rewind(batch, i, every=False)
+                break
+            if msg.error() is not None and not usable(msg):
+                continue
+            record = admit(msg)
+            if record is None:
+                continue
+            record.opens = watch.opens
+            record.produced = producer.produced
+            if not polled:
+                polled = True
+                metrics.poll(record.topic, fetched - started)
+            metrics.consumed(record.topic)
+            self._execute(executor, record)
+            handled += 1
+        executor.collect()
+        for key, offset in skipped.items():
+            if key in control.assigned and not control.positioned(key):
+                control.rewind(key, offset)  # paused by the application: from here on resume
+        if handled:  # size the next batch to take about _BATCH_SECONDS
+            per_record = max((time.monotonic() - fetched) / handled, 1e-7)
+            self._batch_size = max(1, min(_BATCH_MAX, int(_BATCH_SECONDS / per_record)))
