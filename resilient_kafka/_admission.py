@@ -45,7 +45,8 @@ class Admission:
         self._control = control
         self._outage = outage
         self._committer = committer
-        self._track = committer.track
+        self._track = committer.barrier.track  # bound once: the hot path
+        self._replays = committer.replays  # exactly-once: records of aborted transactions
         self._settle = settle
         self._metrics = metrics
         self._delays = retry_delays
@@ -71,11 +72,12 @@ class Admission:
     def _checked(self, record: Record) -> Record | None:
         if record.topic in self._tiers and not self._due(record):
             return None
-        self._track(record)
-        exc = self._committer.prefailed(record)
-        if exc is not None:  # its attempt was aborted with its transaction: route it
-            self._settle.route(record, exc)
-            return None
+        self._track(record.topic, record.partition, record.offset)
+        if self._replays:
+            exc = self._committer.prefailed(record)
+            if exc is not None:  # its attempt was aborted with its transaction: route it
+                self._settle.route(record, exc)
+                return None
         if self._deserializing:
             return self._deserialized(record)
         return record

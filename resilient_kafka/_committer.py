@@ -24,6 +24,7 @@ STORE_INTERVAL = 0.05  # seconds between offset-store calls: batches the per-rec
 class OffsetCommitter:
     """Tracks records through the barrier; stores and commits what it lets through."""
 
+    replays = False  # (exactly-once only) aborted transactions are replayed
     abort_pending = False  # (exactly-once only) the open transaction must be aborted
     generation = 0  # (exactly-once only) bumped by every replay
 

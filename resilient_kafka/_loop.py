@@ -137,7 +137,7 @@ class Loop:
                 wait = self.housekeeping(now, deadline)
                 probe = outage.take_probe()
                 if probe is not None:
-                    if self._hand_out(probe) is Verdict.RUN:
+                    if self._handed_out(probe):
                         return probe.msg
                     now = time.monotonic()
                     continue
@@ -156,7 +156,7 @@ class Loop:
                     continue
                 self._control.mark()
                 record = self._admit(msg)
-                if record is not None and self._hand_out(record) is Verdict.RUN:
+                if record is not None and self._handed_out(record):
                     metrics.polled(record.topic, time.monotonic() - started)
                     return msg
             now = time.monotonic()
@@ -176,7 +176,7 @@ class Loop:
             wait = self.housekeeping(time.monotonic(), deadline)
             probe = self._outage.take_probe()
             if probe is not None:
-                if self._hand_out(probe) is Verdict.RUN:
+                if self._handed_out(probe):
                     return [probe.msg]
                 continue
             started = time.monotonic()
@@ -208,6 +208,14 @@ class Loop:
                 metrics.poll(out[-1].topic(), time.monotonic() - started)
             if out or (deadline is not None and time.monotonic() >= deadline):
                 return out
+
+    def _handed_out(self, record: Record) -> bool:
+        """poll(): :meth:`_hand_out`; a record whose claim raised is delivered again."""
+        try:
+            return self._hand_out(record) is Verdict.RUN
+        except BaseException:
+            self._control.rewind(record.key, record.offset)
+            raise
 
     def _hand_out(self, record: Record) -> Verdict | None:
         """Give ``record`` to the application (in hand until it asks for more): RUN. The

@@ -17,7 +17,6 @@ class Record:
 
     __slots__ = (
         "claim",
-        "key",
         "msg",
         "offset",
         "opens",
@@ -33,7 +32,6 @@ class Record:
         self.topic = topic
         self.partition = partition
         self.offset = offset
-        self.key = (topic, partition)
         self.raw: tuple[Any, Any] | None = None  # (key, value) as fetched, when deserialized
         self.claim: str | None = None  # the dedup claim this consumer holds for it
         self.opens = 0  # breaker openings seen when it was handed out
@@ -47,6 +45,11 @@ class Record:
             return raw
         msg = self.msg
         return msg.key(), msg.value()
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """(topic, partition): how partition control and outages name its partition."""
+        return (self.topic, self.partition)
 
     @property
     def coordinates(self) -> tuple[str, int, int]:

@@ -29,7 +29,7 @@ class Settlement:
         metrics: Any,
     ) -> None:
         self._committer = committer
-        self._complete = committer.complete
+        self._complete = committer.barrier.complete  # bound once: the hot path
         self._claims = claims
         self._outage = outage
         self._flood = outage.flood

@@ -165,6 +165,8 @@ class TransactionalCommitter:
     handler's output and the retry/DLQ copies, every ``transaction_interval``. An aborted
     transaction is replayed: every partition rewinds to where the transaction began."""
 
+    replays = True  # records of an aborted transaction come again (admission asks prefailed)
+
     def __init__(
         self,
         native: Any,

@@ -119,8 +119,10 @@ class Tracing:
         *,
         link_context: Any = None,
         attributes: dict[str, Any] | None = None,
+        context: Any = None,
     ) -> tuple[Any, list[tuple[str, Any]]]:
-        """Start ``send {topic}`` and return it with headers carrying its context."""
+        """Start ``send {topic}`` (a child of ``context``, else of the current span) and return
+        it with headers carrying its context."""
         attrs: dict[str, Any] = {
             "messaging.system": "kafka",
             "messaging.operation.name": "send",
@@ -130,7 +132,11 @@ class Tracing:
         _add_key(attrs, key)
         attrs.update(attributes or {})
         span = self.tracer.start_span(
-            f"send {topic}", kind=SpanKind.PRODUCER, attributes=attrs, links=_links(link_context)
+            f"send {topic}",
+            context=context,
+            kind=SpanKind.PRODUCER,
+            attributes=attrs,
+            links=_links(link_context),
         )
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(span))
@@ -206,25 +212,9 @@ class Tracing:
             parent = creation
         else:
             parent = trace.set_span_in_context(trace.INVALID_SPAN)  # a root, linked
-        attrs: dict[str, Any] = {
-            "messaging.system": "kafka",
-            "messaging.operation.name": "send",
-            "messaging.operation.type": "send",
-            "messaging.destination.name": topic,
-        }
-        _add_key(attrs, key)
-        attrs.update(attributes)
-        span = self.tracer.start_span(
-            f"send {topic}",
-            context=parent,
-            kind=SpanKind.PRODUCER,
-            attributes=attrs,
-            links=_links(creation),
+        return self.start_send(
+            topic, headers, key, link_context=creation, attributes=attributes, context=parent
         )
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=trace.set_span_in_context(span))
-        kept = [(k, v) for k, v in _header_list(headers) if k not in PROPAGATION_HEADERS]
-        return span, kept + [(k, v.encode()) for k, v in carrier.items()]
 
     @staticmethod
     def routed(
