@@ -501,7 +501,7 @@ class ResilientConsumer(Consumer):
             wrote = self._txn is not None and self._loop.wrote_in_hand()
             self._loop.drop_in_hand()
             if self._txn is None:
-                self._forwarder.drain(self._settings.forward_timeout)
+                self._drain(self._settings.forward_timeout)
             self._committer.close(wrote)
         finally:
             try:
