@@ -70,7 +70,7 @@ class Topics:
         """Check that ``topics`` exist and create their missing retry/DLQ topics; returns the
         retry tier topics. Raises :class:`TopicError` (or KafkaException from the cluster)."""
         settings = self._settings
-        metadata = Consumer.list_topics(self._native, timeout=settings.forward_timeout)
+        metadata = self._native.list_topics(timeout=settings.forward_timeout)
         missing = [t for t in topics if t not in metadata.topics or metadata.topics[t].error]
         if missing:
             raise TopicError(
