@@ -69,6 +69,13 @@ class Admission:
             outage.abandon_trial()
         return admitted
 
+    def probe(self, record: Record | None) -> Record | None:
+        """The held record, to hand out as the probe: deserialized now if it was held before
+        (a DLQ flood held its dead letter); None if that fails (it went to the DLQ)."""
+        if record is None or not self._deserializing or record.raw is not None:
+            return record
+        return self._deserialized(record)
+
     def _checked(self, record: Record) -> Record | None:
         if record.topic in self._tiers and not self._due(record):
             return None
@@ -85,7 +92,10 @@ class Admission:
     def _due(self, record: Record) -> bool:
         key = record.key
         if self._control.paused_for(key, RETRY_DUE):
-            return False  # fetched in the same batch behind a record that is not due
+            # fetched behind a record that is not due (in the same batch, or before a pause
+            # reached the native consumer): from here on, unless a lower position is set
+            self._control.rewind(key, record.offset)
+            return False
         due = headers.due(record.msg)
         if due is None:
             return True
@@ -123,7 +133,7 @@ class Admission:
             current = self._outage.current
             if current is not None and record is current.trial_record:
                 self._outage.abandon_trial()  # no probe: the downstream was not called
-            self._settle.route(record, error, headers.DESERIALIZATION)
+            self._settle.refused(record, error, headers.DESERIALIZATION)
             return None
         record.raw = raw
         return record

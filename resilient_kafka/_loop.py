@@ -69,6 +69,7 @@ class Loop:
         self._native = native
         self._control = control
         self._admit = admission.admit
+        self._admission = admission
         self._settle = settle
         self._claims = claims
         self._committer = committer
@@ -131,11 +132,17 @@ class Loop:
         metrics = self._metrics
         outage = self._outage
         committer = self._committer
+        control = self._control
         native_poll = self._native_poll
         while True:
-            if now >= self._maintain_at or outage.current is not None or committer.abort_pending:
+            if (
+                now >= self._maintain_at
+                or outage.current is not None
+                or committer.abort_pending
+                or control.has_pending()
+            ):
                 wait = self.housekeeping(now, deadline)
-                probe = outage.take_probe()
+                probe = self._admission.probe(outage.take_probe())
                 if probe is not None:
                     if self._handed_out(probe):
                         return probe.msg
@@ -174,7 +181,7 @@ class Loop:
         metrics = self._metrics
         while True:
             wait = self.housekeeping(time.monotonic(), deadline)
-            probe = self._outage.take_probe()
+            probe = self._admission.probe(self._outage.take_probe())
             if probe is not None:
                 if self._handed_out(probe):
                     return [probe.msg]
@@ -314,6 +321,15 @@ class Loop:
                 continue
             control.rewind(key, offset)
 
+    def _rewind_skipped(self, skipped: dict[Key, int]) -> None:
+        """Records of partitions stopped mid-batch were skipped: a partition positioned since
+        the fetch keeps its position; another (paused) is rewound to its first skipped one."""
+        control = self._control
+        for key, offset in skipped.items():
+            if key in control.assigned and not control.positioned(key):
+                control.rewind(key, offset)
+        skipped.clear()
+
     # -- run() -------------------------------------------------------------------------------
 
     def run(self, executor: Any, poll_timeout: float) -> None:
@@ -389,6 +405,7 @@ class Loop:
                 or outage.current is not None
                 or time.monotonic() - fetched > _BATCH_DEADLINE
             ):
+                self._rewind_skipped(skipped)  # first: they are lower than what follows
                 self._rewind(batch, i, every=False)
                 break
             if msg.error() is not None and not usable(msg):
@@ -405,9 +422,7 @@ class Loop:
             self._execute(executor, record)
             handled += 1
         executor.collect()
-        for key, offset in skipped.items():
-            if key in control.assigned and not control.positioned(key):
-                control.rewind(key, offset)  # paused by the application: from here on resume
+        self._rewind_skipped(skipped)
         if handled:  # size the next batch to take about _BATCH_SECONDS
             per_record = max((time.monotonic() - fetched) / handled, 1e-7)
             self._batch_size = max(1, min(_BATCH_MAX, int(_BATCH_SECONDS / per_record)))

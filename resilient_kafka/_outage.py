@@ -285,9 +285,11 @@ class OutageControl:
             trial_silent = outage.trial is not None and outage.trial_record is None
             if trial_silent and now >= outage.probe_deadline:
                 # nothing arrived from the trial partition (empty, paused for another reason,
-                # or a retry not due): the next one
+                # or a retry not due): the next one; a skip-ahead past the held record is undone
                 assert outage.trial is not None
                 control.pause([outage.trial], OUTAGE)
+                if outage.trial in outage.rewind:
+                    control.rewind(outage.trial, outage.rewind[outage.trial])
                 outage.trial = None
                 outage.probing = False
                 outage.next_probe = now
@@ -350,6 +352,9 @@ class OutageControl:
             if seek_past is not outage.held and key in outage.rewind:
                 target = min(target, outage.rewind[key])  # a skip-ahead trial: held comes again
             control.seek(key, target)
+        for key, lowest in outage.rewind.items():  # refused records come again, none skipped
+            if seek_past is None or key != seek_past.key:
+                control.rewind(key, lowest)
         resumed = control.release(outage.partitions, OUTAGE)
         if self.flood is not None:
             self.flood.reset()

@@ -57,13 +57,16 @@ class PartitionControl:
             reasons = self._reasons.get(key)
             if reasons is None:
                 self._reasons[key] = {reason}
-                if key not in self._pending:
-                    now_paused.append(TopicPartition(*key))
+                now_paused.append(TopicPartition(*key))
             else:
                 reasons.add(reason)
         self.version += 1
-        if now_paused:
+        if not now_paused:
+            return
+        try:
             Consumer.pause(self._native, now_paused)
+        except KafkaException as exc:  # being assigned: reconcile() pauses it
+            log.debug("pause deferred to the assignment: %s", exc)
 
     def release(self, keys: Iterable[Key], reason: str) -> list[Key]:
         """Take ``reason`` off ``keys``; those left with no reason resume (returned)."""
@@ -114,9 +117,10 @@ class PartitionControl:
 
     # -- positions ---------------------------------------------------------------------------
 
-    def seek(self, key: Key, offset: int) -> None:
-        """Fetch ``key`` from ``offset`` next, whatever was set before (raises KafkaException)."""
-        Consumer.seek(self._native, TopicPartition(key[0], key[1], offset))
+    def seek(self, key: Key, offset: int, partition: TopicPartition | None = None) -> None:
+        """Fetch ``key`` from ``offset`` next, whatever was set before (raises KafkaException);
+        ``partition``: the application's own TopicPartition (its leader epoch kept)."""
+        Consumer.seek(self._native, partition or TopicPartition(key[0], key[1], offset))
         self._positioned.add(key)
         if key in self._reasons:
             self._restart[key] = offset

@@ -152,6 +152,7 @@ class ResilientConsumer(Consumer):
                 self._metrics_server, self.metrics_url = serve_metrics(
                     metrics_port, registry=registry
                 )
+                undo.callback(self._metrics_server.shutdown)
             self._wire(settings, key_deserializer, value_deserializer)
             undo.pop_all()
 
@@ -293,13 +294,13 @@ class ResilientConsumer(Consumer):
             callback = self._user_callbacks.get("assign")
             if callback is not None:
                 callback(self, partitions)
-        finally:
+        finally:  # even if the callback raised: confluent would assign without our offsets
             self._rebalance_fresh = None
-        if fresh and not self._assigned_by_app:
-            if self._settings.cooperative:
-                Consumer.incremental_assign(self, partitions)
-            else:
-                Consumer.assign(self, partitions)
+            if fresh and not self._assigned_by_app:
+                if self._settings.cooperative:
+                    Consumer.incremental_assign(self, partitions)
+                else:
+                    Consumer.assign(self, partitions)
 
     def _fresh_tiers(self, partitions: list[TopicPartition]) -> set[Key]:
         """Retry tier partitions among ``partitions`` with no committed offset."""
@@ -433,7 +434,7 @@ class ResilientConsumer(Consumer):
     def seek(self, partition: TopicPartition) -> None:
         """``Consumer.seek``; in ``run()``, the rest of a fetched batch of that partition is
         not handed out."""
-        self._control.seek((partition.topic, partition.partition), partition.offset)
+        self._control.seek((partition.topic, partition.partition), partition.offset, partition)
 
     # -- handler mode ------------------------------------------------------------------------
 

@@ -721,3 +721,159 @@ def test_a_drop_in_fail_continues_the_records_trace(kafka: KafkaCluster, topic_f
     (copy,) = _read(kafka, retry_topic, 1)
     traceparent = headers.header_dict(copy)["traceparent"].decode()
     assert traceparent.split("-")[1] == format(creation.context.trace_id, "032x")
+
+
+# -- found in review: an outage that ends after a silent skip-ahead trial --------------------
+
+
+def test_the_held_record_comes_again_when_the_breaker_closes_elsewhere(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    """One partition, its last record held by an outage. A trial skips ahead past the held
+    record and hears nothing; meanwhile the breaker is closed elsewhere (shared state, an
+    operator): the outage ends without a probe, and the held record is delivered again (it was
+    never processed), not skipped."""
+    topic = topic_factory(1)
+    _produce(kafka, topic, {0: ["v0"]})
+    breaker = CircuitBreaker("payments", fail_max=1, reset_timeout=0.2)
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=_group(), enable_auto_commit=False),
+        breakers=[breaker],
+        registry=CollectorRegistry(),
+    )
+    deliveries: list[float] = []
+    try:
+        consumer.assign([TopicPartition(topic, 0, 0)])
+
+        def deliver_and_refuse() -> None:
+            msg = _next_message(consumer, timeout=10)
+            assert msg.value() == b"v0"
+            deliveries.append(time.monotonic())
+            try:
+                breaker.call(_down)
+            except Exception as exc:
+                consumer.fail(msg, exc)
+
+        deliver_and_refuse()  # the breaker opens: v0 is held
+        deliver_and_refuse()  # the probe: refused again; next, a trial past v0 (nothing there)
+        assert consumer.outage is not None
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:  # the trial is out
+            assert consumer.poll(0.1) is None
+        breaker.close()  # closed elsewhere: the outage ends at the next look
+        msg = _next_message(consumer, timeout=10)
+        assert (msg.value(), consumer.outage) == (b"v0", None)
+    finally:
+        consumer.close()
+
+
+def test_fresh_tiers_start_at_their_beginning_even_when_on_assign_raises(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    """The application's on_assign raises (poll() passes the exception on): the partitions are
+    assigned anyway, and a retry tier the group never committed on still starts at its
+    beginning, so a retry copy written before this member joined is not skipped."""
+    topic, group = topic_factory(1), _group()
+    _produce(kafka, topic, {0: ["v0"]})
+    retry = RetryPolicy(delays=(0.2,))
+    first = ResilientConsumer(
+        kafka.client_config(group_id=group), retry=retry, registry=CollectorRegistry()
+    )
+    try:  # a first member (assign: no group) fails v0: its copy waits in tier 1
+        first.assign([TopicPartition(topic, 0, 0)])
+        first.fail(_next_message(first), ValueError("downstream said no"))
+    finally:
+        first.close()
+    _read(kafka, f"{topic}.{group}.retry.1", 1)
+
+    second = ResilientConsumer(
+        kafka.client_config(_QUICK_JOIN, group_id=group), retry=retry, registry=CollectorRegistry()
+    )
+    raised: list[BaseException] = []
+
+    def on_assign(c: ResilientConsumer, partitions: list[TopicPartition]) -> None:
+        raise RuntimeError("the application's bookkeeping failed")
+
+    second.subscribe([topic], on_assign=on_assign)
+    try:
+        deadline = time.monotonic() + 15
+        msg = None
+        while msg is None or msg.error() is not None:
+            assert time.monotonic() < deadline, f"no retry record; raised: {raised!r}"
+            try:
+                msg = second.poll(0.2)
+            except RuntimeError as exc:
+                raised.append(exc)
+        assert raised, "the callback's exception was not passed on"
+        assert (msg.value(), headers.attempt(msg)) == (b"v0", 1)
+    finally:
+        second.close()
+
+
+def test_a_dead_letter_held_by_a_flood_is_never_handed_out_undeserialized(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    """Two undeserializable records in a row trip the DLQ flood guard (max_consecutive=1): the
+    second is held, with its raw bytes. Its probes deserialize it again (and hold it again);
+    the handler never receives raw bytes instead of a deserialized value."""
+    from resilient_kafka import DeadLetterPolicy
+
+    topic = topic_factory(1)
+    _produce(kafka, topic, {0: ["bad-1", "bad-2", "good"]})
+    tries: Counter[str] = Counter()
+
+    def deserialize(raw: bytes | None, _ctx: object) -> dict[str, str]:
+        text = (raw or b"").decode()
+        tries[text] += 1
+        if text.startswith("bad"):
+            raise ValueError(f"not a valid order: {text}")
+        return {"order": text}
+
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=_group(), enable_auto_commit=False),
+        value_deserializer=deserialize,
+        dead_letter=DeadLetterPolicy(max_consecutive=1, flood_backoff=(0.1, 0.2)),
+        registry=CollectorRegistry(),
+    )
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    raw_values: list[object] = []
+
+    def handler(msg: Message) -> None:
+        if not isinstance(msg.value(), dict):
+            raw_values.append(msg.value())
+
+    run_until(consumer, handler, lambda: tries["bad-2"] >= 3 or raw_values)
+    assert not raw_values, f"the handler got raw bytes: {raw_values}"
+
+
+def test_partitions_paused_in_on_assign_deliver_nothing_until_resumed(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    """The application pauses the partitions it is given in its on_assign (to resume them once
+    its own state is loaded): nothing of them is handed out until it resumes them."""
+    topic = topic_factory(1)
+    _produce(kafka, topic, {0: ["v0", "v1"]})
+    consumer = ResilientConsumer(
+        kafka.client_config(_QUICK_JOIN, group_id=_group(), auto_offset_reset="earliest"),
+        registry=CollectorRegistry(),
+    )
+    given: list[TopicPartition] = []
+
+    def on_assign(c: ResilientConsumer, partitions: list[TopicPartition]) -> None:
+        sources = [tp for tp in partitions if tp.topic == topic]
+        c.pause(sources)
+        given.extend(sources)
+
+    consumer.subscribe([topic], on_assign=on_assign)
+    try:
+        deadline = time.monotonic() + 15
+        while not given:
+            assert time.monotonic() < deadline, "never assigned"
+            assert consumer.poll(0.1) is None, "a record of a paused partition was handed out"
+        until = time.monotonic() + 2
+        while time.monotonic() < until:
+            assert consumer.poll(0.1) is None, "a record of a paused partition was handed out"
+        consumer.resume(given)
+        assert _next_message(consumer, timeout=10).value() == b"v0"
+    finally:
+        consumer.close()
