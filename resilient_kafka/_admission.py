@@ -53,12 +53,16 @@ class Admission:
         self._key_deserializer = key_deserializer
         self._value_deserializer = value_deserializer
         self._deserializing = key_deserializer is not None or value_deserializer is not None
+        self._plain = not self._deserializing and not self._replays  # nothing to check but due
 
     def admit(self, msg: Message) -> Record | None:
         """A :class:`Record` for ``msg`` to hand out, or None (kept back, or settled here)."""
         record = Record(msg, msg.topic(), msg.partition(), msg.offset())  # type: ignore[arg-type]
         outage = self._outage
         if outage.current is None:
+            if self._plain and record.topic not in self._tiers:  # the common case, inline
+                self._track(record.topic, record.partition, record.offset)
+                return record
             return self._checked(record)
         # an outage first: a not-due check below would seek past records refused earlier
         if not outage.admits(record, record.topic in self._tiers):

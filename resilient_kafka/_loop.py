@@ -70,6 +70,8 @@ class Loop:
         self._control = control
         self._admit = admission.admit
         self._admission = admission
+        self._native_poll = Consumer.poll.__get__(native)  # the native poll, bound once
+        self._marked = -1  # control.version at the last mark() of poll()
         self._settle = settle
         self._claims = claims
         self._committer = committer
@@ -139,7 +141,7 @@ class Loop:
                 now >= self._maintain_at
                 or outage.current is not None
                 or committer.abort_pending
-                or control.has_pending()
+                or control.pending
             ):
                 wait = self.housekeeping(now, deadline)
                 probe = self._admission.probe(outage.take_probe())
@@ -152,26 +154,35 @@ class Loop:
                 wait = self._maintain_at - now
                 if deadline is not None and deadline - now < wait:
                     wait = max(0.0, deadline - now)
-            started = time.monotonic()
+            started = time.monotonic() if metrics.enabled else 0.0
             generation = committer.generation
-            msg = native_poll(wait)
+            msg: Message | None = native_poll(wait)
             if msg is not None:
                 if msg.error() is not None:
                     return msg
                 if committer.generation != generation and committer.replayed_since(generation, msg):
                     now = time.monotonic()
                     continue
-                self._control.mark()
+                if control.version != self._marked:
+                    control.mark()
+                    self._marked = control.version
                 record = self._admit(msg)
-                if record is not None and self._handed_out(record):
-                    metrics.polled(record.topic, time.monotonic() - started)
+                if record is not None:
+                    if self._claims is None or self.running:  # the common case, inline
+                        record.opens = self._watch.opens
+                        record.produced = self._producer.produced
+                        self.in_hand.append(record)
+                    elif not self._handed_out(record):
+                        now = time.monotonic()
+                        continue
+                    if started:
+                        metrics.polled(record.topic, time.monotonic() - started)
+                    else:
+                        metrics.consumed(record.topic)
                     return msg
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 return None
-
-    def _native_poll(self, timeout: float) -> Message | None:
-        return Consumer.poll(self._native, timeout)
 
     def consume(self, num_messages: int, timeout: float | None) -> list[Message]:
         """Up to ``num_messages`` messages (retry records only once due)."""
@@ -345,6 +356,9 @@ class Loop:
                 self._execute(executor, self.in_hand.pop())
             executor.collect()
 
+    def _claiming(self, executor: Any) -> Any:
+        return lambda record: self._execute(executor, record)
+
     def _execute(self, executor: Any, record: Record) -> None:
         """Claim ``record`` (dedup) and hand it to the executor."""
         claims = self._claims
@@ -391,6 +405,8 @@ class Loop:
         stop = self._stop
         watch = self._watch
         producer = self._producer
+        consumed = metrics.consumed
+        submit = executor.submit if self._claims is None else self._claiming(executor)
         skipped: dict[Key, int] = {}
         handled = 0
         for i, msg in enumerate(batch):
@@ -418,8 +434,8 @@ class Loop:
             if not polled:
                 polled = True
                 metrics.poll(record.topic, fetched - started)
-            metrics.consumed(record.topic)
-            self._execute(executor, record)
+            consumed(record.topic)
+            submit(record)
             handled += 1
         executor.collect()
         self._rewind_skipped(skipped)

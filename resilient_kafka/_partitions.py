@@ -30,11 +30,11 @@ class PartitionControl:
     __slots__ = (
         "_due",
         "_native",
-        "_pending",
         "_positioned",
         "_reasons",
         "_restart",
         "assigned",
+        "pending",
         "version",
     )
 
@@ -43,7 +43,7 @@ class PartitionControl:
         self._reasons: dict[Key, set[str]] = {}  # paused partitions only
         self._restart: dict[Key, int] = {}  # position set while stopped (lowest wins)
         self._positioned: set[Key] = set()  # positioned since the last mark()
-        self._pending: set[Key] = set()  # assigned; native pause flag not reconciled yet
+        self.pending: set[Key] = set()  # assigned; native pause flags not reconciled yet
         self._due: dict[Key, int] = {}  # RETRY_DUE partitions: epoch ms their record is due
         self.assigned: set[Key] = set()
         self.version = 0  # bumped by every change a batch in progress must notice
@@ -81,7 +81,7 @@ class PartitionControl:
             if not reasons:
                 del self._reasons[key]
                 self._restart.pop(key, None)
-                if key in self.assigned and key not in self._pending:
+                if key in self.assigned and key not in self.pending:
                     resumed.append(key)
         if resumed:
             Consumer.resume(self._native, [TopicPartition(*key) for key in resumed])
@@ -175,7 +175,7 @@ class PartitionControl:
         if replace:
             self.revoked(self.assigned - keys)
         self.assigned |= keys
-        self._pending |= keys
+        self.pending |= keys
         self._positioned |= keys  # the assignment's positions are its own
         self.version += 1
 
@@ -184,15 +184,15 @@ class PartitionControl:
             self.assigned.discard(key)
             self._reasons.pop(key, None)
             self._restart.pop(key, None)
-            self._pending.discard(key)
+            self.pending.discard(key)
             self._due.pop(key, None)
         self.version += 1
 
     def reconcile(self) -> None:
         """Make the native pause flags of newly assigned partitions match their reasons."""
-        if not self._pending:
+        if not self.pending:
             return
-        keys, self._pending = self._pending & self.assigned, set()
+        keys, self.pending = self.pending & self.assigned, set()
         paused = [TopicPartition(*k) for k in keys if k in self._reasons]
         flowing = [TopicPartition(*k) for k in keys if k not in self._reasons]
         try:
@@ -202,9 +202,6 @@ class PartitionControl:
                 Consumer.resume(self._native, flowing)
         except KafkaException as exc:  # revoked again meanwhile
             log.debug("pause/resume of new partitions skipped: %s", exc)
-
-    def has_pending(self) -> bool:
-        return bool(self._pending)
 
     def paused_only_for(self, key: Key, reason: str) -> bool:
         """Paused for ``reason`` and nothing else (a trial may resume it)."""

@@ -339,6 +339,8 @@ class ConsumerMetrics:
     apart, and every scrape).
     """
 
+    enabled = True  # (NoMetrics: False; callers skip taking times nobody records)
+
     def __init__(self, fam: Families, group: str) -> None:
         self.fam = fam
         self.group = group
@@ -514,6 +516,7 @@ class NoMetrics:
     path carries no ``if metrics`` branches)."""
 
     fam = None
+    enabled = False
 
     def _nothing(self, *args: Any, **kwargs: Any) -> None:
         return None
