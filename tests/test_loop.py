@@ -49,6 +49,10 @@ class _Native:
     resume = pause
 
     @staticmethod
+    def poll(native: Any, timeout: float) -> None:
+        return None
+
+    @staticmethod
     def seek(native: Any, tp: TopicPartition) -> None:
         native.seeks.append((tp.topic, tp.offset))
 
