@@ -61,7 +61,7 @@ class Admission:
         outage = self._outage
         if outage.current is None:
             if self._plain and record.topic not in self._tiers:  # the common case, inline
-                self._track(record.topic, record.partition, record.offset)
+                record.progress = self._track(record.topic, record.partition, record.offset)
                 return record
             return self._checked(record)
         # an outage first: a not-due check below would seek past records refused earlier
@@ -83,7 +83,7 @@ class Admission:
     def _checked(self, record: Record) -> Record | None:
         if record.topic in self._tiers and not self._due(record):
             return None
-        self._track(record.topic, record.partition, record.offset)
+        record.progress = self._track(record.topic, record.partition, record.offset)
         if self._replays:
             exc = self._committer.prefailed(record)
             if exc is not None:  # its attempt was aborted with its transaction: route it

@@ -30,21 +30,30 @@ class CommitBarrier:
     def __init__(self) -> None:
         self._partitions: dict[tuple[str, int], _Partition] = {}
 
-    def track(self, topic: str, partition: int, offset: int) -> None:
-        """A record was handed out for processing: it holds the partition's offset until done."""
+    def track(self, topic: str, partition: int, offset: int) -> _Partition:
+        """A record was handed out for processing: it holds the partition's offset until done.
+        Returns the partition's progress, for :meth:`done` (no lookup when it completes)."""
         state = self._partitions.get((topic, partition))
         if state is None:
             state = self._partitions[(topic, partition)] = _Partition(offset)
         if state.outstanding and offset <= state.outstanding[-1]:
-            return  # a re-delivery (seek back) of a record already outstanding
+            return state  # a re-delivery (seek back) of a record already outstanding
         if not state.outstanding and offset < state.safe:
-            return  # re-delivery of a record already done
+            return state  # re-delivery of a record already done
         state.outstanding.append(offset)
+        return state
 
     def complete(self, topic: str, partition: int, offset: int) -> None:
         """The record at ``offset`` is done."""
         state = self._partitions.get((topic, partition))
-        if state is None or not state.outstanding:
+        if state is not None:
+            self.done(state, offset)
+
+    @staticmethod
+    def done(state: _Partition, offset: int) -> None:
+        """The record at ``offset`` of the partition whose progress :meth:`track` returned is
+        done (after the partition was forgotten, this changes nothing that is still tracked)."""
+        if not state.outstanding:
             return
         outstanding = state.outstanding
         if outstanding[0] != offset:

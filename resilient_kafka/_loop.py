@@ -125,7 +125,7 @@ class Loop:
 
     # -- the drop-in loop --------------------------------------------------------------------
 
-    def poll(self, timeout: float | None) -> Message | None:
+    def poll(self, timeout: float | None = None) -> Message | None:
         """The next message for the application (retry records only once due), or None."""
         if self.in_hand:
             self.finish_in_hand()
@@ -184,7 +184,7 @@ class Loop:
             if deadline is not None and now >= deadline:
                 return None
 
-    def consume(self, num_messages: int, timeout: float | None) -> list[Message]:
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]:
         """Up to ``num_messages`` messages (retry records only once due)."""
         self.finish_in_hand()
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
@@ -287,10 +287,10 @@ class Loop:
         in_hand = self.in_hand
         if not in_hand:
             return
-        self.in_hand = []
         done = self._settle.done
         for record in in_hand:
             done(record)
+        in_hand.clear()
 
     def drop_in_hand(self) -> None:
         """Forget the records in hand without settling them: they will be delivered again."""

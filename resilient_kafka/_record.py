@@ -22,6 +22,7 @@ class Record:
         "opens",
         "partition",
         "produced",
+        "progress",
         "raw",
         "span",
         "topic",
@@ -37,6 +38,7 @@ class Record:
         self.opens = 0  # breaker openings seen when it was handed out
         self.produced = 0  # exactly-once: the producer's output count when it was handed out
         self.span: Any = None  # the process span around its handler, when traced
+        self.progress: Any = None  # its partition's progress in the commit barrier
 
     def raw_key_value(self) -> tuple[Any, Any]:
         """Key and value as they came from the broker (what a retry or DLQ copy carries)."""

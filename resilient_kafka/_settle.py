@@ -29,7 +29,7 @@ class Settlement:
         metrics: Any,
     ) -> None:
         self._committer = committer
-        self._complete = committer.barrier.complete  # bound once: the hot path
+        self._done = committer.barrier.done  # bound once: the hot path
         self._claims = claims
         self._outage = outage
         self._flood = outage.flood
@@ -41,7 +41,7 @@ class Settlement:
     def done(self, record: Record) -> None:
         """Handled: its offset may commit, its claim becomes a done entry, a probe ends the
         outage."""
-        self._complete(record.topic, record.partition, record.offset)
+        self._done(record.progress, record.offset)
         self._success(record.topic)
         if self._flood is not None:
             self._flood.record(False)
@@ -92,7 +92,7 @@ class Settlement:
 
     def duplicate(self, record: Record) -> None:
         """Processed before (dedup): done without its handler."""
-        self._complete(record.topic, record.partition, record.offset)
+        self._done(record.progress, record.offset)
         if self._outage.is_probe(record):
             self._outage.end(seek_past=record)  # the store answered
 

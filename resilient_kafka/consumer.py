@@ -227,6 +227,12 @@ class ResilientConsumer(Consumer):
         )
         if self._txn is not None:
             committer.on_replay = self._loop.drop_in_hand
+        # poll() and consume() go straight to the loop: one call less per record (unless a
+        # subclass overrides them)
+        if type(self).poll is ResilientConsumer.poll:
+            self.poll = self._loop.poll  # type: ignore[method-assign]
+        if type(self).consume is ResilientConsumer.consume:
+            self.consume = self._loop.consume  # type: ignore[method-assign]
 
     # -- subscription ------------------------------------------------------------------------
 
