@@ -57,11 +57,12 @@ class Admission:
 
     def admit(self, msg: Message) -> Record | None:
         """A :class:`Record` for ``msg`` to hand out, or None (kept back, or settled here)."""
-        record = Record(msg, msg.topic(), msg.partition(), msg.offset())  # type: ignore[arg-type]
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        record = Record(msg, topic, partition, offset)  # type: ignore[arg-type]
         outage = self._outage
         if outage.current is None:
-            if self._plain and record.topic not in self._tiers:  # the common case, inline
-                record.progress = self._track(record.topic, record.partition, record.offset)
+            if self._plain and topic not in self._tiers:  # the common case, inline
+                record.progress = self._track(topic, partition, offset)
                 return record
             return self._checked(record)
         # an outage first: a not-due check below would seek past records refused earlier

@@ -127,8 +127,12 @@ class Loop:
 
     def poll(self, timeout: float | None = None) -> Message | None:
         """The next message for the application (retry records only once due), or None."""
-        if self.in_hand:
-            self.finish_in_hand()
+        in_hand = self.in_hand
+        if in_hand:  # what the application holds is done (finish_in_hand(), inline)
+            done = self._settle.done
+            for held in in_hand:
+                done(held)
+            in_hand.clear()
         now = time.monotonic()
         deadline = None if timeout is None or timeout < 0 else now + timeout
         metrics = self._metrics
@@ -170,15 +174,14 @@ class Loop:
                 if record is not None:
                     if self._claims is None or self.running:  # the common case, inline
                         record.opens = self._watch.opens
-                        record.produced = self._producer.produced
-                        self.in_hand.append(record)
+                        if committer.replays:  # exactly-once: output written since then
+                            record.produced = self._producer.produced
+                        in_hand.append(record)
                     elif not self._handed_out(record):
                         now = time.monotonic()
                         continue
-                    if started:
+                    if started:  # (metrics on)
                         metrics.polled(record.topic, time.monotonic() - started)
-                    else:
-                        metrics.consumed(record.topic)
                     return msg
             now = time.monotonic()
             if deadline is not None and now >= deadline:
@@ -294,7 +297,8 @@ class Loop:
 
     def drop_in_hand(self) -> None:
         """Forget the records in hand without settling them: they will be delivered again."""
-        in_hand, self.in_hand = self.in_hand, []
+        in_hand = list(self.in_hand)
+        self.in_hand.clear()  # in place: poll() holds the list across the native poll
         if self._claims is not None:
             for record in in_hand:
                 self._claims.release(record)
@@ -315,7 +319,7 @@ class Loop:
                     self._claims.release(record)
             else:
                 kept.append(record)
-        self.in_hand = kept
+        self.in_hand[:] = kept
         self._rewind(batch, 0, every=True)
 
     def _rewind(self, batch: list[Message], start: int, every: bool = True) -> None:

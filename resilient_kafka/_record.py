@@ -12,33 +12,26 @@ from confluent_kafka import Message
 
 
 class Record:
-    """One admitted record: its coordinates, raw bytes, dedup claim and what it was handed out
-    with (breaker openings, the producer's count of outputs, the process span)."""
+    """One admitted record: its coordinates, its partition's progress in the commit barrier,
+    what it was handed out with (breaker openings, the producer's count of outputs), and, when
+    there are any, its raw bytes, dedup claim and process span."""
 
-    __slots__ = (
-        "claim",
-        "msg",
-        "offset",
-        "opens",
-        "partition",
-        "produced",
-        "progress",
-        "raw",
-        "span",
-        "topic",
-    )
+    # the rarely set fields live in a per-record dict created on first use (class defaults
+    # below), so creating a record costs only the fields every record has
+    __slots__ = ("__dict__", "msg", "offset", "opens", "partition", "produced", "progress", "topic")
+
+    raw: tuple[Any, Any] | None = None  # (key, value) as fetched, when deserialized
+    claim: str | None = None  # the dedup claim this consumer holds for it
+    span: Any = None  # the process span around its handler, when traced
 
     def __init__(self, msg: Message, topic: str, partition: int, offset: int) -> None:
         self.msg = msg
         self.topic = topic
         self.partition = partition
         self.offset = offset
-        self.raw: tuple[Any, Any] | None = None  # (key, value) as fetched, when deserialized
-        self.claim: str | None = None  # the dedup claim this consumer holds for it
+        self.progress: Any = None  # its partition's progress in the commit barrier
         self.opens = 0  # breaker openings seen when it was handed out
         self.produced = 0  # exactly-once: the producer's output count when it was handed out
-        self.span: Any = None  # the process span around its handler, when traced
-        self.progress: Any = None  # its partition's progress in the commit barrier
 
     def raw_key_value(self) -> tuple[Any, Any]:
         """Key and value as they came from the broker (what a retry or DLQ copy carries)."""

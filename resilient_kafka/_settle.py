@@ -45,7 +45,7 @@ class Settlement:
         self._success(record.topic)
         if self._flood is not None:
             self._flood.record(False)
-        if record.claim is not None:
+        if self._claims is not None:
             self._claims.complete(record)
         if self._outage.current is not None and self._outage.is_probe(record):
             self._outage.end(seek_past=record)
