@@ -90,3 +90,21 @@ def test_the_cli_runs_the_same_harness() -> None:
 
     with pytest.raises(SystemExit, match="unknown case"):
         main(["bench", "--only", "nope", "-b", "127.0.0.1:1"])
+
+
+def test_layer_profile_measures_each_case_in_the_tree_it_is_given() -> None:
+    """`python -m benchmarks.layer` (no broker) prints one row per case with a time per
+    record, measured with resilient_kafka imported from the tree named (a child checks)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.layer", "--repeat", "1", "--records", "2000"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "µs" in line]
+    cases = [row.split("|")[1].strip() for row in rows]
+    assert cases == ["poll_metrics_off", "poll_metrics_on", "run_metrics_off", "run_metrics_on"]
+    for row in rows:
+        assert 0 < float(row.split("|")[2].split()[0]) < 1000, row
