@@ -147,6 +147,20 @@ def _is_open(call: Callable[[], object]) -> bool:
     return True
 
 
+def _retry_copy_waiting(kafka: KafkaCluster, topic: str, group: str, retry: RetryPolicy) -> None:
+    """A first member of ``group`` (assign: no group join) fails ``topic``'s first record: its
+    retry copy waits in tier 1, where this group never committed."""
+    first = ResilientConsumer(
+        kafka.client_config(group_id=group), retry=retry, registry=CollectorRegistry()
+    )
+    try:
+        first.assign([TopicPartition(topic, 0, 0)])
+        first.fail(_next_message(first), ValueError("downstream said no"))
+    finally:
+        first.close()
+    _read(kafka, f"{topic}.{group}.retry.1", 1)
+
+
 def _tracing() -> tuple[TracerProvider, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -483,15 +497,7 @@ def test_eager_application_on_assign_keeps_fresh_tiers_at_their_beginning(
     topic, group = topic_factory(1), _group()
     _produce(kafka, topic, {0: ["v0"]})
     retry = RetryPolicy(delays=(0.2,))
-    first = ResilientConsumer(
-        kafka.client_config(group_id=group), retry=retry, registry=CollectorRegistry()
-    )
-    try:  # a first member (assign: no group) fails v0: its copy waits in tier 1
-        first.assign([TopicPartition(topic, 0, 0)])
-        first.fail(_next_message(first), ValueError("downstream said no"))
-    finally:
-        first.close()
-    _read(kafka, f"{topic}.{group}.retry.1", 1)
+    _retry_copy_waiting(kafka, topic, group, retry)
 
     second = ResilientConsumer(
         kafka.client_config(_QUICK_JOIN, group_id=group), retry=retry, registry=CollectorRegistry()
@@ -776,15 +782,7 @@ def test_fresh_tiers_start_at_their_beginning_even_when_on_assign_raises(
     topic, group = topic_factory(1), _group()
     _produce(kafka, topic, {0: ["v0"]})
     retry = RetryPolicy(delays=(0.2,))
-    first = ResilientConsumer(
-        kafka.client_config(group_id=group), retry=retry, registry=CollectorRegistry()
-    )
-    try:  # a first member (assign: no group) fails v0: its copy waits in tier 1
-        first.assign([TopicPartition(topic, 0, 0)])
-        first.fail(_next_message(first), ValueError("downstream said no"))
-    finally:
-        first.close()
-    _read(kafka, f"{topic}.{group}.retry.1", 1)
+    _retry_copy_waiting(kafka, topic, group, retry)
 
     second = ResilientConsumer(
         kafka.client_config(_QUICK_JOIN, group_id=group), retry=retry, registry=CollectorRegistry()
