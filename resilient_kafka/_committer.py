@@ -35,12 +35,6 @@ class OffsetCommitter:
         self.barrier = CommitBarrier()
         self._last_store = 0.0
 
-    def track(self, record: Record) -> None:
-        self.barrier.track(record.topic, record.partition, record.offset)
-
-    def complete(self, topic: str, partition: int, offset: int) -> None:
-        self.barrier.complete(topic, partition, offset)
-
     def wrote_for(self, record: Record) -> bool:
         return False
 

@@ -53,6 +53,7 @@ class Forward:
         "next_try",
         "origin",
         "permanent",
+        "progress",
         "source",
         "span",
         "target",
@@ -70,8 +71,10 @@ class Forward:
         hdrs: headers.HeaderList,
         timestamp: int,
         span: Any = None,
+        progress: Any = None,
     ) -> None:
         self.source = source
+        self.progress = progress  # the source partition's progress in the commit barrier
         self.origin = origin  # the source topic whose retry/DLQ topics the target is among
         self.target = target
         self.key = key
@@ -86,13 +89,14 @@ class Forward:
 
 
 class Forwarder:
-    """Produces forwards, retries them, and reports each acknowledged source to ``on_acked``."""
+    """Produces forwards, retries them, and reports each acknowledged copy to ``on_acked``
+    (which completes its source record)."""
 
     def __init__(
         self,
         producer: ResilientProducer,
         topics: Topics,
-        on_acked: Callable[[str, int, int], None],
+        on_acked: Callable[[Forward], None],
         *,
         max_bytes: int,
         transactional: bool,
@@ -175,7 +179,7 @@ class Forwarder:
             self._note_permanent(forward, err)  # a replay would fail the same way: stop
             return
         if err is None:
-            self._on_acked(*forward.source)
+            self._on_acked(forward)
             if forward.span is not None:
                 from resilient_kafka.tracing import Tracing
 

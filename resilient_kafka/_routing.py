@@ -96,7 +96,15 @@ class Router:
         else:
             self._metrics.outcome(record.topic, "dead_lettered", error_type)
         return Forward(
-            record.coordinates, source, target, key, value, hdrs, ts if kind else 0, span
+            record.coordinates,
+            source,
+            target,
+            key,
+            value,
+            hdrs,
+            ts if kind else 0,
+            span,
+            record.progress,
         )
 
     def _sized_headers(

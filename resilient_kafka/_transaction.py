@@ -204,12 +204,6 @@ class TransactionalCommitter:
     def open(self) -> bool:
         return self._txn.open
 
-    def track(self, record: Any) -> None:
-        self.barrier.track(record.topic, record.partition, record.offset)
-
-    def complete(self, topic: str, partition: int, offset: int) -> None:
-        self.barrier.complete(topic, partition, offset)
-
     def wrote_for(self, record: Any) -> bool:
         """Whether the open transaction holds output written since ``record`` was handed out
         (or must abort anyway)."""

@@ -178,7 +178,9 @@ class ResilientConsumer(Consumer):
         forwarder = Forwarder(
             self._producer,
             topics,
-            lambda t, p, o: committer.complete(t, p, o),
+            # an acknowledged copy completes its record in the tracking it was made in: a copy
+            # acked after its partition was revoked and assigned again changes nothing there
+            lambda forward: committer.barrier.done(forward.progress, forward.source[2]),
             max_bytes=settings.max_bytes,
             transactional=self._txn is not None,
         )
