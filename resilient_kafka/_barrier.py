@@ -89,6 +89,14 @@ class CommitBarrier:
                 state.stored = state.safe
         return moved
 
+    def ceiling(self, topic: str, partition: int) -> int | None:
+        """The highest offset a commit of the partition may name: its first record not done,
+        else the end of what was handed out; None for a partition not tracked."""
+        state = self._partitions.get((topic, partition))
+        if state is None:
+            return None
+        return state.outstanding[0] if state.outstanding else state.safe
+
     def committable(self) -> list[tuple[str, int, int]]:
         """``(topic, partition, offset)`` for every partition with a committable offset."""
         return [

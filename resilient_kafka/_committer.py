@@ -72,24 +72,33 @@ class OffsetCommitter:
         offsets: list[TopicPartition] | None,
         asynchronous: bool,
     ) -> list[TopicPartition] | None:
-        """Commit, never past a record that is not done, whatever is passed."""
+        """``Consumer.commit``, never past a record that is not done, whatever is passed.
+
+        A partition's offset is lowered to its first record not done, or to the end of what
+        was handed out; partitions this consumer has not handed records of go through as
+        given; metadata is kept. What librdkafka refuses (nothing to commit: ``_NO_OFFSET``) it
+        refuses as it would."""
         self.sync_store()
-        safe = {(t, p): o for t, p, o in self.barrier.committable()}
         if message is not None:
-            requested = [
-                TopicPartition(message.topic(), message.partition(), message.offset() + 1)  # type: ignore[arg-type,operator]
-            ]
+            offset = message.offset()
+            requested = (
+                [
+                    TopicPartition(message.topic(), message.partition(), offset + 1)  # type: ignore[arg-type]
+                ]
+                if offset is not None and offset >= 0
+                else []
+            )
         elif offsets is not None:
             requested = offsets
         else:
-            requested = [TopicPartition(t, p, o) for (t, p), o in safe.items()]
+            requested = [TopicPartition(t, p, o) for t, p, o in self.barrier.committable()]
+        ceiling = self.barrier.ceiling
         clamped = []
         for tp in requested:
-            limit = safe.get((tp.topic, tp.partition), -1)
-            if limit >= 0:
-                clamped.append(TopicPartition(tp.topic, tp.partition, min(tp.offset, limit)))
-        if not clamped:
-            return None
+            limit = ceiling(tp.topic, tp.partition)
+            if limit is not None and tp.offset > limit:
+                tp = _lowered(tp, limit)
+            clamped.append(tp)
         started = time.monotonic()
         try:
             result: list[TopicPartition] | None = Consumer.commit(  # type: ignore[call-overload]
@@ -132,3 +141,13 @@ class OffsetCommitter:
     def close(self, wrote: bool) -> None:
         """The consumer closes (forwards drained): commit what is safe."""
         self._commit_safe(None, "final commit")
+
+
+def _lowered(tp: TopicPartition, offset: int) -> TopicPartition:
+    """``tp`` at ``offset``, its metadata and leader epoch kept."""
+    extra: dict[str, Any] = {}
+    if tp.metadata is not None:
+        extra["metadata"] = tp.metadata
+    if tp.leader_epoch is not None:
+        extra["leader_epoch"] = tp.leader_epoch
+    return TopicPartition(tp.topic, tp.partition, offset, **extra)

@@ -20,9 +20,16 @@ from resilient_kafka._admission import Admission
 from resilient_kafka._claims import Claims, Verdict
 from resilient_kafka._forwarding import Forwarder
 from resilient_kafka._outage import DEDUP_STORE, OutageControl
-from resilient_kafka._partitions import APPLICATION, RETRY_DUE, Key, PartitionControl
+from resilient_kafka._partitions import (
+    APPLICATION,
+    RETRY_DUE,
+    WITH_APPLICATION,
+    Key,
+    PartitionControl,
+)
 from resilient_kafka._record import Record
 from resilient_kafka._settle import Settlement
+from resilient_kafka._topics import Topics
 from resilient_kafka.errors import DedupKeyError, ResilientKafkaError
 
 log = logging.getLogger("resilient_kafka.consumer")
@@ -55,6 +62,7 @@ class Loop:
         self,
         native: Consumer,
         *,
+        topics: Topics,
         control: PartitionControl,
         admission: Admission,
         settle: Settlement,
@@ -67,6 +75,8 @@ class Loop:
         stop: threading.Event,
     ) -> None:
         self._native = native
+        self._topics = topics
+        self._tiers = topics.tiers
         self._control = control
         self._admit = admission.admit
         self._admission = admission
@@ -99,6 +109,7 @@ class Loop:
             raise error
         control = self._control
         control.reconcile()
+        self._topics.maintain(now)
         wait = 0.1 if forwarder.busy else 1.0
         if self._outage.current is not None:
             wait = min(wait, self._outage.tend(now))
@@ -121,7 +132,8 @@ class Loop:
         for reason, count in self._outage.paused_counts().items():
             paused(reason, count)
         paused("retry_backoff", len(self._control.paused_by(RETRY_DUE)))
-        paused("manual", len(self._control.paused_by(APPLICATION)))
+        control = self._control
+        paused("manual", len(control.paused_by(APPLICATION) | control.paused_by(WITH_APPLICATION)))
 
     # -- the drop-in loop --------------------------------------------------------------------
 
@@ -163,7 +175,10 @@ class Loop:
             msg: Message | None = native_poll(wait)
             if msg is not None:
                 if msg.error() is not None:
-                    return msg
+                    if self._application_event(msg):
+                        return msg
+                    now = time.monotonic()
+                    continue
                 if committer.generation != generation and committer.replayed_since(generation, msg):
                     now = time.monotonic()
                     continue
@@ -210,7 +225,8 @@ class Loop:
             try:
                 for i, msg in enumerate(batch):
                     if msg.error() is not None:
-                        out.append(msg)
+                        if self._application_event(msg):
+                            out.append(msg)
                         continue
                     record = self._admit(msg)
                     if record is None:
@@ -229,6 +245,17 @@ class Loop:
                 metrics.poll(out[-1].topic(), time.monotonic() - started)
             if out or (deadline is not None and time.monotonic() >= deadline):
                 return out
+
+    def _application_event(self, msg: Message) -> bool:
+        """Whether an event (an error, the end of a partition) is the application's: those of
+        retry tiers are the library's (logged), as their partitions are."""
+        if msg.topic() not in self._tiers:
+            return True
+        error = msg.error()
+        if error is not None and error.fatal():
+            raise KafkaException(error)
+        log.debug("retry tier event: %s", error)
+        return False
 
     def _handed_out(self, record: Record) -> bool:
         """poll(): :meth:`_hand_out`; a record whose claim raised is delivered again."""

@@ -19,6 +19,7 @@ log = logging.getLogger("resilient_kafka.consumer")
 Key = tuple[str, int]
 
 APPLICATION = "manual"  # the application called pause()
+WITH_APPLICATION = "manual_all"  # a retry tier: the application paused all of its partitions
 RETRY_DUE = "retry_backoff"  # a retry record is fetched but not due yet
 OUTAGE = "outage"  # a breaker is open, the DLQ floods, or the dedup store fails
 BACKPRESSURE = "backpressure"  # too much of the partition is in flight (concurrent handlers)

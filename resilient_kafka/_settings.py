@@ -13,7 +13,7 @@ from resilient_kafka import _transaction
 from resilient_kafka.dedup import DedupStore
 from resilient_kafka.errors import ConfigurationError
 from resilient_kafka.policies import DeadLetterPolicy, RetryPolicy
-from resilient_kafka.producer import producer_config_from
+from resilient_kafka.producer import SharedToken, producer_config_from
 
 BLOCKING_SHARE = 0.8  # blocking retries (and dedup waits) may use this share of max.poll
 
@@ -63,12 +63,11 @@ class Settings:
                 f"trace_parent must be 'creation_context' or 'link_only', got {trace_parent!r}"
             )
         group = conf.get("group.id")
-        if not group or not isinstance(group, str):
+        if group is None or str(group) == "":
             raise ConfigurationError(
                 "ResilientConsumer needs a 'group.id': retry and DLQ topics are named per group"
             )
-        if not conf.get("bootstrap.servers") and not conf.get("metadata.broker.list"):
-            raise ConfigurationError("ResilientConsumer needs 'bootstrap.servers'")
+        group = str(group)  # as librdkafka does with a uuid.UUID or another object
         if forward_timeout <= 0:
             raise ConfigurationError(f"forward_timeout must be positive, got {forward_timeout}")
         self.group: str = group
@@ -95,7 +94,10 @@ class Settings:
         if unknown:
             raise ConfigurationError(f"breaker_scope names unknown breakers: {sorted(unknown)}")
         conf["enable.auto.offset.store"] = False  # offsets are stored only past done records
+        if callable(conf.get("oauth_cb")):
+            conf["oauth_cb"] = SharedToken(conf["oauth_cb"]).fetch
         self.connection = producer_config_from(conf)
+        self.admin_config = self.connection
         pconf = {**self.connection, **(producer_config or {})}
         if "transactional.id" in pconf and not exactly_once:
             raise ConfigurationError(
@@ -110,7 +112,9 @@ class Settings:
         self.transaction_interval = transaction_interval
         self.transaction_timeout = float(pconf.get("transaction.timeout.ms", 60_000)) / 1000
         self.max_bytes = int(pconf.get("message.max.bytes", 1_000_000))
-        self.where = str(conf.get("bootstrap.servers") or conf.get("metadata.broker.list"))
+        self.where = str(
+            conf.get("bootstrap.servers") or conf.get("metadata.broker.list") or "no brokers set"
+        )
         self.replication = topic_replication_factor
         self.forward_timeout = forward_timeout
         self.cooperative = "cooperative" in str(conf.get("partition.assignment.strategy", ""))

@@ -1,12 +1,17 @@
 """The consumer's topics: retry tiers and DLQ names per source topic, and their creation.
 
-A source topic counts as prepared only once its retry and DLQ topics exist; a forward whose
-source is not prepared prepares it first and, if that fails, backs off and tries again.
+Names come from the settings alone, so ``subscribe()`` and ``assign()`` return at once, as
+confluent's do, even while the cluster is unreachable. Creating the retry/DLQ topics needs the
+cluster (a source's partition count), so it runs on a background thread; the polling thread
+collects the outcome in housekeeping and tries again with back-off. A source counts as prepared
+only once its retry and DLQ topics exist; a forward whose source is not prepared backs off.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException
@@ -16,6 +21,11 @@ from resilient_kafka._settings import Settings
 from resilient_kafka.errors import ConfigurationError, ResilientKafkaError, TopicError
 
 log = logging.getLogger("resilient_kafka.consumer")
+
+_BACKOFF_FIRST = 1.0  # seconds before a failed preparation is tried again, doubling
+_BACKOFF_MAX = 30.0
+
+_Outcome = tuple[list[str], list[str], list[str]]  # sources that exist, topics created, missing
 
 
 class Topics:
@@ -27,7 +37,16 @@ class Topics:
         self._metrics = metrics
         self.tiers: dict[str, tuple[str, int]] = {}  # retry topic -> (source topic, tier)
         self._prepared: set[str] = set()
+        self._wanted: set[str] = set()  # sources whose retry/DLQ topics must exist
         self._targets: dict[tuple[str, int | None], str] = {}  # (source, tier|None) -> topic
+        self._worker: ThreadPoolExecutor | None = None
+        self._job: Future[_Outcome] | None = None  # the preparation running in the background
+        self._admin_client: Any = None  # used by the background thread only
+        self._retry_at = 0.0  # monotonic time before which a failed preparation is not retried
+        self._backoff = _BACKOFF_FIRST
+        self.subscribed = False  # subscribe() (not assign()): new tiers need a metadata refresh
+
+    # -- names -------------------------------------------------------------------------------
 
     def retry_topics(self, topic: str) -> list[str]:
         retry, group = self._settings.retry, self._settings.group
@@ -63,63 +82,130 @@ class Topics:
                 continue
         return names
 
+    def declare(self, topics: list[str]) -> list[str]:
+        """Name the retry tiers of ``topics`` (no cluster needed; ConfigurationError for a
+        name that cannot have tiers) and start creating what is missing; returns the tiers."""
+        tier_topics: list[str] = []
+        for topic in topics:
+            names = self.retry_topics(topic)
+            self.dead_letter_topic(topic)  # a name that cannot be built fails here, not later
+            for n, name in enumerate(names, start=1):
+                self.tiers[name] = (topic, n)
+                tier_topics.append(name)
+            self._metrics.prepare_topic(topic)
+        self._wanted.update(topics)
+        self._retry_at = 0.0
+        self._backoff = _BACKOFF_FIRST
+        self.maintain(time.monotonic())
+        return tier_topics
+
+    # -- creation ----------------------------------------------------------------------------
+
     def prepared(self, source: str) -> bool:
         return source in self._prepared
 
-    def prepare(self, topics: list[str]) -> list[str]:
-        """Check that ``topics`` exist and create their missing retry/DLQ topics; returns the
-        retry tier topics. Raises :class:`TopicError` (or KafkaException from the cluster)."""
-        settings = self._settings
-        metadata = self._native.list_topics(timeout=settings.forward_timeout)
-        missing = [t for t in topics if t not in metadata.topics or metadata.topics[t].error]
+    def maintain(self, now: float) -> None:
+        """Housekeeping: take in a finished preparation; start one for what is still missing."""
+        job = self._job
+        if job is not None:
+            if not job.done():
+                return
+            self._job = None
+            self._finished(job, now)
+        missing = self._wanted - self._prepared
+        if missing and now >= self._retry_at:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="resilient-kafka-topics")
+            self._job = self._worker.submit(self._prepare, sorted(missing))
+
+    def _finished(self, job: Future[_Outcome], now: float) -> None:
+        try:
+            present, created, missing = job.result()
+        except (ResilientKafkaError, KafkaException) as exc:
+            self._failed(now, exc)
+            return
+        except Exception as exc:  # a bug, or the cluster answering nonsense: keep trying
+            log.exception("preparing retry/DLQ topics failed unexpectedly")
+            self._failed(now, exc)
+            return
+        self._prepared.update(present)
+        if created and self.subscribed:
+            # librdkafka rechecks a subscription against a full metadata refresh only (every
+            # topic.metadata.refresh.interval.ms, 5 minutes by default): ask for one now
+            try:
+                Consumer.list_topics(self._native, timeout=self._settings.forward_timeout)
+            except (KafkaException, RuntimeError) as exc:
+                log.debug("metadata refresh after creating retry topics failed: %s", exc)
         if missing:
-            raise TopicError(
-                f"cannot subscribe: topic(s) {missing} do not exist on {settings.where}",
-                dict.fromkeys(missing, "does not exist"),
-            )
+            where = self._settings.where
+            self._failed(now, TopicError(f"topic(s) {missing} do not exist on {where}", {}))
+        else:
+            self._backoff = _BACKOFF_FIRST
+
+    def _failed(self, now: float, exc: BaseException) -> None:
+        log.error(
+            "cannot prepare the retry/DLQ topics of %s (trying again in %.0fs): %s",
+            sorted(self._wanted - self._prepared),
+            self._backoff,
+            exc,
+        )
+        self._retry_at = now + self._backoff
+        self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+
+    def _prepare(self, topics: list[str]) -> _Outcome:
+        """(Background thread; it changes no state.) Create the missing retry/DLQ topics of
+        those of ``topics`` that exist: returns (existing, created, missing). Raises TopicError
+        (or KafkaException) when the cluster cannot answer or refuses."""
+        settings = self._settings
+        admin = self._admin()
+        metadata = admin.list_topics(timeout=settings.forward_timeout)
+        missing = [t for t in topics if t not in metadata.topics or metadata.topics[t].error]
+        present = [t for t in topics if t not in missing]
         wanted: dict[str, int] = {}
-        tier_topics: list[str] = []
-        for topic in topics:
-            self._metrics.prepare_topic(topic)
+        for topic in present:
             partitions = len(metadata.topics[topic].partitions)
-            for n, name in enumerate(self.retry_topics(topic), start=1):
-                self.tiers[name] = (topic, n)
-                tier_topics.append(name)
+            for name in self.retry_topics(topic):
                 wanted[name] = partitions
             wanted[self.dead_letter_topic(topic)] = partitions
         absent = {name: n for name, n in wanted.items() if name not in metadata.topics}
         if absent:
             _admin.create_topics(
-                _admin_client(settings.connection),
+                admin,
                 absent,
                 where=settings.where,
                 replication_factor=settings.replication,
                 exist_ok=True,
                 timeout=settings.forward_timeout,
             )
-        self._prepared.update(topics)  # only now: a failed creation is tried again
-        return tier_topics
+        return present, sorted(absent), missing
+
+    def _admin(self) -> Any:
+        admin = self._admin_client
+        if admin is None:
+            from confluent_kafka.admin import AdminClient
+
+            admin = self._admin_client = AdminClient(self._settings.admin_config)
+        return admin
 
     def ensure(self, source: str) -> bool:
-        """Before a forward of ``source``: its retry/DLQ topics exist (prepared now if not, for
-        consumers using assign()); False (logged) if that failed: the forward backs off."""
+        """Before a forward of ``source``: its retry/DLQ topics exist. If not, their creation
+        is started (or waited for) and False says so: the forward backs off and tries again."""
         if source in self._prepared:
             return True
-        log.warning(
-            "%s: retry tiers are consumed automatically only with subscribe(); with assign(), "
-            "assign %s too",
-            source,
-            ", ".join(self.retry_topics(source)) or "no tiers",
-        )
-        try:
-            self.prepare([source])
-        except (ResilientKafkaError, KafkaException) as exc:
-            log.error("cannot prepare retry/DLQ topics for %s: %s", source, exc)
-            return False
-        return True
+        if source not in self._wanted:
+            log.warning(
+                "%s: retry tiers are consumed automatically only with subscribe(); with "
+                "assign(), assign %s too",
+                source,
+                ", ".join(self.retry_topics(source)) or "no tiers",
+            )
+            self._wanted.add(source)
+            self._retry_at = 0.0
+        self.maintain(time.monotonic())
+        return source in self._prepared
 
-
-def _admin_client(connection: dict[str, Any]) -> Any:
-    from confluent_kafka.admin import AdminClient
-
-    return AdminClient(connection)
+    def close(self) -> None:
+        """Stop preparing (a preparation under way finishes on its own; nothing waits)."""
+        self._wanted.clear()
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)

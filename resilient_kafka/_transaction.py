@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from resilient_kafka.errors import ConfigurationError, TransactionError
 
@@ -307,7 +307,7 @@ class TransactionalCommitter:
         if points is None:
             points = self.barrier.replay_points()
         try:
-            assigned = {(tp.topic, tp.partition) for tp in self._native.assignment()}
+            assigned = {(tp.topic, tp.partition) for tp in Consumer.assignment(self._native)}
         except KafkaException as exc:  # going on would commit past the aborted records
             raise TransactionError(
                 f"cannot read the assignment to replay an aborted transaction: {exc}; stopping "

@@ -37,7 +37,7 @@ from resilient_kafka._executor import InlineExecutor
 from resilient_kafka._forwarding import Forwarder
 from resilient_kafka._loop import Loop
 from resilient_kafka._outage import Outage, OutageControl
-from resilient_kafka._partitions import APPLICATION, Key, PartitionControl
+from resilient_kafka._partitions import APPLICATION, WITH_APPLICATION, Key, PartitionControl
 from resilient_kafka._routing import Router
 from resilient_kafka._settings import Settings
 from resilient_kafka._settle import Settlement
@@ -51,7 +51,7 @@ from resilient_kafka.errors import (
 )
 from resilient_kafka.metrics import ConsumerMetrics, NoMetrics, families
 from resilient_kafka.policies import DeadLetterPolicy, RetryPolicy
-from resilient_kafka.producer import ResilientProducer
+from resilient_kafka.producer import ResilientProducer, client_config
 
 __all__ = ["DedupKeyError", "DeserializationError", "Deserializer", "Handler", "ResilientConsumer"]
 
@@ -71,7 +71,8 @@ class ResilientConsumer(Consumer):
 
     def __init__(
         self,
-        config: Mapping[str, Any],
+        config: Mapping[str, Any] | None = None,
+        /,
         *,
         retry: RetryPolicy | None = None,
         dead_letter: DeadLetterPolicy | None = None,
@@ -93,10 +94,11 @@ class ResilientConsumer(Consumer):
         on_dedup_error: str = "pause",
         exactly_once: bool = False,
         transaction_interval: float = 0.1,
+        **kwargs: Any,
     ) -> None:
         # every setting is checked before the native consumer exists: a refusal leaks nothing
         settings = Settings(
-            config,
+            client_config(config, kwargs),
             retry=retry,
             dead_letter=dead_letter,
             producer_config=producer_config,
@@ -115,14 +117,18 @@ class ResilientConsumer(Consumer):
         self._settings = settings
         self._group = settings.group
         self._where = settings.where
-        self._closed = False
+        self._closed = False  # close() has begun
+        self._handle_closed = False  # the native consumer is closed
         self.metrics_url: str | None = None
         conf = dict(settings.consumer_config)
         self._metrics: Any = NoMetrics()
         if metrics:
             self._metrics = ConsumerMetrics(families(registry), settings.group)
             conf["stats_cb"] = _chained_stats(self._metrics, conf.get("stats_cb"))
-            conf.setdefault("statistics.interval.ms", 5000)  # lag comes from statistics
+            # lag comes from statistics. With a token callback, none may come during the 10 s
+            # confluent's constructor waits for a token: a stats callback run after a failed
+            # oauth_cb turns its KafkaException into a SystemError (a confluent-kafka bug)
+            conf.setdefault("statistics.interval.ms", 15000 if "oauth_cb" in conf else 5000)
         from resilient_kafka.tracing import tracer_for
 
         tracing = tracer_for(tracer_provider)
@@ -168,9 +174,12 @@ class ResilientConsumer(Consumer):
         self._user_callbacks: dict[str, Callable[..., Any] | None] = {}
         self._rebalance_fresh: set[Key] | None = None  # fresh retry tiers, during on_assign
         self._assigned_by_app = False
+        self._rebalance_tiers: list[TopicPartition] = []  # see _own()
         self._control = control = PartitionControl(self)
         self._topics = topics = Topics(settings, self, metrics)
-        self._outage = outage = OutageControl(settings, control, topics, self.assignment)
+        self._outage = outage = OutageControl(
+            settings, control, topics, lambda: Consumer.assignment(self)
+        )
         if metrics.fam is not None:
             for breaker in settings.breakers:
                 outage.watch.track(breaker, metrics.fam)
@@ -216,6 +225,7 @@ class ResilientConsumer(Consumer):
         )
         self._loop = Loop(
             self,
+            topics=topics,
             control=control,
             admission=admission,
             settle=settle,
@@ -240,20 +250,38 @@ class ResilientConsumer(Consumer):
 
     def subscribe(
         self,
-        topics: Sequence[str],
+        topics: list[str],
         on_assign: Callable[..., Any] | None = None,
         on_revoke: Callable[..., Any] | None = None,
         on_lost: Callable[..., Any] | None = None,
     ) -> None:
-        """Subscribe to ``topics`` and their retry tiers, creating missing retry/DLQ topics."""
-        topics = list(topics)
-        patterns = [t for t in topics if t.startswith("^")]
+        """``Consumer.subscribe``; the topics' retry tiers are subscribed alongside.
+
+        Returns at once, as confluent's does, even while the cluster is unreachable: the
+        retry/DLQ topics are created in the background and tried again with back-off (a topic
+        that does not exist gets librdkafka's usual UNKNOWN_TOPIC_OR_PART event, and an error
+        in the log). The callbacks see the application's partitions only, never a tier's.
+        Pattern subscriptions (``^...``) raise :class:`ConfigurationError`: tiers are named per
+        source topic.
+        """
+        if self._handle_closed or not isinstance(topics, list):
+            # confluent's own errors: RuntimeError when closed, TypeError for a non-list
+            super().subscribe(topics, on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost)
+        for name, callback in (
+            ("on_assign", on_assign),
+            ("on_revoke", on_revoke),
+            ("on_lost", on_lost),
+        ):
+            if callback is not None and not callable(callback):
+                raise TypeError(f"{name} expects a callable")
+        patterns = [t for t in topics if isinstance(t, str) and t.startswith("^")]
         if patterns:
             raise ConfigurationError(
                 f"pattern subscriptions ({patterns}) are not supported: retry and DLQ topics "
                 "are created per source topic at subscribe time; list the topics"
             )
-        tier_topics = self._topics.prepare(topics)
+        tier_topics = self._topics.declare(topics)
+        self._topics.subscribed = True
         self._user_callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
         super().subscribe(
             topics + tier_topics,
@@ -261,6 +289,10 @@ class ResilientConsumer(Consumer):
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
+
+    def unsubscribe(self) -> None:
+        """``Consumer.unsubscribe``: the retry tiers are unsubscribed with the topics."""
+        super().unsubscribe()
 
     def retry_topics(self, topic: str) -> list[str]:
         """The retry tier topics of ``topic`` for this consumer's group, tier 1 first."""
@@ -283,6 +315,16 @@ class ResilientConsumer(Consumer):
         return self._outage.current
 
     # -- rebalance ---------------------------------------------------------------------------
+    # The application's callbacks get its own partitions; the tiers' are set aside in
+    # _rebalance_tiers, so that its assign()/incremental_assign()/incremental_unassign() from
+    # inside a callback takes them along.
+
+    def _own(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """The application's partitions among ``partitions`` (retry tiers are the library's);
+        the tiers' are kept for a call from inside the rebalance callback."""
+        tiers = self._topics.tiers
+        self._rebalance_tiers = [tp for tp in partitions if tp.topic in tiers]
+        return [tp for tp in partitions if tp.topic not in tiers]
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
@@ -301,14 +343,16 @@ class ResilientConsumer(Consumer):
         try:
             callback = self._user_callbacks.get("assign")
             if callback is not None:
-                callback(self, partitions)
+                callback(self, self._own(partitions))
         finally:  # even if the callback raised: confluent would assign without our offsets
             self._rebalance_fresh = None
+            self._rebalance_tiers = []
             if fresh and not self._assigned_by_app:
                 if self._settings.cooperative:
                     Consumer.incremental_assign(self, partitions)
                 else:
                     Consumer.assign(self, partitions)
+            self._tiers_follow_pause()
 
     def _fresh_tiers(self, partitions: list[TopicPartition]) -> set[Key]:
         """Retry tier partitions among ``partitions`` with no committed offset."""
@@ -320,7 +364,7 @@ class ResilientConsumer(Consumer):
         if not tiers:
             return set()
         try:
-            committed = self.committed(tiers, timeout=10)
+            committed = Consumer.committed(self, tiers, timeout=10)
         except KafkaException as exc:
             log.warning("cannot read committed offsets of retry tiers: %s", exc)
             return set()
@@ -333,33 +377,48 @@ class ResilientConsumer(Consumer):
         self._committer.revoke(keys)  # while this member still owns the partitions
         self._forget(keys)
         self._metrics.rebalance("revoke", len(self._control.assigned))
-        callback = self._user_callbacks.get("revoke")
-        if callback is not None:
-            callback(self, partitions)
+        self._call_back("revoke", partitions)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
         self._forget(keys)
         self._committer.lost(keys)
         self._metrics.rebalance("lost", len(self._control.assigned))
-        callback = self._user_callbacks.get("lost") or self._user_callbacks.get("revoke")
-        if callback is not None:
-            callback(self, partitions)
+        self._call_back("lost" if self._user_callbacks.get("lost") else "revoke", partitions)
+
+    def _call_back(self, which: str, partitions: list[TopicPartition]) -> None:
+        callback = self._user_callbacks.get(which)
+        if callback is None:
+            return
+        try:
+            callback(self, self._own(partitions))
+        finally:
+            self._rebalance_tiers = []
 
     def _forget(self, keys: set[Key]) -> None:
         """Partitions given up: their records, claims on the way and outage state are gone."""
         self._committer.forget(keys)
         self._control.revoked(keys)
         self._outage.forget(keys)
+        self._tiers_follow_pause()
 
     # -- consuming ---------------------------------------------------------------------------
 
     def poll(self, timeout: float | None = None) -> Message | None:
-        """The next message for the application (retry records only once due), or None."""
+        """``Consumer.poll``: the next message (retry records only once due), or None.
+
+        The message handed out before counts as processed now, unless :meth:`fail` was called
+        on it. Events (errors, end of partition) of retry tiers are the library's and are not
+        returned."""
+        if self._handle_closed:
+            return super().poll(timeout)  # confluent's RuntimeError
         return self._loop.poll(timeout)
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]:
-        """Up to ``num_messages`` messages (retry records only once due)."""
+        """``Consumer.consume``: up to ``num_messages`` messages (retry records only once due);
+        those handed out before count as processed now, unless :meth:`fail` was called."""
+        if self._handle_closed:
+            return super().consume(num_messages, timeout)  # confluent's RuntimeError
         return self._loop.consume(num_messages, timeout)
 
     def fail(self, msg: Message, exc: BaseException) -> None:
@@ -372,12 +431,25 @@ class ResilientConsumer(Consumer):
         offsets: list[TopicPartition] | None = None,
         asynchronous: bool = True,
     ) -> list[TopicPartition] | None:
-        """Commit, but never past a record that is not done, whatever is passed.
+        """``Consumer.commit``, but never past a record that is not done, whatever is passed.
 
         Messages in hand that were not failed count as processed (commit follows processing).
-        In exactly-once mode this commits the open transaction, with the offsets of every
-        record done (``message``/``offsets`` cannot pick others; ``asynchronous`` is ignored).
+        A partition's offset is lowered to its first record not done (a failed record whose
+        retry/DLQ copy is not acknowledged yet), or to the end of what was handed out;
+        partitions no record was handed out of commit as given; metadata is kept. In
+        exactly-once mode this commits the open transaction, with the offsets of every record
+        done (``message``/``offsets`` cannot pick others; ``asynchronous`` is ignored).
         """
+        if message is not None and offsets is not None:
+            raise ValueError("message and offsets are mutually exclusive")
+        if (
+            self._handle_closed
+            or (message is not None and not isinstance(message, Message))
+            or (offsets is not None and not _partition_list(offsets))
+        ):  # confluent's own errors: RuntimeError when closed, TypeError for bad arguments
+            return super().commit(  # type: ignore[no-any-return]
+                message=message, offsets=offsets, asynchronous=asynchronous
+            )
         if self._txn is not None and (message is not None or offsets is not None):
             raise ResilientKafkaError(
                 "in exactly-once mode offsets commit with the transaction, past every "
@@ -390,40 +462,65 @@ class ResilientConsumer(Consumer):
 
     # -- assignment and partition control ----------------------------------------------------
 
+    def assignment(self) -> list[TopicPartition]:
+        """``Consumer.assignment``: the application's partitions (retry tiers left out)."""
+        tiers = self._topics.tiers
+        return [tp for tp in super().assignment() if tp.topic not in tiers]
+
     def assign(self, partitions: list[TopicPartition]) -> None:
-        """``Consumer.assign``; source topics get their retry/DLQ topics prepared, and retry
-        tiers assigned alongside are recognised as tiers (due times honoured)."""
+        """``Consumer.assign``; returns at once. The retry/DLQ topics of the source topics are
+        created in the background; retry tiers assigned alongside are recognised as tiers (due
+        times honoured). From inside ``on_assign``, the tiers of that rebalance come along."""
+        if self._handle_closed or not _partition_list(partitions):
+            return super().assign(partitions)  # confluent's own RuntimeError or TypeError
         fresh = self._rebalance_fresh
         if fresh is not None:  # the application assigns from its on_assign callback
             self._assigned_by_app = True
+            partitions = _with_tiers(partitions, self._rebalance_tiers)
             _start_fresh_tiers(partitions, fresh)
         else:
             topics = {tp.topic for tp in partitions}
-            derived = self._topics.derived(topics)
+            derived = self._topics.derived(topics) | set(self._topics.tiers)
             sources = sorted(t for t in topics - derived if not self._topics.prepared(t))
             if sources:
                 try:
-                    self._topics.prepare(sources)
-                except (ResilientKafkaError, KafkaException) as exc:  # tried again on a forward
-                    log.error("cannot prepare retry/DLQ topics for %s: %s", sources, exc)
+                    self._topics.declare(sources)
+                except ResilientKafkaError as exc:  # a name that cannot have tiers
+                    log.error("no retry/DLQ topics for %s: %s", sources, exc)
         self._control.assigned_now([(tp.topic, tp.partition) for tp in partitions], replace=True)
         super().assign(partitions)
+        self._tiers_follow_pause()
 
     def unassign(self) -> None:
+        """``Consumer.unassign``: what is done commits first (exactly-once: with the
+        transaction)."""
+        if self._handle_closed:
+            return super().unassign()
         if self._txn is not None:
             self._committer.commit_transaction()  # the offsets given up, with it
         self._forget(set(self._control.assigned))
         super().unassign()
 
     def incremental_assign(self, partitions: list[TopicPartition]) -> None:
+        """``Consumer.incremental_assign``; from inside ``on_assign``, the tiers of that
+        rebalance come along."""
+        if self._handle_closed or not _partition_list(partitions):
+            return super().incremental_assign(partitions)
         fresh = self._rebalance_fresh
         if fresh is not None:
             self._assigned_by_app = True
+            partitions = _with_tiers(partitions, self._rebalance_tiers)
             _start_fresh_tiers(partitions, fresh)
         self._control.assigned_now([(tp.topic, tp.partition) for tp in partitions], replace=False)
         super().incremental_assign(partitions)
+        self._tiers_follow_pause()
 
     def incremental_unassign(self, partitions: list[TopicPartition]) -> None:
+        """``Consumer.incremental_unassign``; from inside ``on_revoke``/``on_lost``, the tiers
+        of that rebalance go along."""
+        if self._handle_closed or not _partition_list(partitions):
+            return super().incremental_unassign(partitions)
+        partitions = _with_tiers(partitions, self._rebalance_tiers)
         if self._txn is not None:
             self._committer.commit_transaction()
         self._forget({(tp.topic, tp.partition) for tp in partitions})
@@ -431,17 +528,42 @@ class ResilientConsumer(Consumer):
 
     def pause(self, partitions: list[TopicPartition]) -> None:
         """``Consumer.pause``: the partitions stay paused until :meth:`resume`, whatever else
-        pauses and resumes them meanwhile (retry due times, outages)."""
+        pauses and resumes them meanwhile (retry due times, outages).
+
+        Retry tiers hold the copies of every partition of their topic, so they pause only with
+        the whole assignment (``pause(assignment())`` stops everything, as with confluent's
+        class); with some partitions paused, retry records still come when due."""
+        if self._handle_closed or not _partition_list(partitions):
+            return super().pause(partitions)
         self._control.pause([(tp.topic, tp.partition) for tp in partitions], APPLICATION)
+        self._tiers_follow_pause()
 
     def resume(self, partitions: list[TopicPartition]) -> None:
         """``Consumer.resume``: a partition that is also paused for another reason (a retry
         record not due, an outage) resumes once that reason is gone too."""
+        if self._handle_closed or not _partition_list(partitions):
+            return super().resume(partitions)
         self._control.release([(tp.topic, tp.partition) for tp in partitions], APPLICATION)
+        self._tiers_follow_pause()
+
+    def _tiers_follow_pause(self) -> None:
+        """Retry tier partitions are paused while the application has paused all of its own."""
+        tiers = self._topics.tiers
+        control = self._control
+        own = [key for key in control.assigned if key[0] not in tiers]
+        held = [key for key in control.assigned if key[0] in tiers]
+        if own and all(control.paused_for(key, APPLICATION) for key in own):
+            control.pause(
+                [k for k in held if not control.paused_for(k, WITH_APPLICATION)], WITH_APPLICATION
+            )
+        else:
+            control.release(held, WITH_APPLICATION)
 
     def seek(self, partition: TopicPartition) -> None:
         """``Consumer.seek``; in ``run()``, the rest of a fetched batch of that partition is
         not handed out."""
+        if self._handle_closed or not isinstance(partition, TopicPartition):
+            return super().seek(partition)
         self._control.seek((partition.topic, partition.partition), partition.offset, partition)
 
     # -- handler mode ------------------------------------------------------------------------
@@ -506,6 +628,7 @@ class ResilientConsumer(Consumer):
         if self._closed:
             return
         self._closed = True
+        self._topics.close()
         try:
             wrote = self._txn is not None and self._loop.wrote_in_hand()
             self._loop.drop_in_hand()
@@ -516,6 +639,10 @@ class ResilientConsumer(Consumer):
             try:
                 super().close()  # may run the revoke callback, which still needs the producer
             finally:
+                # from now on every method answers as confluent's closed consumer does
+                self._handle_closed = True
+                self.__dict__.pop("poll", None)
+                self.__dict__.pop("consume", None)
                 self._producer.close()  # flushes what is left, then releases the connection
                 if self._claims is not None:
                     self._claims.close()
@@ -532,6 +659,21 @@ class ResilientConsumer(Consumer):
 
     def __repr__(self) -> str:  # never the config: it may hold secrets
         return f"<ResilientConsumer group={self._group!r} {self._where}>"
+
+
+def _partition_list(partitions: object) -> bool:
+    """Whether confluent would take ``partitions`` as a list of TopicPartition."""
+    return isinstance(partitions, list) and all(isinstance(tp, TopicPartition) for tp in partitions)
+
+
+def _with_tiers(
+    partitions: list[TopicPartition], tiers: list[TopicPartition]
+) -> list[TopicPartition]:
+    """``partitions`` and the rebalance's retry tier partitions not among them."""
+    if not tiers:
+        return partitions
+    named = {(tp.topic, tp.partition) for tp in partitions}
+    return partitions + [tp for tp in tiers if (tp.topic, tp.partition) not in named]
 
 
 def _start_fresh_tiers(partitions: list[TopicPartition], fresh: set[Key]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -13,7 +15,6 @@ from resilient_kafka.headers import ID
 
 log = logging.getLogger("resilient_kafka.producer")
 
-SAFE_DEFAULTS = {"enable.idempotence": True, "acks": "all"}
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 # what an aborted transaction's records report: expected, not a delivery failure
@@ -30,15 +31,17 @@ class ResilientProducer(Producer):
 
     def __init__(
         self,
-        config: Mapping[str, Any],
+        config: Mapping[str, Any] | None = None,
+        /,
         *,
         on_delivery_failure: DeliveryCallback | None = None,
         metrics: bool = True,
         registry: Any = None,
         tracer_provider: Any = None,
         message_ids: bool = True,
+        **kwargs: Any,
     ) -> None:
-        conf = {**SAFE_DEFAULTS, **config}
+        conf = safe_config(client_config(config, kwargs))
         self._message_ids = message_ids
         # one config-level delivery callback serves every record produced without its own
         # (no per-record callback object); a config-level callback of the caller is chained
@@ -188,6 +191,39 @@ class ResilientProducer(Producer):
         return f"<ResilientProducer {self._where}>"
 
 
+def client_config(config: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """confluent's constructor forms: a dict, keyword arguments (``**conf``, ``logger=``), or
+    both (keywords win); anything else is the TypeError confluent raises."""
+    if config is None and not kwargs:
+        raise TypeError("expected configuration dict")
+    if config is not None and not isinstance(config, Mapping):
+        raise TypeError("expected configuration dict")
+    return {**(config or {}), **kwargs}
+
+
+def safe_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with idempotence and ``acks=all`` unless the application chose otherwise.
+
+    An explicit ``acks`` other than all (or ``enable.idempotence=false``) is honoured, with a
+    warning: without idempotence a retried send can duplicate or reorder records.
+    """
+    conf = dict(config)
+    acks = conf.get("acks", conf.get("request.required.acks"))
+    if acks is None:
+        conf["acks"] = "all"
+    if "enable.idempotence" not in conf:
+        if acks is None or str(acks).lower() in ("all", "-1"):
+            conf["enable.idempotence"] = True
+        else:
+            warnings.warn(
+                f"acks={acks} turns off the idempotent producer resilient-kafka enables by "
+                "default: a broker failover can lose acknowledged records, and retried sends can "
+                "be duplicated or reordered",
+                stacklevel=3,
+            )
+    return conf
+
+
 def with_message_id(headers: Any) -> Any:
     """``headers`` (None, a list of pairs or a dict) with an ``rk.id`` unless one is there: the
     identity consumers deduplicate on, kept on every retry and DLQ copy."""
@@ -195,10 +231,13 @@ def with_message_id(headers: Any) -> Any:
         return [(ID, os.urandom(16).hex().encode())]
     if isinstance(headers, dict):
         return headers if ID in headers else {**headers, ID: os.urandom(16).hex().encode()}
-    pairs = list(headers)
-    for key, _value in pairs:
-        if key == ID:
-            return pairs
+    try:
+        pairs = list(headers)
+        for key, _value in pairs:
+            if key == ID:
+                return pairs
+    except (TypeError, ValueError):  # malformed: produce() raises confluent's own TypeError
+        return headers
     pairs.append((ID, os.urandom(16).hex().encode()))
     return pairs
 
@@ -221,16 +260,55 @@ _SHARED_PREFIXES = (
     "reconnect.",
     "retry.backoff",
     "connections.max.idle.ms",
-    "oauth_cb",
-    "error_cb",
-    "logger",
+    "logger",  # librdkafka's log lines of every client go where the application sends them
     "log_level",
     "debug",
 )
+# Not shared: error_cb (the application's is for the client it made; the forwarding producer's
+# errors surface as ForwardError and in the log), oauth_cb (shared through a SharedToken).
 
 
 def producer_config_from(consumer_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The connection and security part of a consumer config, for its forwarding producer."""
-    return {
+    """The connection and security part of a consumer config, for its forwarding producer.
+
+    A token callback (``oauth_cb``) of the consumer config must already be a
+    :class:`SharedToken`'s ``fetch``: the producer gets its ``reuse``.
+    """
+    shared = {
         key: value for key, value in consumer_config.items() if key.startswith(_SHARED_PREFIXES)
     }
+    oauth_cb = consumer_config.get("oauth_cb")
+    token = getattr(oauth_cb, "__self__", None)
+    if isinstance(token, SharedToken):
+        shared["oauth_cb"] = token.reuse
+    return shared
+
+
+class SharedToken:
+    """One OAUTHBEARER token for a consumer and the clients it makes for itself.
+
+    The application's ``oauth_cb`` runs for the consumer (``fetch``), as with confluent's class;
+    the forwarding producer and the admin client take the consumer's token while it has at least
+    ``REUSE_MARGIN`` seconds left (``reuse``), so the callback runs once per token, not once per
+    internal client, and a callback that fails only on a second call cannot stall construction.
+    """
+
+    REUSE_MARGIN = 60.0
+
+    def __init__(self, callback: Callable[[str], Any]) -> None:
+        self._callback = callback
+        self._token: Any = None
+
+    def fetch(self, config: str) -> Any:
+        token = self._callback(config)
+        self._token = token
+        return token
+
+    def reuse(self, config: str) -> Any:
+        token = self._token
+        try:
+            if token is not None and float(token[1]) - time.time() > self.REUSE_MARGIN:
+                return token
+        except (TypeError, ValueError, IndexError):  # a malformed token: librdkafka says why
+            pass
+        return self.fetch(config)

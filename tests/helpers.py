@@ -95,9 +95,11 @@ def produce(config: dict[str, Any], topic: str, records: list[tuple[str, str]]) 
 
 
 def read_all(kafka: Any, topic: str, count: int) -> list[Message]:
-    """``count`` records of ``topic`` from the beginning, read by a fresh group."""
+    """``count`` records of ``topic`` from the beginning, read by a fresh group (once the
+    topic exists: a consumer creates its retry/DLQ topics in the background)."""
     import uuid
 
+    wait_for(lambda: topic in kafka.list_topics(), 30, f"topic {topic} to exist")
     reader = Consumer(
         kafka.client_config(group_id=f"reader-{uuid.uuid4().hex[:6]}", auto_offset_reset="earliest")
     )

@@ -76,6 +76,7 @@ def _loop_over(native: _Native, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, A
     )
     loop = _loop.Loop(
         native,  # type: ignore[arg-type]
+        topics=types.SimpleNamespace(tiers={}, maintain=lambda now: None),  # type: ignore[arg-type]
         control=control,
         admission=types.SimpleNamespace(  # type: ignore[arg-type]
             admit=lambda m: Record(m, m.topic(), m.partition(), m.offset())

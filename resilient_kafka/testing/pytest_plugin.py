@@ -5,6 +5,8 @@
 * ``kafka_config``: a fresh consumer-ready config dict for that cluster.
 * ``topic_factory``: ``topic_factory(partitions=1)`` creates a uniquely named topic and returns
   its name; topics are deleted when the test ends.
+* ``mock_cluster``: a fresh librdkafka mock cluster (3 brokers) for one test, with leaders,
+  broker outages and request errors under the test's control (:class:`MockCluster`).
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from resilient_kafka.testing._cluster import ExternalKafka, KafkaCluster
+
+if TYPE_CHECKING:
+    from resilient_kafka.testing.mock_cluster import MockCluster
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +65,12 @@ def topic_factory(
             kafka.delete_topics(created)
         except Exception as exc:
             request.node.warn(pytest.PytestWarning(f"could not delete test topics: {exc}"))
+
+
+@pytest.fixture
+def mock_cluster() -> Iterator[MockCluster]:
+    """A new librdkafka mock cluster of 3 brokers for one test, destroyed when it ends."""
+    from resilient_kafka.testing.mock_cluster import MockCluster
+
+    with MockCluster(brokers=3) as cluster:
+        yield cluster
