@@ -10,8 +10,9 @@ only once its retry and DLQ topics exist; a forward whose source is not prepared
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException
@@ -24,6 +25,7 @@ log = logging.getLogger("resilient_kafka.consumer")
 
 _BACKOFF_FIRST = 1.0  # seconds before a failed preparation is tried again, doubling
 _BACKOFF_MAX = 30.0
+_SLICE = 0.25  # seconds per metadata request while the cluster does not answer
 
 _Outcome = tuple[list[str], list[str], list[str]]  # sources that exist, topics created, missing
 
@@ -39,9 +41,9 @@ class Topics:
         self._prepared: set[str] = set()
         self._wanted: set[str] = set()  # sources whose retry/DLQ topics must exist
         self._targets: dict[tuple[str, int | None], str] = {}  # (source, tier|None) -> topic
-        self._worker: ThreadPoolExecutor | None = None
         self._job: Future[_Outcome] | None = None  # the preparation running in the background
         self._admin_client: Any = None  # used by the background thread only
+        self._closing = threading.Event()
         self._retry_at = 0.0  # monotonic time before which a failed preparation is not retried
         self._backoff = _BACKOFF_FIRST
         self.subscribed = False  # subscribe() (not assign()): new tiers need a metadata refresh
@@ -114,9 +116,18 @@ class Topics:
             self._finished(job, now)
         missing = self._wanted - self._prepared
         if missing and now >= self._retry_at:
-            if self._worker is None:
-                self._worker = ThreadPoolExecutor(1, thread_name_prefix="resilient-kafka-topics")
-            self._job = self._worker.submit(self._prepare, sorted(missing))
+            self._job = job = Future()
+            sources = sorted(missing)
+
+            def work() -> None:
+                try:
+                    job.set_result(self._prepare(sources))
+                except BaseException as exc:  # handed to the polling thread
+                    job.set_exception(exc)
+
+            # a daemon: a preparation blocked on an unreachable cluster never delays close() or
+            # the interpreter's exit
+            threading.Thread(target=work, name="resilient-kafka-topics", daemon=True).start()
 
     def _finished(self, job: Future[_Outcome], now: float) -> None:
         try:
@@ -158,7 +169,7 @@ class Topics:
         (or KafkaException) when the cluster cannot answer or refuses."""
         settings = self._settings
         admin = self._admin()
-        metadata = admin.list_topics(timeout=settings.forward_timeout)
+        metadata = self._metadata(admin)
         missing = [t for t in topics if t not in metadata.topics or metadata.topics[t].error]
         present = [t for t in topics if t not in missing]
         wanted: dict[str, int] = {}
@@ -178,6 +189,16 @@ class Topics:
                 timeout=settings.forward_timeout,
             )
         return present, sorted(absent), missing
+
+    def _metadata(self, admin: Any) -> Any:
+        """The cluster's metadata, asked for in short slices so that close() ends the wait."""
+        deadline = time.monotonic() + self._settings.forward_timeout
+        while True:
+            try:
+                return admin.list_topics(timeout=_SLICE)
+            except KafkaException:
+                if self._closing.is_set() or time.monotonic() >= deadline:
+                    raise
 
     def _admin(self) -> Any:
         admin = self._admin_client
@@ -207,5 +228,4 @@ class Topics:
     def close(self) -> None:
         """Stop preparing (a preparation under way finishes on its own; nothing waits)."""
         self._wanted.clear()
-        if self._worker is not None:
-            self._worker.shutdown(wait=False, cancel_futures=True)
+        self._closing.set()

@@ -411,7 +411,7 @@ class ResilientConsumer(Consumer):
         on it. Events (errors, end of partition) of retry tiers are the library's and are not
         returned."""
         if self._handle_closed:
-            return super().poll(timeout)  # confluent's RuntimeError
+            return super().poll() if timeout is None else super().poll(timeout)
         return self._loop.poll(timeout)
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]:

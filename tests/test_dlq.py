@@ -56,6 +56,8 @@ def _dead_letter_some(kafka: KafkaCluster, topic_factory) -> tuple[str, str, str
     thread.start()
     dlq_topic = f"{topic}.{group}.dlq"
     try:
+        # the consumer creates its retry/DLQ topics in the background
+        _wait(lambda: dlq_topic in kafka.list_topics(), 30, "the DLQ topic")
         _wait(
             lambda: (
                 dead.extend(dlq.read(kafka.producer_config(), dlq_topic, None)[len(dead) :])
