@@ -165,6 +165,7 @@ def test_replay_into_the_retry_tier_succeeds_once_the_fault_is_fixed(
     dlq_topic = f"{topic}.{group}.dlq"
     conf = kafka.producer_config()
     try:
+        _wait(lambda: dlq_topic in kafka.list_topics(), 30, "the DLQ topic")  # made in background
         _wait(lambda: dlq.read(conf, dlq_topic), 30, "the record to be dead-lettered")
         fixed.set()  # the fix is deployed: replay
         report = dlq.replay(conf, dlq_topic)

@@ -52,6 +52,8 @@ def _run_to_dlq(
     thread.start()
     found: list[dlq.DeadLetter] = []
     try:
+        # the consumer creates its retry/DLQ topics in the background
+        _wait(lambda: f"{topic}.{group}.dlq" in kafka.list_topics(), 30, "the DLQ topic")
         _wait(
             lambda: (
                 found.extend(dlq.read(kafka.producer_config(), f"{topic}.{group}.dlq")) or found
