@@ -204,15 +204,23 @@ class OrderPipeline:
         producer.close()
 
     def _read_dlq(self) -> None:
-        from confluent_kafka import Consumer
+        from confluent_kafka import Consumer, KafkaException
 
         reader = Consumer(
             self.cluster.client_config(
                 group_id=f"{self.group}-dlq-audit", auto_offset_reset="earliest"
             )
         )
-        reader.subscribe([self.dlq_topic])
         try:
+            # The consumer creates its DLQ in the background after subscribe(). A subscription
+            # to a topic that does not exist yet is only rechecked at librdkafka's next full
+            # metadata refresh (5 minutes by default): subscribe once the topic is there.
+            while not self._stop.is_set():
+                with contextlib.suppress(KafkaException):
+                    if self.dlq_topic in reader.list_topics(timeout=1).topics:
+                        break
+                self._stop.wait(0.2)
+            reader.subscribe([self.dlq_topic])
             while not self._stop.is_set():
                 for msg in reader.consume(100, timeout=0.2):
                     if msg.error() is None:

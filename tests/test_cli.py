@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -109,3 +110,29 @@ def test_version(capsys) -> None:
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.strip() == f"resilient-kafka {__version__}"
+
+
+def test_demo_counts_dead_letters_when_the_dlq_appears_late(
+    kafka: KafkaCluster, monkeypatch
+) -> None:
+    """The consumer creates its DLQ in the background after subscribe(). The demo's DLQ reader
+    must still see it: a subscription made before the topic existed is only rechecked at the
+    next full metadata refresh (5 minutes by default), which left every dead-lettered order
+    unaccounted for when the creation was slow (CI)."""
+    from resilient_kafka import _topics
+    from resilient_kafka.demo import OrderPipeline
+
+    prepare = _topics.Topics._prepare
+
+    def slow_prepare(self, topics):  # type: ignore[no-untyped-def]
+        time.sleep(3.0)  # the reader subscribes well before the DLQ exists
+        return prepare(self, topics)
+
+    monkeypatch.setattr(_topics.Topics, "_prepare", slow_prepare)
+    pipeline = OrderPipeline(kafka, messages=60, rate=1000, delays=(0.1,), outage=None)
+    pipeline.start()
+    try:
+        wait_for(pipeline.settled, 60, "every order paid or dead-lettered")
+    finally:
+        pipeline.stop()
+    assert pipeline.accounting.dead_lettered, "no order was dead-lettered: the test shows nothing"
