@@ -31,6 +31,15 @@ def merge(
     return conf
 
 
+def number(value: Any) -> float:
+    """A numeric config value as librdkafka reads it (``"10"`` or ``10``); NaN when it is not
+    a number (librdkafka then refuses the property with its own error)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def is_secret(key: str) -> bool:
     """Whether a librdkafka setting holds a secret that must never be logged or exported."""
     lowered = key.lower()

@@ -139,6 +139,8 @@ class Loop:
 
     def poll(self, timeout: float | None = None) -> Message | None:
         """The next message for the application (retry records only once due), or None."""
+        if timeout is not None and type(timeout) is not float and type(timeout) is not int:
+            timeout = real_number(timeout)  # before anything changes, as confluent's does
         in_hand = self.in_hand
         if in_hand:  # what the application holds is done (finish_in_hand(), inline)
             done = self._settle.done
@@ -204,6 +206,8 @@ class Loop:
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]:
         """Up to ``num_messages`` messages (retry records only once due)."""
+        if timeout is not None and type(timeout) is not float and type(timeout) is not int:
+            timeout = real_number(timeout)
         self.finish_in_hand()
         deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
         committer = self._committer
@@ -473,3 +477,12 @@ class Loop:
         if handled:  # size the next batch to take about _BATCH_SECONDS
             per_record = max((time.monotonic() - fetched) / handled, 1e-7)
             self._batch_size = max(1, min(_BATCH_MAX, int(_BATCH_SECONDS / per_record)))
+
+
+def real_number(value: object) -> float:
+    """A timeout as confluent's C methods read it: anything with ``__float__`` (or
+    ``__index__``); otherwise their TypeError."""
+    kind = type(value)
+    if hasattr(kind, "__float__") or hasattr(kind, "__index__"):
+        return float(value)  # type: ignore[arg-type]
+    raise TypeError(f"must be real number, not {kind.__name__}")

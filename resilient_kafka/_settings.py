@@ -65,7 +65,8 @@ class Settings:
         group = conf.get("group.id")
         if group is None or str(group) == "":
             raise ConfigurationError(
-                "ResilientConsumer needs a 'group.id': retry and DLQ topics are named per group"
+                "Failed to create consumer: group.id must be set (resilient-kafka names the "
+                "retry and DLQ topics per group)"
             )
         group = str(group)  # as librdkafka does with a uuid.UUID or another object
         if forward_timeout <= 0:

@@ -29,7 +29,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.serialization import SerializationContext
 
-from resilient_kafka import _transaction
+from resilient_kafka import _config, _transaction
 from resilient_kafka._admission import Admission
 from resilient_kafka._claims import Claims
 from resilient_kafka._committer import OffsetCommitter
@@ -124,7 +124,12 @@ class ResilientConsumer(Consumer):
         self._metrics: Any = NoMetrics()
         if metrics:
             self._metrics = ConsumerMetrics(families(registry), settings.group)
-            conf["stats_cb"] = _chained_stats(self._metrics, conf.get("stats_cb"))
+            # the application's stats_cb gets statistics only if it asked for them, as with
+            # confluent's class (the interval set below is the metrics')
+            wanted = _config.number(conf.get("statistics.interval.ms", 0)) > 0
+            conf["stats_cb"] = _chained_stats(
+                self._metrics, conf.get("stats_cb") if wanted else None
+            )
             # lag comes from statistics. With a token callback, none may come during the 10 s
             # confluent's constructor waits for a token: a stats callback run after a failed
             # oauth_cb turns its KafkaException into a SystemError (a confluent-kafka bug)

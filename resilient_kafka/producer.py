@@ -9,8 +9,9 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from resilient_kafka import _config
 from resilient_kafka.headers import ID
 
 log = logging.getLogger("resilient_kafka.producer")
@@ -75,7 +76,8 @@ class ResilientProducer(Producer):
         *,
         callback: DeliveryCallback | None = None,
     ) -> None:
-        callback = on_delivery or callback
+        if callback is None:  # given both, confluent's class calls callback=
+            callback = on_delivery
         self.produced += 1
         if self._message_ids:
             headers = with_message_id(headers)
@@ -198,30 +200,52 @@ def client_config(config: Mapping[str, Any] | None, kwargs: Mapping[str, Any]) -
         raise TypeError("expected configuration dict")
     if config is not None and not isinstance(config, Mapping):
         raise TypeError("expected configuration dict")
-    return {**(config or {}), **kwargs}
+    conf = {**(config or {}), **kwargs}
+    for key in conf:
+        if not isinstance(key, str):  # librdkafka's own answer, before our code reads keys
+            raise KafkaException(
+                KafkaError(KafkaError._INVALID_ARG, f'No such configuration property: "{key}"')
+            )
+    return conf
 
 
 def safe_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` with idempotence and ``acks=all`` unless the application chose otherwise.
 
     An explicit ``acks`` other than all (or ``enable.idempotence=false``) is honoured, with a
-    warning: without idempotence a retried send can duplicate or reorder records.
+    warning: without idempotence a retried send can duplicate or reorder records. So are
+    settings idempotence cannot have (more than 5 requests in flight, no retries): the
+    producer constructs as confluent's does, without idempotence, and says so.
     """
     conf = dict(config)
     acks = conf.get("acks", conf.get("request.required.acks"))
     if acks is None:
         conf["acks"] = "all"
     if "enable.idempotence" not in conf:
-        if acks is None or str(acks).lower() in ("all", "-1"):
+        conflict = _without_idempotence(conf, acks)
+        if conflict is None:
             conf["enable.idempotence"] = True
         else:
             warnings.warn(
-                f"acks={acks} turns off the idempotent producer resilient-kafka enables by "
+                f"{conflict} turns off the idempotent producer resilient-kafka enables by "
                 "default: a broker failover can lose acknowledged records, and retried sends can "
                 "be duplicated or reordered",
                 stacklevel=3,
             )
     return conf
+
+
+def _without_idempotence(conf: Mapping[str, Any], acks: Any) -> str | None:
+    """The application's setting that idempotence cannot go with, if any."""
+    if acks is not None and str(acks).lower() not in ("all", "-1"):
+        return f"acks={acks}"
+    for name in ("max.in.flight.requests.per.connection", "max.in.flight"):
+        if name in conf and _config.number(conf[name]) > 5:
+            return f"{name}={conf[name]}"
+    for name in ("retries", "message.send.max.retries"):
+        if name in conf and _config.number(conf[name]) == 0:
+            return f"{name}={conf[name]}"
+    return None
 
 
 def with_message_id(headers: Any) -> Any:
