@@ -393,7 +393,7 @@ def test_sigkill_before_the_forward_is_acked_loses_nothing(
 def test_bad_configuration_is_rejected_clearly(
     kafka: KafkaCluster, topic_factory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with pytest.raises(ConfigurationError, match=r"needs a 'group\.id'"):
+    with pytest.raises(ConfigurationError, match=r"group\.id must be set \(resilient-kafka names"):
         ResilientConsumer(kafka.client_config())
 
     consumer = ResilientConsumer(kafka.client_config(group_id="no such topic"))
