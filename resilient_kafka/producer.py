@@ -76,6 +76,12 @@ class ResilientProducer(Producer):
         *,
         callback: DeliveryCallback | None = None,
     ) -> None:
+        """``Producer.produce``, stamping an ``rk.id`` header (unless ``message_ids=False`` or
+        one is there) and, with tracing, a producer span and its context in the headers.
+
+        The record's delivery report goes to ``on_delivery`` (or its alias ``callback``, which
+        wins when both are given, as with confluent's class), else to the config-level
+        ``on_delivery``; a failure is counted and logged either way (see the class)."""
         if callback is None:  # given both, confluent's class calls callback=
             callback = on_delivery
         self.produced += 1

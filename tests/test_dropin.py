@@ -1375,3 +1375,17 @@ def test_every_public_method_has_a_scenario(client: str) -> None:
     public = {name for name in dir(THEIRS[client]) if not name.startswith("_")}
     missing = sorted(public - covered)
     assert not missing, f"confluent_kafka.{THEIRS[client].__name__} methods untested: {missing}"
+
+
+@pytest.mark.parametrize("client", sorted(OURS))
+def test_every_override_says_what_it_does(client: str) -> None:
+    """An overridden method documents itself (help() would show confluent's text otherwise)."""
+    cls = OURS[client]
+    undocumented = sorted(
+        name
+        for name, value in vars(cls).items()
+        if not name.startswith("_")
+        and (callable(value) or isinstance(value, property))
+        and not (value.__doc__ or "").strip()
+    )
+    assert not undocumented, f"{cls.__name__} methods without a docstring: {undocumented}"
