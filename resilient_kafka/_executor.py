@@ -129,8 +129,20 @@ class InlineExecutor:
             span.end()
             record.span = None
 
-    def collect(self) -> None:
+    busy = False  # inline outcomes are applied at once: none ever pending
+
+    def collect(self, timeout: float = 0.0) -> None:
         """Apply outcomes reported from elsewhere (none: inline outcomes are applied at once)."""
+
+    def wait(self, timeout: float) -> bool:
+        """Nothing to wait for: the polling thread waits on the broker."""
+        return False
+
+    def revoke(self, keys: object, *, lost: bool) -> None:
+        """Nothing is running on other threads: nothing to await or drop."""
+
+    def shutdown(self) -> None:
+        """Nothing to stop."""
 
     def _retry_in_place(self, exc: BaseException) -> bool:
         record = self._current

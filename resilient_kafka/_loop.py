@@ -22,6 +22,7 @@ from resilient_kafka._forwarding import Forwarder
 from resilient_kafka._outage import DEDUP_STORE, OutageControl
 from resilient_kafka._partitions import (
     APPLICATION,
+    BACKPRESSURE,
     RETRY_DUE,
     WITH_APPLICATION,
     Key,
@@ -96,6 +97,7 @@ class Loop:
         self._last_gauges = 0.0
         self._batch_size = 32  # run(): records per fetch, adapted to the handler's speed
         self.running = False  # run() is the loop (it claims around the handler itself)
+        self.executor: Any = None  # run()'s executor, while it runs
 
     # -- housekeeping ------------------------------------------------------------------------
 
@@ -134,6 +136,7 @@ class Loop:
         paused("retry_backoff", len(self._control.paused_by(RETRY_DUE)))
         control = self._control
         paused("manual", len(control.paused_by(APPLICATION) | control.paused_by(WITH_APPLICATION)))
+        paused("backpressure", len(control.paused_by(BACKPRESSURE)))
 
     # -- the drop-in loop --------------------------------------------------------------------
 
@@ -326,6 +329,12 @@ class Loop:
             done(record)
         in_hand.clear()
 
+    def give_up(self, keys: set[Key], *, lost: bool) -> None:
+        """Partitions are revoked (running handlers are awaited, bounded) or ``lost`` (not
+        awaited): run()'s concurrent work of theirs ends here."""
+        if self.executor is not None:
+            self.executor.revoke(keys, lost=lost)
+
     def drop_in_hand(self) -> None:
         """Forget the records in hand without settling them: they will be delivered again."""
         in_hand = list(self.in_hand)
@@ -386,7 +395,7 @@ class Loop:
             if self._outage.current is None:
                 self._run_batch(executor, poll_timeout)
                 continue
-            msg = self.poll(poll_timeout)
+            msg = self.poll(min(poll_timeout, 0.05) if executor.busy else poll_timeout)
             if msg is not None and usable(msg):
                 self._execute(executor, self.in_hand.pop())
             executor.collect()
@@ -425,7 +434,11 @@ class Loop:
         # what is already fetched, without waiting for a full batch (latency); else wait for one
         started = time.monotonic()
         generation = committer.generation
-        batch = Consumer.consume(native, self._batch_size, 0) or Consumer.consume(native, 1, wait)
+        batch = Consumer.consume(native, self._batch_size, 0)
+        if not batch:
+            if executor.wait(wait):  # concurrent handlers: their outcomes may free work first
+                return
+            batch = Consumer.consume(native, 1, wait)
         if committer.generation != generation:
             batch = [m for m in batch if not committer.replayed_since(generation, m)]
         if not batch:

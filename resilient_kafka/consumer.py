@@ -12,11 +12,14 @@ and what each module owns: docs/architecture.md.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
+import inspect
 import logging
 import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import (
@@ -42,6 +45,7 @@ from resilient_kafka._routing import Router
 from resilient_kafka._settings import Settings
 from resilient_kafka._settle import Settlement
 from resilient_kafka._topics import Topics
+from resilient_kafka._work import AsyncRunner, Attempts, ThreadRunner, WorkManager, check_options
 from resilient_kafka.dedup import DedupStore
 from resilient_kafka.errors import (
     ConfigurationError,
@@ -378,6 +382,7 @@ class ResilientConsumer(Consumer):
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
         self._loop.drop_in_hand()  # only when closing: a poll() finished them before this
+        self._loop.give_up(keys, lost=False)  # run()'s concurrent handlers: awaited, bounded
         self._forwarder.drain(self._settings.forward_timeout)  # into this commit/transaction
         self._committer.revoke(keys)  # while this member still owns the partitions
         self._forget(keys)
@@ -386,6 +391,7 @@ class ResilientConsumer(Consumer):
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
+        self._loop.give_up(keys, lost=True)
         self._forget(keys)
         self._committer.lost(keys)
         self._metrics.rebalance("lost", len(self._control.assigned))
@@ -573,33 +579,175 @@ class ResilientConsumer(Consumer):
 
     # -- handler mode ------------------------------------------------------------------------
 
-    def run(self, handler: Handler, *, poll_timeout: float = 0.5) -> None:
+    def run(
+        self,
+        handler: Handler,
+        *,
+        concurrency: int = 1,
+        ordering: str = "key",
+        max_buffered: int | None = None,
+        max_buffered_per_partition: int | None = None,
+        drain_timeout: float = 30.0,
+        poll_timeout: float = 0.5,
+    ) -> None:
         """Process messages with ``handler`` until :meth:`stop`, SIGINT or SIGTERM.
 
         ``handler(msg)`` returning means success; raising routes the message to its next retry
-        tier or the DLQ. On the way out: finish the message in hand, wait for pending forwards,
-        commit, close.
+        tier or the DLQ. An ``async def`` handler runs on an event loop of its own.
+
+        ``concurrency`` > 1 runs that many handlers at once (threads; tasks for an ``async
+        def`` handler) while this thread keeps polling. ``ordering``: ``"key"`` (records of a
+        key in a partition one at a time, in offset order), ``"partition"`` or
+        ``"unordered"``. ``max_buffered`` (default 10 x concurrency, at least 1,000) bounds
+        the records held, running or waiting; ``max_buffered_per_partition`` (default a
+        quarter of it) bounds a partition's records queued behind a busy key, and pauses only
+        that partition. ``drain_timeout``: how long a revocation
+        or the shutdown waits for running handlers. See docs/concurrency.md.
+
+        On the way out: finish (or await) what is running, wait for pending forwards, commit,
+        close.
         """
-        restore = self._install_signal_handlers()
-        settings = self._settings
-        executor = InlineExecutor(
+        self._run(
             handler,
-            self._settle,
-            retry=settings.retry,
-            outage=self._outage,
-            committer=self._committer,
-            stop=self._stop,
-            metrics=self._metrics,
-            tracing=self._tracing,
-            group=settings.group,
-            parent_on_creation=settings.parent_on_creation,
+            concurrency=concurrency,
+            ordering=ordering,
+            max_buffered=max_buffered,
+            max_buffered_per_partition=max_buffered_per_partition,
+            drain_timeout=drain_timeout,
+            poll_timeout=poll_timeout,
+            loop=None,
         )
+
+    async def run_async(
+        self,
+        handler: Callable[[Message], Awaitable[object]],
+        *,
+        concurrency: int = 1,
+        ordering: str = "key",
+        max_buffered: int | None = None,
+        max_buffered_per_partition: int | None = None,
+        drain_timeout: float = 30.0,
+        poll_timeout: float = 0.5,
+    ) -> None:
+        """:meth:`run` for an ``async def`` handler inside the application's event loop: the
+        handlers are tasks on this loop, the polling runs on a thread of its own. Cancelling
+        the awaiting task stops the consumer (what runs is awaited, bounded) and closes it."""
+        if not inspect.iscoroutinefunction(handler):
+            raise ConfigurationError(
+                "run_async() needs an async def handler; give a plain function to run()"
+            )
+        loop = asyncio.get_running_loop()
+        polling = loop.run_in_executor(
+            None,
+            functools.partial(
+                self._run,
+                handler,
+                concurrency=concurrency,
+                ordering=ordering,
+                max_buffered=max_buffered,
+                max_buffered_per_partition=max_buffered_per_partition,
+                drain_timeout=drain_timeout,
+                poll_timeout=poll_timeout,
+                loop=loop,
+            ),
+        )
+        try:
+            await asyncio.shield(polling)
+        except asyncio.CancelledError:
+            self.stop()
+            await polling
+            raise
+
+    def _run(
+        self,
+        handler: Any,
+        *,
+        concurrency: int,
+        ordering: str,
+        max_buffered: int | None,
+        max_buffered_per_partition: int | None,
+        drain_timeout: float,
+        poll_timeout: float,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
+        total, per_partition = check_options(
+            concurrency, ordering, max_buffered, max_buffered_per_partition
+        )
+        asynchronous = inspect.iscoroutinefunction(handler)
+        if (concurrency > 1 or asynchronous) and self._txn is not None:
+            raise ConfigurationError(
+                "exactly_once=True runs one handler at a time for now: use concurrency=1 "
+                "with a plain function"
+            )
+        executor = self._executor(
+            handler, asynchronous, concurrency, ordering, total, per_partition, drain_timeout, loop
+        )
+        restore = self._install_signal_handlers() if loop is None else (lambda: None)
         self._loop.running = True
+        self._loop.executor = executor
         try:
             self._loop.run(executor, poll_timeout)
         finally:
-            restore()
-            self.close()
+            try:
+                executor.shutdown()
+            finally:
+                self._loop.executor = None
+                restore()
+                self.close()
+
+    def _executor(
+        self,
+        handler: Any,
+        asynchronous: bool,
+        concurrency: int,
+        ordering: str,
+        total: int,
+        per_partition: int,
+        drain_timeout: float,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> Any:
+        """Inline for one plain handler at a time (today's cost); else the work manager."""
+        settings = self._settings
+        if concurrency == 1 and not asynchronous:
+            return InlineExecutor(
+                handler,
+                self._settle,
+                retry=settings.retry,
+                outage=self._outage,
+                committer=self._committer,
+                stop=self._stop,
+                metrics=self._metrics,
+                tracing=self._tracing,
+                group=settings.group,
+                parent_on_creation=settings.parent_on_creation,
+            )
+        attempts = Attempts(
+            settings.retry,
+            self._outage,
+            self._stop,
+            self._metrics,
+            self._tracing,
+            settings.group,
+            settings.parent_on_creation,
+        )
+        runner = (
+            AsyncRunner(handler, attempts, loop)
+            if asynchronous
+            else ThreadRunner(handler, attempts, concurrency)
+        )
+        return WorkManager(
+            runner,
+            self._settle,
+            self._control,
+            self._outage,
+            self._claims,
+            self._metrics,
+            concurrency=concurrency,
+            ordering=ordering,
+            max_buffered=total,
+            max_buffered_per_partition=per_partition,
+            drain_timeout=drain_timeout,
+        )
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish the message in hand and shut down (any thread)."""

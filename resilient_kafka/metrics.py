@@ -24,7 +24,14 @@ from prometheus_client.utils import floatToGoString
 SEMCONV_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
 RETRY_DELAY_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 OUTCOMES = ("success", "retry_scheduled", "dead_lettered", "duplicate_skipped")
-PAUSE_REASONS = ("circuit_open", "dlq_flood", "dedup_store", "retry_backoff", "manual")
+PAUSE_REASONS = (
+    "circuit_open",
+    "dlq_flood",
+    "dedup_store",
+    "retry_backoff",
+    "manual",
+    "backpressure",
+)
 BREAKER_STATES = ("closed", "open", "half_open")
 _MAX_ERROR_TYPES = 20
 OTHER = "_OTHER"

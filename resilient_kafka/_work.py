@@ -1,0 +1,620 @@
+"""Concurrent handling: ``run(handler, concurrency=N)`` on threads or an asyncio event loop.
+
+The polling thread owns everything here: which records wait, which run, each partition's
+epoch and backpressure. Workers only call the handler and put the outcome in a mailbox; the
+polling thread takes outcomes out (:meth:`WorkManager.collect`), settles them (barrier,
+forwards, outages: single-threaded, as with one handler) and starts what each outcome frees.
+
+A record waits behind the one before it of its *shard*:
+
+- ``ordering="key"``: the shard is (partition, key), so a key's records run one at a time in
+  offset order while different keys run in parallel; a record with a null key is independent.
+- ``"partition"``: the shard is the partition.
+- ``"unordered"``: no shard.
+
+Backpressure: a partition whose records queued behind busy shards (a slow key) reach their bound
+pauses (reason ``backpressure``) and resumes at half of it, so a slow key stops only its own
+partition; records held in total (running, ready or queued) have a bound of their own, reached
+only when every worker is busy. Records merely waiting for a free worker do not pause their
+partition: a pause costs a fetch round trip when it ends.
+
+A revoked partition's work is dropped; outcomes that arrive later carry the epoch of the
+assignment they were started under and are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import tenacity
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+from opentelemetry.trace import Status, StatusCode
+
+from resilient_kafka import headers
+from resilient_kafka._outage import OutageControl
+from resilient_kafka._partitions import BACKPRESSURE, Key, PartitionControl
+from resilient_kafka._record import Record
+from resilient_kafka._settle import Settlement
+from resilient_kafka.breaker import CircuitBreakerError
+from resilient_kafka.errors import ConfigurationError
+from resilient_kafka.policies import RetryPolicy
+
+log = logging.getLogger("resilient_kafka.consumer")
+
+ORDERINGS = ("key", "partition", "unordered")
+
+# With work running and nothing fetched, the polling thread waits on the mailbox this long at
+# most before it looks at the broker again (a finished record's successor starts at once).
+_IDLE_WAIT = 0.005
+
+# (record, epoch, exception or None, seconds in the handler)
+Outcome = tuple[Record, int, BaseException | None, float]
+
+
+def check_options(
+    concurrency: object,
+    ordering: object,
+    max_buffered: int | None,
+    max_buffered_per_partition: int | None,
+) -> tuple[int, int]:
+    """Validate ``run()``'s concurrency options; returns the bounds (total, per partition)."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ConfigurationError(f"concurrency must be an integer >= 1, got {concurrency!r}")
+    if ordering not in ORDERINGS:
+        raise ConfigurationError(
+            f"ordering must be one of {', '.join(map(repr, ORDERINGS))}, got {ordering!r}"
+        )
+    total = max_buffered if max_buffered is not None else max(10 * concurrency, 1000)
+    per_partition = (
+        max_buffered_per_partition if max_buffered_per_partition is not None else total // 4
+    )
+    if isinstance(total, bool) or not isinstance(total, int) or total < concurrency:
+        raise ConfigurationError(
+            f"max_buffered ({total!r}) must be an integer >= concurrency ({concurrency}): it "
+            "counts the records running too"
+        )
+    if isinstance(per_partition, bool) or not isinstance(per_partition, int) or per_partition < 1:
+        raise ConfigurationError(
+            f"max_buffered_per_partition must be an integer >= 1, got {per_partition!r}"
+        )
+    return total, per_partition
+
+
+class _PartitionWork:
+    """One partition's records in the work manager, under the epoch of its assignment."""
+
+    __slots__ = ("epoch", "held", "queued", "running", "shards")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.held = 0  # records waiting or running
+        self.queued = 0  # records waiting behind the head of their shard
+        self.running = 0
+        # shard -> the records waiting behind its head (the head is ready or running)
+        self.shards: dict[Any, deque[Record]] = {}
+
+
+class WorkManager:
+    """The executor of ``run()`` with concurrency: queues records by shard, starts them on a
+    runner (threads or an event loop) up to ``concurrency`` at once, and applies their
+    outcomes on the polling thread."""
+
+    def __init__(
+        self,
+        runner: Any,
+        settle: Settlement,
+        control: PartitionControl,
+        outage: OutageControl,
+        claims: Any,
+        metrics: Any,
+        *,
+        concurrency: int,
+        ordering: str,
+        max_buffered: int,
+        max_buffered_per_partition: int,
+        drain_timeout: float,
+    ) -> None:
+        self._runner = runner
+        self.drain_timeout = drain_timeout
+        self._mailbox: queue.SimpleQueue[Outcome] = runner.mailbox
+        self._settle = settle
+        self._control = control
+        self._outage = outage
+        self._claims = claims
+        self._metrics = metrics
+        self._concurrency = concurrency
+        self._ordering = ordering
+        self._max_total = max_buffered
+        self._max_partition = max_buffered_per_partition
+        self._partitions: dict[Key, _PartitionWork] = {}
+        self._epochs = itertools.count(1)
+        self._ready: deque[Record] = deque()  # shard heads waiting for a free worker
+        self.running = 0
+        self.held = 0
+        self._paused: set[Key] = set()  # paused here for backpressure
+        self._stopping = False
+
+    # -- the executor interface (polling thread) ---------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """Records are waiting or running: outcomes will come."""
+        return self.held > 0
+
+    def submit(self, record: Record) -> None:
+        """Queue ``record`` behind its shard, and start it if it may run now."""
+        key = record.key
+        work = self._partitions.get(key)
+        if work is None:
+            work = self._partitions[key] = _PartitionWork(next(self._epochs))
+        work.held += 1
+        self.held += 1
+        shard = self._shard_of(record)
+        if shard is not None:
+            waiting = work.shards.get(shard)
+            if waiting is not None:
+                waiting.append(record)
+                work.queued += 1
+                self._bound(key, work)
+                return
+            work.shards[shard] = deque()
+        self._ready.append(record)
+        self._start_ready()
+        self._bound(key, work)
+
+    def collect(self, timeout: float = 0.0) -> None:
+        """Apply the outcomes that arrived (waiting up to ``timeout`` for the first one), then
+        start what they freed."""
+        mailbox = self._mailbox
+        try:
+            outcome = mailbox.get(timeout=timeout) if timeout > 0 else mailbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(outcome)
+            try:
+                outcome = mailbox.get_nowait()
+            except queue.Empty:
+                break
+        if self._outage.current is not None:
+            self._refuse_waiting()
+        self._start_ready()
+        if self._paused:
+            for key in list(self._paused):
+                work = self._partitions.get(key)
+                if work is not None:
+                    self._bound(key, work)
+
+    def wait(self, timeout: float) -> bool:
+        """Nothing was fetched: wait for an outcome instead, so a successor starts at once
+        (with every worker busy, as long as ``timeout``; else briefly, then the broker's turn).
+        False when nothing is running (nothing to wait for here)."""
+        if not self.running:
+            return False
+        self.collect(timeout if self._ready else min(timeout, _IDLE_WAIT))
+        return True
+
+    # -- outcomes ----------------------------------------------------------------------------
+
+    def _apply(self, outcome: Outcome) -> None:
+        record, epoch, exc, seconds = outcome
+        self.running -= 1
+        key = record.key
+        work = self._partitions.get(key)
+        if work is None or work.epoch != epoch:  # its partition was revoked meanwhile
+            _end_span(record)
+            if record.claim is not None:
+                self._claims.release(record)
+            log.debug("dropping the late outcome of %r (partition revoked)", record)
+            return
+        work.running -= 1
+        metrics = self._metrics
+        if isinstance(exc, asyncio.CancelledError):
+            # its task was cancelled (the event loop is shutting down): not done, not failed;
+            # its offset stays uncommitted and it is delivered again after a restart
+            if record.claim is not None:
+                self._claims.release(record)
+        elif exc is None:
+            metrics.process(record.topic, seconds, "")
+            self._settle.done(record)
+        else:
+            metrics.process(record.topic, seconds, headers.exception_type(exc))
+            self._settle.failed(record, exc)
+        _end_span(record)
+        self._finished(record, key, work)
+
+    def _finished(self, record: Record, key: Key, work: _PartitionWork) -> None:
+        """``record`` left the work manager: the next of its shard becomes ready."""
+        work.held -= 1
+        self.held -= 1
+        shard = self._shard_of(record)
+        if shard is not None:
+            waiting = work.shards.get(shard)
+            if waiting:
+                self._ready.append(waiting.popleft())
+                work.queued -= 1
+            else:
+                work.shards.pop(shard, None)
+        if work.held == 0 and key not in self._paused and key not in self._control.assigned:
+            del self._partitions[key]
+
+    def _start_ready(self) -> None:
+        ready = self._ready
+        if not ready or self._stopping:
+            return
+        outage = self._outage
+        start = self._runner.start
+        partitions = self._partitions
+        while ready and self.running < self._concurrency:
+            record = ready[0]
+            if outage.current is not None and not self._may_start_in_outage(record):
+                break
+            ready.popleft()
+            work = partitions[record.key]
+            work.running += 1
+            self.running += 1
+            start(record, work.epoch)
+
+    def _may_start_in_outage(self, record: Record) -> bool:
+        current = self._outage.current
+        return (
+            current is None
+            or record.key not in current.partitions
+            or (self._outage.is_probe(record))
+        )
+
+    def _shard_of(self, record: Record) -> Any:
+        ordering = self._ordering
+        if ordering == "key":
+            raw = record.raw
+            return raw[0] if raw is not None else record.msg.key()
+        if ordering == "partition":
+            return ()
+        return None
+
+    # -- backpressure ------------------------------------------------------------------------
+
+    def _bound(self, key: Key, work: _PartitionWork) -> None:
+        if key in self._paused:
+            if work.queued <= self._max_partition // 2 and self.held <= self._max_total // 2:
+                self._paused.discard(key)
+                self._control.release([key], BACKPRESSURE)
+        elif work.queued >= self._max_partition or self.held >= self._max_total:
+            self._paused.add(key)
+            self._control.pause([key], BACKPRESSURE)
+
+    # -- outages, revocation, shutdown ---------------------------------------------------------
+
+    def _refuse_waiting(self) -> None:
+        """An outage holds these partitions: records not started yet are given back (their
+        partition rewinds to the lowest, as for a record the breaker refused)."""
+        current = self._outage.current
+        assert current is not None
+        lowest = self._drop_waiting(current.partitions, keep_probe=True)
+        for key, offset in lowest.items():
+            self._outage.refused(key, offset)
+
+    def _drop_waiting(self, keys: Iterable[Key], *, keep_probe: bool = False) -> dict[Key, int]:
+        """Forget the records of ``keys`` that have not started (their dedup claims are
+        released); returns each partition's lowest such offset."""
+        keys = set(keys) & set(self._partitions)
+        lowest: dict[Key, int] = {}
+        if not keys:
+            return lowest
+        dropped: list[Record] = []
+        kept: deque[Record] = deque()
+        for record in self._ready:
+            if record.key in keys and not (keep_probe and self._outage.is_probe(record)):
+                dropped.append(record)
+                shard = self._shard_of(record)
+                work = self._partitions[record.key]
+                if shard is not None:
+                    behind = work.shards.pop(shard, ())
+                    dropped.extend(behind)
+                    work.queued -= len(behind)
+            else:
+                kept.append(record)
+        self._ready = kept
+        for key in keys:
+            work = self._partitions[key]
+            for waiting in work.shards.values():
+                dropped.extend(waiting)
+                work.queued -= len(waiting)
+                waiting.clear()
+        for record in dropped:
+            work = self._partitions[record.key]
+            work.held -= 1
+            self.held -= 1
+            if record.claim is not None:
+                self._claims.release(record)
+            if record.key not in lowest or record.offset < lowest[record.key]:
+                lowest[record.key] = record.offset
+        return lowest
+
+    def revoke(self, keys: Iterable[Key], *, lost: bool) -> None:
+        """``keys`` are being revoked (or were ``lost``): records not started are dropped,
+        running ones are awaited up to ``drain_timeout`` (not when lost: another member owns
+        them), their outcomes applied so that their offsets commit with the revocation; late
+        outcomes are ignored from then on."""
+        keys = set(keys) & set(self._partitions)
+        if not keys:
+            return
+        self._drop_waiting(keys)
+        timeout = 0.0 if lost else self.drain_timeout
+        deadline = time.monotonic() + timeout
+        while any(self._partitions[k].running for k in keys if k in self._partitions):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                running = sum(self._partitions[k].running for k in keys if k in self._partitions)
+                log.warning(
+                    "%d record(s) of revoked partitions still running after %.0fs: their "
+                    "offsets are not committed (the new owner handles them again)",
+                    running,
+                    timeout,
+                )
+                break
+            self.collect(min(left, 0.1))
+        for key in keys:
+            work = self._partitions.pop(key, None)
+            if work is not None:
+                self.held -= work.held
+            if key in self._paused:
+                self._paused.discard(key)  # partition control forgets revoked partitions
+
+    def shutdown(self) -> None:
+        """Stop starting records; wait up to ``drain_timeout`` for the running ones (outcomes
+        applied); what never started is dropped (delivered again after a restart)."""
+        timeout = self.drain_timeout
+        self._stopping = True
+        self._drop_waiting(list(self._partitions))
+        deadline = time.monotonic() + timeout
+        while self.running:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning(
+                    "%d record(s) still running after %.0fs at shutdown: their offsets are not "
+                    "committed (delivered again after a restart)",
+                    self.running,
+                    timeout,
+                )
+                break
+            self.collect(min(left, 0.1))
+        self._runner.close()
+
+
+def _end_span(record: Record) -> None:
+    span = record.span
+    if span is not None:
+        span.end()
+        record.span = None
+
+
+# -- calling the handler ------------------------------------------------------------------------
+
+
+class Attempts:
+    """How a worker calls the handler: blocking retries in place first (when the policy has
+    them), a ``process`` span when traced. Each worker has its own (tenacity keeps per-call
+    state)."""
+
+    def __init__(
+        self,
+        retry: RetryPolicy,
+        outage: OutageControl,
+        stop: threading.Event,
+        metrics: Any,
+        tracing: Any,
+        group: str,
+        parent_on_creation: bool,
+    ) -> None:
+        self.retry = retry
+        self._outage = outage
+        self.stop = stop
+        self._metrics = metrics
+        self._tracing = tracing
+        self._group = group
+        self._parent_on_creation = parent_on_creation
+
+    def in_place(self, record: Record, exc: BaseException) -> bool:
+        """Whether a failure of ``record`` is retried right here: retryable, not stopping, and
+        no breaker refused it or opened since it was handed out."""
+        return (
+            not self.stop.is_set()
+            and not isinstance(exc, CircuitBreakerError)
+            and self._outage.watch.opens == record.opens
+            and self.retry.is_retryable(exc)
+        )
+
+    def noted(self, record: Record, state: Any) -> None:
+        if state.outcome is not None:
+            exc = state.outcome.exception()
+            error_type = headers.exception_type(exc) if exc is not None else ""
+            self._metrics.retry(record.topic, "blocking", error_type)
+
+    def start_span(self, record: Record) -> Any:
+        """The record's ``process`` span (ended by the polling thread once settled, so that its
+        retry/DLQ copy is its child), or None when not traced."""
+        if self._tracing is None:
+            return None
+        span = self._tracing.start_process(
+            record.msg, self._group, parent_on_creation=self._parent_on_creation
+        )
+        record.span = span
+        return span
+
+
+def _failed_span(span: Any, exc: BaseException) -> None:
+    span.set_attribute("error.type", headers.exception_type(exc))
+    span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+    span.record_exception(exc)
+    if isinstance(exc, CircuitBreakerError):
+        span.add_event("resilient_kafka.circuit_breaker.rejected")
+
+
+class ThreadRunner:
+    """``concurrency`` daemon threads taking records from a queue."""
+
+    def __init__(self, handler: Callable[[Any], object], attempts: Attempts, size: int) -> None:
+        self.mailbox: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Record, int] | None] = queue.SimpleQueue()
+        self._handler = handler
+        self._attempts = attempts
+        self._threads = [
+            threading.Thread(target=self._work, name=f"resilient-kafka-worker-{i}", daemon=True)
+            for i in range(size)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def start(self, record: Record, epoch: int) -> None:
+        self._jobs.put((record, epoch))
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        attempts = self._attempts
+        handler = self._handler
+        retry = attempts.retry
+        current: list[Record] = []
+        blocking = None
+        if retry.blocking:
+            blocking = tenacity.Retrying(
+                stop=retry.blocking_stop,
+                wait=retry.blocking_wait or tenacity.wait_none(),
+                retry=tenacity.retry_if_exception(lambda e: attempts.in_place(current[0], e)),
+                sleep=attempts.stop.wait,  # type: ignore[arg-type]
+                reraise=True,
+                before_sleep=lambda state: attempts.noted(current[0], state),
+            )
+        jobs, mailbox = self._jobs, self.mailbox
+        monotonic = time.monotonic
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            record, epoch = job
+            span = attempts.start_span(record)
+            token = (
+                otel_context.attach(otel_trace.set_span_in_context(span))
+                if span is not None
+                else None
+            )
+            started = monotonic()
+            error: BaseException | None = None
+            try:
+                if blocking is None:
+                    handler(record.msg)
+                else:
+                    current[:] = [record]
+                    blocking(handler, record.msg)
+            except BaseException as exc:  # SystemExit too: the record must report back
+                error = exc
+                if span is not None:
+                    _failed_span(span, exc)
+            else:
+                if span is not None:
+                    span.set_attribute("resilient_kafka.outcome", "success")
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+            mailbox.put((record, epoch, error, monotonic() - started))
+
+
+class AsyncRunner:
+    """Records as tasks on an event loop: the application's (``run_async``) or one of its own
+    on a daemon thread (``run`` with an ``async def`` handler)."""
+
+    def __init__(
+        self,
+        handler: Callable[[Any], Any],
+        attempts: Attempts,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.mailbox: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self._handler = handler
+        self._attempts = attempts
+        self._pending: deque[tuple[Record, int]] = deque()
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._thread: threading.Thread | None = None
+        if loop is None:
+            loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(
+                target=loop.run_forever, name="resilient-kafka-event-loop", daemon=True
+            )
+            self._thread.start()
+        self._loop = loop
+
+    def start(self, record: Record, epoch: int) -> None:
+        self._pending.append((record, epoch))
+        if not self._scheduled:  # one wake-up of the loop per burst, not per record
+            self._scheduled = True
+            self._loop.call_soon_threadsafe(self._start_pending)
+
+    def _start_pending(self) -> None:
+        self._scheduled = False
+        pending = self._pending
+        create = self._loop.create_task
+        tasks = self._tasks
+        while pending:
+            record, epoch = pending.popleft()
+            task = create(self._one(record, epoch))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    async def _one(self, record: Record, epoch: int) -> None:
+        attempts = self._attempts
+        span = attempts.start_span(record)
+        token = (
+            otel_context.attach(otel_trace.set_span_in_context(span)) if span is not None else None
+        )
+        started = time.monotonic()
+        error: BaseException | None = None
+        try:
+            await self._call(record)
+        except BaseException as exc:  # a cancelled task reports back too (see WorkManager)
+            error = exc
+            if span is not None:
+                _failed_span(span, exc)
+        else:
+            if span is not None:
+                span.set_attribute("resilient_kafka.outcome", "success")
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+        self.mailbox.put((record, epoch, error, time.monotonic() - started))
+
+    async def _call(self, record: Record) -> None:
+        attempts = self._attempts
+        retry = attempts.retry
+        if not retry.blocking:
+            await self._handler(record.msg)
+            return
+        async for attempt in tenacity.AsyncRetrying(
+            stop=retry.blocking_stop,
+            wait=retry.blocking_wait or tenacity.wait_none(),
+            retry=tenacity.retry_if_exception(lambda e: attempts.in_place(record, e)),
+            reraise=True,
+            before_sleep=lambda state: attempts.noted(record, state),
+        ):
+            with attempt:
+                await self._handler(record.msg)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            loop = self._loop
+            loop.call_soon_threadsafe(loop.stop)
+            self._thread.join(5)
+            if not loop.is_running():
+                loop.close()

@@ -1,0 +1,457 @@
+"""run(handler, concurrency=N): per-key order, parallelism, backpressure, failures, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import tenacity
+from confluent_kafka import Consumer, Message, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from resilient_kafka import ConfigurationError, ResilientConsumer, RetryPolicy, headers
+from resilient_kafka.testing import KafkaCluster
+from tests.helpers import produce, read_all, wait_for
+
+
+class Tally:
+    """What the handlers saw: order per key, and how many ran at once (overall, per key,
+    per partition)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seen: dict[Any, list[int]] = defaultdict(list)
+        self.done: set[str] = set()
+        self.calls = 0
+        self.running = 0
+        self.peak = 0
+        self.by_key: dict[Any, int] = defaultdict(int)
+        self.key_peak = 0
+        self.by_partition: dict[int, int] = defaultdict(int)
+        self.partition_peak = 0
+
+
+def _enter(tally: Tally, msg: Message) -> None:
+    key, partition = msg.key(), msg.partition()
+    with tally.lock:
+        tally.calls += 1
+        tally.running += 1
+        tally.peak = max(tally.peak, tally.running)
+        tally.by_key[key] += 1
+        tally.key_peak = max(tally.key_peak, tally.by_key[key])
+        tally.by_partition[partition] += 1  # type: ignore[index]
+        tally.partition_peak = max(tally.partition_peak, tally.by_partition[partition])  # type: ignore[index]
+
+
+def _leave(tally: Tally, msg: Message, ok: bool = True) -> None:
+    key, partition = msg.key(), msg.partition()
+    with tally.lock:
+        tally.running -= 1
+        tally.by_key[key] -= 1
+        tally.by_partition[partition] -= 1  # type: ignore[index]
+        if ok:
+            seq = int(msg.value().decode().split("-")[1])  # type: ignore[union-attr]
+            tally.seen[key].append(seq)
+            tally.done.add(msg.value().decode())  # type: ignore[union-attr]
+
+
+def _records(keys: list[str | None], per_key: int) -> list[tuple[Any, str]]:
+    """``per_key`` records for each key, interleaved; values ``"<key>-<seq>"``."""
+    return [(key, f"{key}-{seq}") for seq in range(per_key) for key in keys]
+
+
+def _consumer(kafka: KafkaCluster, **kwargs: Any) -> ResilientConsumer:
+    return ResilientConsumer(
+        kafka.client_config(
+            group_id=f"conc-{uuid.uuid4().hex[:8]}",
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        ),
+        registry=CollectorRegistry(),
+        **kwargs,
+    )
+
+
+def _run(
+    consumer: ResilientConsumer, handler: Any, done: Any, timeout: float = 60, **run: Any
+) -> None:
+    thread = threading.Thread(target=consumer.run, args=(handler,), kwargs=run, daemon=True)
+    thread.start()
+    try:
+        wait_for(done, timeout, "the records to be handled")
+    finally:
+        consumer.stop()
+        thread.join(60)
+    assert not thread.is_alive()
+
+
+def _committed(kafka: KafkaCluster, group: str, topic: str, partitions: int) -> list[int]:
+    reader = Consumer(kafka.client_config(group_id=group))
+    try:
+        tps = reader.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return [tp.offset for tp in tps]
+    finally:
+        reader.close()
+
+
+def _group_of(consumer: ResilientConsumer) -> str:
+    return consumer._group
+
+
+# -- ordering and parallelism -------------------------------------------------------------------
+
+
+def test_key_order_is_kept_while_keys_run_in_parallel(kafka: KafkaCluster, topic_factory) -> None:
+    topic = topic_factory(2)
+    keys = [f"k{i}" for i in range(20)]
+    records = _records(keys, 15)  # 300 records
+    produce(kafka.client_config(), topic, records)
+    tally = Tally()
+
+    def handler(msg: Message) -> None:
+        _enter(tally, msg)
+        time.sleep(0.02)
+        _leave(tally, msg)
+
+    consumer = _consumer(kafka)
+    group = _group_of(consumer)
+    consumer.subscribe([topic])
+    _run(consumer, handler, lambda: len(tally.done) == len(records), concurrency=16)
+    assert tally.calls == len(records), "a record was handled twice"
+    for key in keys:
+        assert tally.seen[key.encode()] == list(range(15)), f"key {key} out of order"
+    assert tally.key_peak == 1, "two records of one key ran at once"
+    assert tally.peak >= 8, f"at most {tally.peak} handlers ran at once"
+    assert sum(_committed(kafka, group, topic, 2)) == len(records)
+
+
+def test_partition_ordering_runs_one_record_per_partition(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    topic = topic_factory(2)
+    records = _records([f"k{i}" for i in range(10)], 6)
+    produce(kafka.client_config(), topic, records)
+    tally = Tally()
+    order: dict[int, list[int]] = defaultdict(list)
+
+    def handler(msg: Message) -> None:
+        _enter(tally, msg)
+        order[msg.partition()].append(msg.offset())  # type: ignore[index, arg-type]
+        time.sleep(0.01)
+        _leave(tally, msg)
+
+    consumer = _consumer(kafka)
+    consumer.subscribe([topic])
+    _run(
+        consumer,
+        handler,
+        lambda: len(tally.done) == len(records),
+        concurrency=8,
+        ordering="partition",
+    )
+    assert tally.partition_peak == 1
+    assert tally.peak == 2, "the two partitions did not run side by side"
+    for offsets in order.values():
+        assert offsets == sorted(offsets)
+
+
+def test_null_keys_are_independent_and_unordered_ignores_keys(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    """Null-keyed records are not one key (Parallel Consumer #183); "unordered" runs records
+    of one key at once."""
+    for ordering, key in (("key", None), ("unordered", "one")):
+        topic = topic_factory(1, suffix=ordering)
+        records = _records([key], 40)
+        produce(kafka.client_config(), topic, records)
+        tally = Tally()
+
+        def handler(msg: Message, tally: Tally = tally) -> None:
+            _enter(tally, msg)
+            time.sleep(0.02)
+            _leave(tally, msg)
+
+        consumer = _consumer(kafka)
+        consumer.subscribe([topic])
+        _run(consumer, handler, lambda t=tally: len(t.done) == 40, concurrency=8, ordering=ordering)
+        assert tally.peak >= 4, f"{ordering}/{key}: at most {tally.peak} at once"
+
+
+# -- failures -----------------------------------------------------------------------------------
+
+
+class Flaky(Exception):
+    pass
+
+
+def test_failures_reach_retry_tiers_and_the_dlq_and_nothing_is_lost(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    topic = topic_factory(2)
+    records = _records([f"k{i}" for i in range(10)], 10)
+    produce(kafka.client_config(), topic, records)
+    doomed = {value for _, value in records if value.endswith("-3")}  # 10 records always fail
+    once = {value for _, value in records if value.endswith("-5")}  # fail on the first attempt
+    tally = Tally()
+
+    def handler(msg: Message) -> None:
+        value = msg.value().decode()  # type: ignore[union-attr]
+        _enter(tally, msg)
+        try:
+            time.sleep(0.005)
+            if value in doomed or (value in once and headers.attempt(msg) == 0):
+                raise Flaky(value)
+        except Flaky:
+            _leave(tally, msg, ok=False)
+            raise
+        _leave(tally, msg)
+
+    consumer = _consumer(kafka, retry=RetryPolicy(delays=(0.2,)))
+    group = _group_of(consumer)
+    dlq = consumer.dead_letter_topic(topic)
+    consumer.subscribe([topic])
+    _run(consumer, handler, lambda: len(tally.done) == len(records) - len(doomed), concurrency=8)
+    dead = {m.value().decode() for m in read_all(kafka, dlq, len(doomed))}  # type: ignore[union-attr]
+    assert dead == doomed
+    assert tally.done | dead == {value for _, value in records}
+    assert sum(_committed(kafka, group, topic, 2)) == len(records)
+
+
+def test_blocking_retries_hold_only_their_key(kafka: KafkaCluster, topic_factory) -> None:
+    """A record retried in place holds its key; other keys flow meanwhile, and the next record
+    of its key waits for it."""
+    topic = topic_factory(1)
+    records = [("slow", "slow-0"), ("slow", "slow-1"), *_records([f"k{i}" for i in range(8)], 5)]
+    produce(kafka.client_config(), topic, records)
+    times: dict[str, float] = {}
+    attempts: dict[str, int] = defaultdict(int)
+    lock = threading.Lock()
+
+    def handler(msg: Message) -> None:
+        value = msg.value().decode()  # type: ignore[union-attr]
+        with lock:
+            attempts[value] += 1
+            if value == "slow-0" and attempts[value] < 3:
+                raise Flaky("not yet")
+            times[value] = time.monotonic()
+
+    policy = RetryPolicy(
+        delays=(0.2,),
+        blocking_stop=tenacity.stop_after_attempt(3),
+        blocking_wait=tenacity.wait_fixed(0.5),
+    )
+    consumer = _consumer(kafka, retry=policy)
+    consumer.subscribe([topic])
+    _run(consumer, handler, lambda: len(times) == len(records), concurrency=4)
+    assert attempts["slow-0"] == 3
+    others = [at for value, at in times.items() if not value.startswith("slow")]
+    assert max(others) < times["slow-0"], "other keys waited for the retried record"
+    assert times["slow-1"] > times["slow-0"], "its key's next record overtook it"
+
+
+# -- backpressure -------------------------------------------------------------------------------
+
+
+def test_a_hot_key_pauses_only_its_partition(kafka: KafkaCluster, topic_factory) -> None:
+    """Parallel Consumer #540: a slow key stops its own partition (bounded memory), not the
+    others; records that only wait for a free worker pause nothing."""
+    topic = topic_factory(2)
+    from confluent_kafka import Producer
+
+    producer = Producer(kafka.client_config())
+    hot = [f"hot-{i}" for i in range(200)]
+    for value in hot:
+        producer.produce(topic, key="hot", value=value, partition=0)
+    cold = [f"c{i}-0" for i in range(200)]
+    for i, value in enumerate(cold):
+        producer.produce(topic, key=f"c{i}", value=value, partition=1)
+    assert producer.flush(30) == 0
+    done: set[str] = set()
+    paused: set[tuple[str, int]] = set()
+    held: list[int] = []
+    consumer = _consumer(kafka)
+
+    def handler(msg: Message) -> None:
+        value = msg.value().decode()  # type: ignore[union-attr]
+        if value.startswith("hot"):
+            time.sleep(0.01)
+        paused.update(consumer._control.paused_by("backpressure"))
+        executor = consumer._loop.executor
+        held.append(executor.held if executor is not None else 0)
+        done.add(value)
+
+    consumer.subscribe([topic])
+    hot_done_when_cold_was: list[int] = []
+
+    def finished() -> bool:
+        if not hot_done_when_cold_was and all(value in done for value in cold):
+            hot_done_when_cold_was.append(sum(1 for v in done if v.startswith("hot")))
+        return len(done) == 400
+
+    _run(
+        consumer,
+        handler,
+        finished,
+        concurrency=8,
+        max_buffered=300,
+        max_buffered_per_partition=20,
+    )
+    assert paused == {(topic, 0)}, f"paused for backpressure: {paused}"
+    assert hot_done_when_cold_was[0] < 100, (
+        f"the cold partition finished only after {hot_done_when_cold_was[0]} hot records"
+    )
+    assert max(held) <= 300, f"{max(held)} records held at once"
+
+
+# -- shutdown and asyncio -----------------------------------------------------------------------
+
+
+def test_stop_awaits_running_handlers_and_commits_only_what_is_done(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    topic = topic_factory(1)
+    records = _records([f"k{i}" for i in range(4)], 50)
+    produce(kafka.client_config(), topic, records)
+    started = threading.Event()
+    finished: list[int] = []
+
+    def handler(msg: Message) -> None:
+        started.set()
+        time.sleep(0.3)
+        finished.append(msg.offset())  # type: ignore[arg-type]
+
+    consumer = _consumer(kafka)
+    group = _group_of(consumer)
+    consumer.subscribe([topic])
+    thread = threading.Thread(
+        target=consumer.run, args=(handler,), kwargs={"concurrency": 4}, daemon=True
+    )
+    thread.start()
+    assert started.wait(30)
+    consumer.stop()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert 1 <= len(finished) < len(records)
+    done = set(finished)
+    contiguous = 0
+    while contiguous in done:
+        contiguous += 1
+    assert _committed(kafka, group, topic, 1) == [contiguous]
+
+
+def test_async_handler_runs_many_at_once(kafka: KafkaCluster, topic_factory) -> None:
+    topic = topic_factory(2)
+    records = _records([f"k{i}" for i in range(200)], 2)
+    produce(kafka.client_config(), topic, records)
+    tally = Tally()
+
+    async def handler(msg: Message) -> None:
+        _enter(tally, msg)
+        await asyncio.sleep(0.05)
+        _leave(tally, msg)
+
+    consumer = _consumer(kafka)
+    consumer.subscribe([topic])
+    _run(consumer, handler, lambda: len(tally.done) == len(records), concurrency=200)
+    assert tally.peak >= 50, f"at most {tally.peak} tasks at once"
+    assert tally.key_peak == 1
+    for key, seqs in tally.seen.items():
+        assert seqs == [0, 1], key
+
+
+def test_run_async_in_the_applications_loop_stops_on_cancel(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    topic = topic_factory(1)
+    records = _records([f"k{i}" for i in range(50)], 2)
+    produce(kafka.client_config(), topic, records)
+    tally = Tally()
+    loops: set[int] = set()
+    consumer = _consumer(kafka)
+    group = _group_of(consumer)
+    consumer.subscribe([topic])
+
+    async def handler(msg: Message) -> None:
+        loops.add(id(asyncio.get_running_loop()))
+        _enter(tally, msg)
+        await asyncio.sleep(0.01)
+        _leave(tally, msg)
+
+    async def main() -> int:
+        task = asyncio.create_task(consumer.run_async(handler, concurrency=20))
+        deadline = time.monotonic() + 60
+        while len(tally.done) < len(records):
+            assert time.monotonic() < deadline, f"{len(tally.done)} handled"
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return id(asyncio.get_running_loop())
+
+    app_loop = asyncio.run(main())
+    assert loops == {app_loop}
+    assert _committed(kafka, group, topic, 1) == [len(records)]
+    with pytest.raises(RuntimeError):
+        consumer.poll(0)  # closed
+
+
+# -- bad options --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"concurrency": 0}, "concurrency must be an integer >= 1"),
+        ({"concurrency": True}, "concurrency must be an integer >= 1"),
+        ({"concurrency": 2.5}, "concurrency must be an integer >= 1"),
+        ({"ordering": "fifo"}, "ordering must be one of 'key', 'partition', 'unordered'"),
+        ({"concurrency": 50, "max_buffered": 10}, r"max_buffered \(10\) must be an integer >= "),
+        ({"max_buffered_per_partition": 0}, "max_buffered_per_partition must be an integer >= 1"),
+    ],
+)
+def test_bad_concurrency_options_are_refused(
+    kafka: KafkaCluster, options: dict[str, Any], message: str
+) -> None:
+    consumer = _consumer(kafka)
+    try:
+        with pytest.raises(ConfigurationError, match=message):
+            consumer.run(lambda msg: None, **options)
+        consumer.poll(0)  # a refused run() leaves the consumer usable
+    finally:
+        consumer.close()
+
+
+def test_run_async_refuses_a_plain_function_and_exactly_once_refuses_concurrency(
+    kafka: KafkaCluster,
+) -> None:
+    consumer = _consumer(kafka)
+    try:
+        with pytest.raises(ConfigurationError, match="run_async\\(\\) needs an async def"):
+            asyncio.run(consumer.run_async(lambda msg: None))  # type: ignore[arg-type, return-value]
+    finally:
+        consumer.close()
+    eos = _consumer(kafka, exactly_once=True)
+    try:
+        with pytest.raises(ConfigurationError, match="exactly_once=True runs one handler"):
+            eos.run(lambda msg: None, concurrency=4)
+    finally:
+        eos.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_left() -> Iterator[None]:
+    """Every worker thread and event loop thread ends with its consumer."""
+    yield
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = [t.name for t in threading.enumerate() if t.name.startswith("resilient-kafka-")]
+        if not left or all(name == "resilient-kafka-topics" for name in left):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"threads left behind: {left}")
