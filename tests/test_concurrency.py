@@ -455,3 +455,88 @@ def _no_worker_left() -> Iterator[None]:
             return
         time.sleep(0.05)
     raise AssertionError(f"threads left behind: {left}")
+
+
+# -- the work manager alone (no broker: a fake runner decides when each record finishes) --------
+
+
+class _FakeRunner:
+    def __init__(self) -> None:
+        import queue
+
+        self.mailbox: Any = queue.SimpleQueue()
+        self.started: list[tuple[Any, int]] = []
+
+    def start(self, record: Any, epoch: int) -> None:
+        self.started.append((record, epoch))
+
+    def finish(self, record: Any, exc: BaseException | None = None) -> None:
+        epoch = next(e for r, e in self.started if r is record)
+        self.mailbox.put((record, epoch, exc, 0.0))
+
+    def close(self) -> None:
+        pass
+
+
+def _work_manager(runner: _FakeRunner, settled: list[tuple[str, int]], **kwargs: Any) -> Any:
+    from types import SimpleNamespace
+
+    from resilient_kafka._work import WorkManager
+    from resilient_kafka.metrics import NoMetrics
+
+    settle = SimpleNamespace(
+        done=lambda r: settled.append(("done", r.offset)),
+        failed=lambda r, exc: settled.append(("failed", r.offset)),
+    )
+    control = SimpleNamespace(
+        assigned={("t", 0)}, pause=lambda keys, reason: None, release=lambda keys, reason: []
+    )
+    outage = SimpleNamespace(current=None, is_probe=lambda r: False)
+    options = {
+        "concurrency": 2,
+        "ordering": "key",
+        "max_buffered": 100,
+        "max_buffered_per_partition": 50,
+        "drain_timeout": 0.2,
+        **kwargs,
+    }
+    return WorkManager(runner, settle, control, outage, None, NoMetrics(), **options)  # type: ignore[arg-type]
+
+
+def _record(offset: int, key: bytes | None) -> Any:
+    from types import SimpleNamespace
+
+    from resilient_kafka._record import Record
+
+    msg = SimpleNamespace(key=lambda: key)
+    return Record(msg, "t", 0, offset)  # type: ignore[arg-type]
+
+
+def test_work_manager_orders_a_key_and_fences_revoked_outcomes() -> None:
+    runner = _FakeRunner()
+    settled: list[tuple[str, int]] = []
+    work = _work_manager(runner, settled, concurrency=3)
+    a0, b1, a2, c3 = _record(0, b"a"), _record(1, b"b"), _record(2, b"a"), _record(3, b"c")
+    for record in (a0, b1, a2, c3):
+        work.submit(record)
+    # three workers: a0, b1 and c3 run; a2 waits behind a0
+    assert [r.offset for r, _ in runner.started] == [0, 1, 3]
+    runner.finish(b1)
+    work.collect()
+    assert [r.offset for r, _ in runner.started] == [0, 1, 3], "a2 overtook a0"
+    runner.finish(a0, RuntimeError("boom"))
+    work.collect()
+    assert settled == [("done", 1), ("failed", 0)]
+    assert [r.offset for r, _ in runner.started][-1] == 2, "a2 starts once a0 is settled"
+    # the partition is revoked while a2 and c3 run (awaited for drain_timeout), and assigned
+    # again before their outcomes arrive: they belong to the old epoch and are ignored
+    work.revoke({("t", 0)}, lost=False)
+    a4 = _record(4, b"a")
+    work.submit(a4)
+    assert runner.started[-1][0] is a4, "the new assignment's key a does not wait for a2"
+    runner.finish(a2)
+    runner.finish(c3)
+    runner.finish(a4)
+    work.collect()
+    assert settled == [("done", 1), ("failed", 0), ("done", 4)]
+    assert work.running == 0 and work.held == 0
