@@ -130,6 +130,7 @@ class InlineExecutor:
             record.span = None
 
     busy = False  # inline outcomes are applied at once: none ever pending
+    room = 1 << 30  # nothing held beside the polling thread: no bound on a fetch
 
     def collect(self, timeout: float = 0.0) -> None:
         """Apply outcomes reported from elsewhere (none: inline outcomes are applied at once)."""
@@ -143,6 +144,10 @@ class InlineExecutor:
 
     def shutdown(self) -> None:
         """Nothing to stop."""
+
+    def gauges(self) -> None:
+        """No work held beside the polling thread: nothing to show."""
+        return None
 
     def _retry_in_place(self, exc: BaseException) -> bool:
         record = self._current

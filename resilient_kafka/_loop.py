@@ -43,6 +43,9 @@ _MAINTAIN_INTERVAL = 0.05
 _BATCH_MAX = 500
 _BATCH_SECONDS = 0.1
 _BATCH_DEADLINE = 1.0
+# run() with concurrent handlers at their bound fetches one record this often (seconds), so
+# that max.poll.interval.ms never passes and rebalance callbacks are served
+_KEEPALIVE = 1.0
 
 
 def usable(msg: Message) -> bool:
@@ -96,6 +99,7 @@ class Loop:
         self._maintain_at = 0.0  # monotonic time of the next housekeeping pass
         self._last_gauges = 0.0
         self._batch_size = 32  # run(): records per fetch, adapted to the handler's speed
+        self._fetched_at = 0.0  # run(): monotonic time of the last fetch
         self.running = False  # run() is the loop (it claims around the handler itself)
         self.executor: Any = None  # run()'s executor, while it runs
 
@@ -137,6 +141,9 @@ class Loop:
         control = self._control
         paused("manual", len(control.paused_by(APPLICATION) | control.paused_by(WITH_APPLICATION)))
         paused("backpressure", len(control.paused_by(BACKPRESSURE)))
+        gauges = self.executor.gauges() if self.executor is not None else None
+        if gauges is not None:  # run() with concurrency
+            self._metrics.work(*gauges)
 
     # -- the drop-in loop --------------------------------------------------------------------
 
@@ -434,7 +441,14 @@ class Loop:
         # what is already fetched, without waiting for a full batch (latency); else wait for one
         started = time.monotonic()
         generation = committer.generation
-        batch = Consumer.consume(native, self._batch_size, 0)
+        room = executor.room
+        if room <= 0 and time.monotonic() - self._fetched_at < _KEEPALIVE:
+            # concurrent handlers hold their bound: wait for outcomes instead of fetching (the
+            # records wait in librdkafka's queue); one record a second keeps the group's poll
+            executor.wait(wait)
+            return
+        self._fetched_at = time.monotonic()
+        batch = Consumer.consume(native, max(1, min(self._batch_size, room)), 0)
         if not batch:
             if executor.wait(wait):  # concurrent handlers: their outcomes may free work first
                 return

@@ -14,9 +14,10 @@ A record waits behind the one before it of its *shard*:
 
 Backpressure: a partition whose records queued behind busy shards (a slow key) reach their bound
 pauses (reason ``backpressure``) and resumes at half of it, so a slow key stops only its own
-partition; records held in total (running, ready or queued) have a bound of their own, reached
-only when every worker is busy. Records merely waiting for a free worker do not pause their
-partition: a pause costs a fetch round trip when it ends.
+partition. Records held in total (running, ready or queued) have a bound of their own: at it,
+the loop fetches no more (records stay in librdkafka's own bounded queue) and waits for outcomes
+instead, fetching one record a second so that the group still sees it poll. No partition pauses
+for that: a pause costs a fetch round trip when it ends.
 
 A revoked partition's work is dropped; outcomes that arrive later carry the epoch of the
 assignment they were started under and are ignored.
@@ -58,6 +59,14 @@ _IDLE_WAIT = 0.005
 
 # (record, epoch, exception or None, seconds in the handler)
 Outcome = tuple[Record, int, BaseException | None, float]
+
+
+class NotStarted(Exception):
+    """The outcome of a record a worker skipped: its partition was revoked, or the consumer is
+    stopping, before the record's turn came. Not done, not failed: delivered again later."""
+
+
+_NOT_STARTED = NotStarted()
 
 
 def check_options(
@@ -131,7 +140,9 @@ class WorkManager:
         self._outage = outage
         self._claims = claims
         self._metrics = metrics
-        self._concurrency = concurrency
+        # the runner gets up to twice as many records as it runs at once, so that a worker
+        # that finishes takes its next record without waiting for the polling thread
+        self._limit = 2 * concurrency
         self._ordering = ordering
         self._max_total = max_buffered
         self._max_partition = max_buffered_per_partition
@@ -149,6 +160,11 @@ class WorkManager:
     def busy(self) -> bool:
         """Records are waiting or running: outcomes will come."""
         return self.held > 0
+
+    @property
+    def room(self) -> int:
+        """How many more records may be fetched before the total bound (``max_buffered``)."""
+        return self._max_total - self.held
 
     def submit(self, record: Record) -> None:
         """Queue ``record`` behind its shard, and start it if it may run now."""
@@ -203,6 +219,15 @@ class WorkManager:
         self.collect(timeout if self._ready else min(timeout, _IDLE_WAIT))
         return True
 
+    def gauges(self) -> tuple[int, dict[Key, int], int]:
+        """(records running, records held per partition, the longest queue behind a shard)."""
+        held = {key: work.held for key, work in self._partitions.items() if work.held}
+        backlog = max(
+            (len(q) for work in self._partitions.values() for q in work.shards.values()),
+            default=0,
+        )
+        return self.running, held, backlog
+
     # -- outcomes ----------------------------------------------------------------------------
 
     def _apply(self, outcome: Outcome) -> None:
@@ -218,9 +243,9 @@ class WorkManager:
             return
         work.running -= 1
         metrics = self._metrics
-        if isinstance(exc, asyncio.CancelledError):
-            # its task was cancelled (the event loop is shutting down): not done, not failed;
-            # its offset stays uncommitted and it is delivered again after a restart
+        if isinstance(exc, (asyncio.CancelledError, NotStarted)):
+            # skipped, or its task was cancelled (the event loop is shutting down): not done,
+            # not failed; its offset stays uncommitted and it is delivered again later
             if record.claim is not None:
                 self._claims.release(record)
         elif exc is None:
@@ -254,7 +279,7 @@ class WorkManager:
         outage = self._outage
         start = self._runner.start
         partitions = self._partitions
-        while ready and self.running < self._concurrency:
+        while ready and self.running < self._limit:
             record = ready[0]
             if outage.current is not None and not self._may_start_in_outage(record):
                 break
@@ -285,10 +310,10 @@ class WorkManager:
 
     def _bound(self, key: Key, work: _PartitionWork) -> None:
         if key in self._paused:
-            if work.queued <= self._max_partition // 2 and self.held <= self._max_total // 2:
+            if work.queued <= self._max_partition // 2:
                 self._paused.discard(key)
                 self._control.release([key], BACKPRESSURE)
-        elif work.queued >= self._max_partition or self.held >= self._max_total:
+        elif work.queued >= self._max_partition:
             self._paused.add(key)
             self._control.pause([key], BACKPRESSURE)
 
@@ -349,6 +374,7 @@ class WorkManager:
         if not keys:
             return
         self._drop_waiting(keys)
+        self._runner.cancelled.update(self._partitions[key].epoch for key in keys)
         timeout = 0.0 if lost else self.drain_timeout
         deadline = time.monotonic() + timeout
         while any(self._partitions[k].running for k in keys if k in self._partitions):
@@ -375,6 +401,7 @@ class WorkManager:
         applied); what never started is dropped (delivered again after a restart)."""
         timeout = self.drain_timeout
         self._stopping = True
+        self._runner.stopping = True  # what the runner holds but has not started is skipped
         self._drop_waiting(list(self._partitions))
         deadline = time.monotonic() + timeout
         while self.running:
@@ -465,6 +492,8 @@ class ThreadRunner:
 
     def __init__(self, handler: Callable[[Any], object], attempts: Attempts, size: int) -> None:
         self.mailbox: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self.cancelled: set[int] = set()  # epochs whose records are skipped (revoked)
+        self.stopping = False  # skip every record not started yet
         self._jobs: queue.SimpleQueue[tuple[Record, int] | None] = queue.SimpleQueue()
         self._handler = handler
         self._attempts = attempts
@@ -504,6 +533,9 @@ class ThreadRunner:
             if job is None:
                 return
             record, epoch = job
+            if self.stopping or epoch in self.cancelled:
+                mailbox.put((record, epoch, _NOT_STARTED, 0.0))
+                continue
             span = attempts.start_span(record)
             token = (
                 otel_context.attach(otel_trace.set_span_in_context(span))
@@ -539,12 +571,18 @@ class AsyncRunner:
         self,
         handler: Callable[[Any], Any],
         attempts: Attempts,
+        size: int,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.mailbox: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self.cancelled: set[int] = set()  # epochs whose records are skipped (revoked)
+        self.stopping = False  # skip every record not started yet
         self._handler = handler
         self._attempts = attempts
-        self._pending: deque[tuple[Record, int]] = deque()
+        self._size = size  # tasks at once
+        self._active = 0  # (event loop thread)
+        self._queue: deque[tuple[Record, int]] = deque()  # (event loop thread) to start
+        self._pending: deque[tuple[Record, int]] = deque()  # handed over by the polling thread
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._thread: threading.Thread | None = None
@@ -564,14 +602,30 @@ class AsyncRunner:
 
     def _start_pending(self) -> None:
         self._scheduled = False
-        pending = self._pending
+        pending, queued = self._pending, self._queue
+        while pending:
+            queued.append(pending.popleft())
+        self._fill()
+
+    def _fill(self) -> None:
+        """(Event loop thread) start queued records while fewer than ``size`` run."""
+        queued = self._queue
         create = self._loop.create_task
         tasks = self._tasks
-        while pending:
-            record, epoch = pending.popleft()
+        while queued and self._active < self._size:
+            record, epoch = queued.popleft()
+            if self.stopping or epoch in self.cancelled:
+                self.mailbox.put((record, epoch, _NOT_STARTED, 0.0))
+                continue
+            self._active += 1
             task = create(self._one(record, epoch))
             tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._active -= 1
+        self._fill()
 
     async def _one(self, record: Record, epoch: int) -> None:
         attempts = self._attempts

@@ -731,7 +731,7 @@ class ResilientConsumer(Consumer):
             settings.parent_on_creation,
         )
         runner = (
-            AsyncRunner(handler, attempts, loop)
+            AsyncRunner(handler, attempts, concurrency, loop)
             if asynchronous
             else ThreadRunner(handler, attempts, concurrency)
         )

@@ -8,6 +8,7 @@ outcome, mode, breaker names and an ``error_type`` capped at 20 distinct values 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -245,6 +246,24 @@ class Families:
             f"{ns}_consumer_rebalances",
             "Rebalance callbacks: assign, revoke, lost.",
             [_GROUP, "event"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            f"{ns}_consumer_records_in_flight",
+            "Records whose handler is running (run() with concurrency).",
+            [_GROUP],
+            registry=registry,
+        )
+        self.buffered = Gauge(
+            f"{ns}_consumer_records_buffered",
+            "Records held by run() with concurrency (running or waiting), per partition.",
+            [_GROUP, "messaging_destination_name", "messaging_destination_partition_id"],
+            registry=registry,
+        )
+        self.key_backlog = Gauge(
+            f"{ns}_consumer_longest_key_backlog",
+            "Records waiting behind the busiest key (or partition, with ordering=partition).",
+            [_GROUP],
             registry=registry,
         )
         self.assigned = Gauge(
@@ -500,6 +519,21 @@ class ConsumerMetrics:
     def paused(self, reason: str, count: int) -> None:
         self.fam.paused.labels(self.group, reason).set(count)
 
+    def work(self, running: int, held: dict[tuple[str, int], int], backlog: int) -> None:
+        """run() with concurrency: handlers running, records held per partition, the longest
+        queue behind one key (partitions no longer held are removed)."""
+        fam, group = self.fam, self.group
+        fam.in_flight.labels(group).set(running)
+        fam.key_backlog.labels(group).set(backlog)
+        shown = self.__dict__.setdefault("_buffered_shown", set())
+        for topic, partition in shown - set(held):
+            with contextlib.suppress(KeyError):
+                fam.buffered.remove(group, topic, str(partition))
+        for (topic, partition), count in held.items():
+            fam.buffered.labels(group, topic, str(partition)).set(count)
+        shown.clear()
+        shown.update(held)
+
     def stats(self, stats_json: str) -> None:
         """Lag per partition from a librdkafka statistics document (``consumer_lag_stored``:
         the library stores offsets only past done records, so this is the true backlog)."""
@@ -532,7 +566,7 @@ class NoMetrics:
     # called once per record: a C-level no-op taking the topic costs a fraction of a call
     consumed = success = staticmethod(id)
     outcome = dedup = retry = retry_delay = process = poll = commit = _nothing
-    transaction = rebalance = paused = stats = _nothing
+    transaction = rebalance = paused = stats = work = _nothing
 
 
 class BreakerMetrics:

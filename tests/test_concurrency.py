@@ -309,6 +309,31 @@ def test_a_hot_key_pauses_only_its_partition(kafka: KafkaCluster, topic_factory)
     assert max(held) <= 300, f"{max(held)} records held at once"
 
 
+def test_the_total_bound_holds_without_pausing(kafka: KafkaCluster, topic_factory) -> None:
+    """At max_buffered the loop stops fetching (records wait in librdkafka's queue) instead of
+    pausing partitions, whose resume would cost a fetch round trip."""
+    topic = topic_factory(2)
+    records = _records([f"k{i}" for i in range(100)], 4)
+    produce(kafka.client_config(), topic, records)
+    held: list[int] = []
+    paused: set[tuple[str, int]] = set()
+    done: set[str] = set()
+    consumer = _consumer(kafka)
+
+    def handler(msg: Message) -> None:
+        time.sleep(0.005)
+        executor = consumer._loop.executor
+        held.append(executor.held if executor is not None else 0)
+        paused.update(consumer._control.paused_by("backpressure"))
+        done.add(msg.value().decode())  # type: ignore[union-attr]
+
+    consumer.subscribe([topic])
+    _run(consumer, handler, lambda: len(done) == len(records), concurrency=8, max_buffered=40)
+    assert not paused, f"paused for backpressure: {paused}"
+    assert max(held) <= 41, f"{max(held)} records held (bound 40, one a second beyond it)"
+    assert max(held) >= 30, "the bound was never approached: the test shows nothing"
+
+
 # -- shutdown and asyncio -----------------------------------------------------------------------
 
 
@@ -466,6 +491,8 @@ class _FakeRunner:
 
         self.mailbox: Any = queue.SimpleQueue()
         self.started: list[tuple[Any, int]] = []
+        self.cancelled: set[int] = set()
+        self.stopping = False
 
     def start(self, record: Any, epoch: int) -> None:
         self.started.append((record, epoch))
