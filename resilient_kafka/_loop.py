@@ -402,6 +402,13 @@ class Loop:
             if self._outage.current is None:
                 self._run_batch(executor, poll_timeout)
                 continue
+            if (
+                executor.room <= 0
+                and time.monotonic() - self._fetched_at < _KEEPALIVE
+                and executor.wait(0.05)  # concurrent handlers at their bound (see _run_batch)
+            ):
+                continue
+            self._fetched_at = time.monotonic()
             msg = self.poll(min(poll_timeout, 0.05) if executor.busy else poll_timeout)
             if msg is not None and usable(msg):
                 self._execute(executor, self.in_hand.pop())
@@ -442,10 +449,9 @@ class Loop:
         started = time.monotonic()
         generation = committer.generation
         room = executor.room
-        if room <= 0 and time.monotonic() - self._fetched_at < _KEEPALIVE:
+        if room <= 0 and time.monotonic() - self._fetched_at < _KEEPALIVE and executor.wait(wait):
             # concurrent handlers hold their bound: wait for outcomes instead of fetching (the
             # records wait in librdkafka's queue); one record a second keeps the group's poll
-            executor.wait(wait)
             return
         self._fetched_at = time.monotonic()
         batch = Consumer.consume(native, max(1, min(self._batch_size, room)), 0)

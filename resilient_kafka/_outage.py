@@ -349,8 +349,14 @@ class OutageControl:
         if seek_past is not None:
             key = seek_past.key
             target = seek_past.offset + 1
-            if seek_past is not outage.held and key in outage.rewind:
-                target = min(target, outage.rewind[key])  # a skip-ahead trial: held comes again
+            lowest = outage.rewind.get(key)
+            if lowest is not None:
+                if seek_past is not outage.held:
+                    target = min(target, lowest)  # a skip-ahead trial: held comes again
+                elif lowest < seek_past.offset:
+                    # refused below the held record (concurrent handlers: records queued behind
+                    # a running key were given back): they come again, none skipped
+                    target = lowest
             control.seek(key, target)
         for key, lowest in outage.rewind.items():  # refused records come again, none skipped
             if seek_past is None or key != seek_past.key:

@@ -243,9 +243,11 @@ class WorkManager:
             return
         work.running -= 1
         metrics = self._metrics
-        if isinstance(exc, (asyncio.CancelledError, NotStarted)):
-            # skipped, or its task was cancelled (the event loop is shutting down): not done,
-            # not failed; its offset stays uncommitted and it is delivered again later
+        if isinstance(exc, NotStarted) or (
+            isinstance(exc, asyncio.CancelledError) and self._stopping
+        ):
+            # skipped, or its task was cancelled while stopping: not done, not failed; its
+            # offset stays uncommitted and it is delivered again after a restart
             if record.claim is not None:
                 self._claims.release(record)
         elif exc is None:
@@ -349,12 +351,17 @@ class WorkManager:
             else:
                 kept.append(record)
         self._ready = kept
+        is_probe = self._outage.is_probe
         for key in keys:
             work = self._partitions[key]
             for waiting in work.shards.values():
-                dropped.extend(waiting)
-                work.queued -= len(waiting)
+                for record in waiting:
+                    if not (keep_probe and is_probe(record)):  # a trial waits for its turn
+                        dropped.append(record)
+                kept_here = [r for r in waiting if keep_probe and is_probe(r)]
+                work.queued -= len(waiting) - len(kept_here)
                 waiting.clear()
+                waiting.extend(kept_here)
         for record in dropped:
             work = self._partitions[record.key]
             work.held -= 1
@@ -380,6 +387,8 @@ class WorkManager:
         while any(self._partitions[k].running for k in keys if k in self._partitions):
             left = deadline - time.monotonic()
             if left <= 0:
+                if lost:  # not awaited: another member owns them now
+                    break
                 running = sum(self._partitions[k].running for k in keys if k in self._partitions)
                 log.warning(
                     "%d record(s) of revoked partitions still running after %.0fs: their "
@@ -584,7 +593,7 @@ class AsyncRunner:
         self._queue: deque[tuple[Record, int]] = deque()  # (event loop thread) to start
         self._pending: deque[tuple[Record, int]] = deque()  # handed over by the polling thread
         self._scheduled = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], tuple[Record, int]] = {}  # not reported yet
         self._thread: threading.Thread | None = None
         if loop is None:
             loop = asyncio.new_event_loop()
@@ -619,11 +628,13 @@ class AsyncRunner:
                 continue
             self._active += 1
             task = create(self._one(record, epoch))
-            tasks.add(task)
+            tasks[task] = (record, epoch)
             task.add_done_callback(self._ended)
 
     def _ended(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        job = self._tasks.pop(task, None)
+        if job is not None:  # cancelled before its first step: it must still report
+            self.mailbox.put((job[0], job[1], asyncio.CancelledError(), 0.0))
         self._active -= 1
         self._fill()
 
@@ -647,6 +658,9 @@ class AsyncRunner:
         finally:
             if token is not None:
                 otel_context.detach(token)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.pop(task, None)  # reported here, not by _ended
         self.mailbox.put((record, epoch, error, time.monotonic() - started))
 
     async def _call(self, record: Record) -> None:

@@ -679,6 +679,11 @@ class ResilientConsumer(Consumer):
                 "exactly_once=True runs one handler at a time for now: use concurrency=1 "
                 "with a plain function"
             )
+        if (concurrency > 1 or asynchronous) and self._claims is not None:
+            raise ConfigurationError(
+                "dedup runs one handler at a time for now (two copies of a message queued at "
+                "once would both run): use concurrency=1 with a plain function"
+            )
         executor = self._executor(
             handler, asynchronous, concurrency, ordering, total, per_partition, drain_timeout, loop
         )

@@ -255,6 +255,69 @@ def test_blocking_retries_hold_only_their_key(kafka: KafkaCluster, topic_factory
     assert times["slow-1"] > times["slow-0"], "its key's next record overtook it"
 
 
+def test_an_outage_gives_back_queued_records_and_skips_none(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    """A breaker opens while a slow key's next record waits behind it: that record is given
+    back, and comes again after the probe, although it is below the held record."""
+    from resilient_kafka import CircuitBreaker
+
+    topic = topic_factory(1)
+    produce(kafka.client_config(), topic, [("A", "A-0"), ("A", "A-1"), ("B", "B-2"), ("C", "C-3")])
+    breaker = CircuitBreaker("payments", fail_max=1, reset_timeout=0.5)
+    down_until = time.monotonic() + 1.5
+    handled: dict[str, int] = defaultdict(int)
+    lock = threading.Lock()
+
+    def service() -> None:
+        if time.monotonic() < down_until:
+            raise ConnectionError("payments down")
+
+    def handler(msg: Message) -> None:
+        value = msg.value().decode()  # type: ignore[union-attr]
+        if value == "A-0":
+            time.sleep(1.0)  # A-1 waits behind it while the breaker opens
+        else:
+            breaker.call(service)
+        with lock:
+            handled[value] += 1
+
+    consumer = _consumer(kafka, breakers=[breaker], retry=RetryPolicy(delays=()))
+    group = _group_of(consumer)
+    consumer.subscribe([topic])
+    _run(
+        consumer,
+        handler,
+        lambda: {"A-0", "A-1", "B-2", "C-3"} <= set(handled),
+        timeout=30,
+        concurrency=4,
+    )
+    assert _committed(kafka, group, topic, 1) == [4]
+
+
+def test_a_cancelled_error_from_a_handler_is_a_failure(kafka: KafkaCluster, topic_factory) -> None:
+    """A handler's own CancelledError (a library cancelled what it awaited) routes its record:
+    it does not leave the partition stuck below it."""
+    topic = topic_factory(1)
+    records = _records([f"k{i}" for i in range(5)], 2)
+    produce(kafka.client_config(), topic, records)
+    done: set[str] = set()
+
+    async def handler(msg: Message) -> None:
+        value = msg.value().decode()  # type: ignore[union-attr]
+        if value == "k2-0":
+            raise asyncio.CancelledError()
+        done.add(value)
+
+    consumer = _consumer(kafka, retry=RetryPolicy(delays=()))
+    group = _group_of(consumer)
+    dlq = consumer.dead_letter_topic(topic)
+    consumer.subscribe([topic])
+    _run(consumer, handler, lambda: len(done) == len(records) - 1, concurrency=4)
+    assert [m.value() for m in read_all(kafka, dlq, 1)] == [b"k2-0"]
+    assert _committed(kafka, group, topic, 1) == [len(records)]
+
+
 # -- backpressure -------------------------------------------------------------------------------
 
 
@@ -467,6 +530,14 @@ def test_run_async_refuses_a_plain_function_and_exactly_once_refuses_concurrency
             eos.run(lambda msg: None, concurrency=4)
     finally:
         eos.close()
+    from resilient_kafka.dedup import MemoryStore
+
+    deduped = _consumer(kafka, dedup=MemoryStore())
+    try:
+        with pytest.raises(ConfigurationError, match="dedup runs one handler at a time"):
+            deduped.run(lambda msg: None, concurrency=4)
+    finally:
+        deduped.close()
 
 
 @pytest.fixture(autouse=True)
