@@ -25,7 +25,34 @@ from resilient_kafka.policies import RetryPolicy
 Handler = Callable[[Message], object]
 
 
-class InlineExecutor:
+class Executor:
+    """What the loop asks of an executor; these defaults are those of one that settles every
+    record inside :meth:`submit` (nothing pending, nothing to await)."""
+
+    busy = False  # outcomes pending elsewhere
+    room = 1 << 30  # how many more records may be fetched (no bound: nothing held elsewhere)
+
+    submit: Callable[[Record], None]  # hand a record over (settled here, or later)
+
+    def collect(self, timeout: float = 0.0) -> None:
+        """Apply outcomes reported from elsewhere (none here)."""
+
+    def wait(self, timeout: float) -> bool:
+        """Nothing to wait for: the polling thread waits on the broker."""
+        return False
+
+    def revoke(self, keys: object, *, lost: bool) -> None:
+        """Nothing is running on other threads: nothing to await or drop."""
+
+    def shutdown(self) -> None:
+        """Nothing to stop."""
+
+    def gauges(self) -> None:
+        """No work held beside the polling thread: nothing to show."""
+        return None
+
+
+class InlineExecutor(Executor):
     """Runs the handler on the polling thread (blocking retries in place first, inside a
     ``process`` span when traced) and settles the record before the next one."""
 
@@ -128,26 +155,6 @@ class InlineExecutor:
             otel_context.detach(token)
             span.end()
             record.span = None
-
-    busy = False  # inline outcomes are applied at once: none ever pending
-    room = 1 << 30  # nothing held beside the polling thread: no bound on a fetch
-
-    def collect(self, timeout: float = 0.0) -> None:
-        """Apply outcomes reported from elsewhere (none: inline outcomes are applied at once)."""
-
-    def wait(self, timeout: float) -> bool:
-        """Nothing to wait for: the polling thread waits on the broker."""
-        return False
-
-    def revoke(self, keys: object, *, lost: bool) -> None:
-        """Nothing is running on other threads: nothing to await or drop."""
-
-    def shutdown(self) -> None:
-        """Nothing to stop."""
-
-    def gauges(self) -> None:
-        """No work held beside the polling thread: nothing to show."""
-        return None
 
     def _retry_in_place(self, exc: BaseException) -> bool:
         record = self._current

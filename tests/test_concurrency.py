@@ -265,20 +265,22 @@ def test_an_outage_gives_back_queued_records_and_skips_none(
     topic = topic_factory(1)
     produce(kafka.client_config(), topic, [("A", "A-0"), ("A", "A-1"), ("B", "B-2"), ("C", "C-3")])
     breaker = CircuitBreaker("payments", fail_max=1, reset_timeout=0.5)
-    down_until = time.monotonic() + 1.5
     handled: dict[str, int] = defaultdict(int)
+    calls: dict[str, int] = defaultdict(int)
     lock = threading.Lock()
 
-    def service() -> None:
-        if time.monotonic() < down_until:
-            raise ConnectionError("payments down")
+    def service(value: str) -> None:
+        with lock:
+            calls[value] += 1
+            if value == "B-2" and calls[value] == 1:  # down once: the held B-2 is the probe
+                raise ConnectionError("payments down")
 
     def handler(msg: Message) -> None:
         value = msg.value().decode()  # type: ignore[union-attr]
         if value == "A-0":
             time.sleep(1.0)  # A-1 waits behind it while the breaker opens
         else:
-            breaker.call(service)
+            breaker.call(service, value)
         with lock:
             handled[value] += 1
 

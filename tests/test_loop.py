@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from confluent_kafka import TopicPartition
 
+from resilient_kafka import _executor as executor
 from resilient_kafka import _loop, _partitions
 from resilient_kafka._partitions import APPLICATION, PartitionControl
 from resilient_kafka._record import Record
@@ -106,16 +107,13 @@ def test_records_skipped_behind_a_pause_come_again_when_the_batch_breaks_later(
     loop, control, outage = _loop_over(native, monkeypatch)
     handled: list[tuple[str, int]] = []
 
-    class Executor:
+    class Executor(executor.Executor):
         def submit(self, record: Record) -> None:
             handled.append((record.topic, record.offset))
             if (record.topic, record.offset) == ("c", 5):
                 control.pause([("c", 0)], APPLICATION)  # the application pauses c
             if (record.topic, record.offset) == ("b", 1):
                 outage.current = object()  # an outage starts: the batch breaks
-
-        def collect(self) -> None:
-            return None
 
     loop._run_batch(Executor(), 0.1)
     assert handled == [("c", 5), ("b", 1)]
@@ -131,14 +129,11 @@ def test_a_seek_mid_batch_keeps_its_position(monkeypatch: pytest.MonkeyPatch) ->
     loop, control, _ = _loop_over(native, monkeypatch)
     handled: list[tuple[str, int]] = []
 
-    class Executor:
+    class Executor(executor.Executor):
         def submit(self, record: Record) -> None:
             handled.append((record.topic, record.offset))
             if (record.topic, record.offset) == ("c", 5):
                 control.seek(("c", 0), 100)
-
-        def collect(self) -> None:
-            return None
 
     loop._run_batch(Executor(), 0.1)
     assert handled == [("c", 5), ("a", 1), ("a", 2)]
