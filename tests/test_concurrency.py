@@ -399,6 +399,71 @@ def test_the_total_bound_holds_without_pausing(kafka: KafkaCluster, topic_factor
     assert max(held) >= 30, "the bound was never approached: the test shows nothing"
 
 
+def test_a_rebalance_mid_flight_loses_nothing(kafka: KafkaCluster, topic_factory) -> None:
+    """A second member joins while the first runs slow handlers on every partition: the first
+    awaits what runs on the partitions it gives up (inside the rebalance callback), drops what
+    waits, and commits; between them every record is handled, and the group commits all."""
+    topic = topic_factory(4)
+    records = _records([f"k{i}" for i in range(80)], 5)  # 400 records: 5 s for one member
+    produce(kafka.client_config(), topic, records)
+    done: dict[str, set[str]] = {"first": set(), "second": set()}
+    lock = threading.Lock()
+
+    def handler_for(name: str) -> Any:
+        def handler(msg: Message) -> None:
+            time.sleep(0.1)
+            with lock:
+                done[name].add(msg.value().decode())  # type: ignore[union-attr]
+
+        return handler
+
+    group = f"conc-{uuid.uuid4().hex[:8]}"
+
+    def member() -> ResilientConsumer:
+        consumer = ResilientConsumer(
+            kafka.client_config(
+                group_id=group,
+                auto_offset_reset="earliest",
+                session_timeout_ms=6000,
+                heartbeat_interval_ms=1000,
+            ),
+            registry=CollectorRegistry(),
+        )
+        consumer.subscribe([topic])
+        return consumer
+
+    first, second = member(), member()
+    threads = [
+        threading.Thread(
+            target=first.run,
+            args=(handler_for("first"),),
+            kwargs={"concurrency": 8, "drain_timeout": 10.0},
+            daemon=True,
+        )
+    ]
+    threads[0].start()
+    try:
+        wait_for(lambda: len(done["first"]) >= 20, 60, "the first member to be busy")
+        threads.append(
+            threading.Thread(
+                target=second.run,
+                args=(handler_for("second"),),
+                kwargs={"concurrency": 8},
+                daemon=True,
+            )
+        )
+        threads[1].start()
+        wait_for(lambda: len(done["second"]) > 0, 60, "the second member to get partitions")
+        wait_for(lambda: len(done["first"] | done["second"]) == len(records), 60, "every record")
+    finally:
+        first.stop()
+        second.stop()
+        for thread in threads:
+            thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert sum(_committed(kafka, group, topic, 4)) == len(records)
+
+
 # -- shutdown and asyncio -----------------------------------------------------------------------
 
 
