@@ -2,8 +2,9 @@
 
 A retry record waits for its due time (its partition pauses until then); during an outage only
 the probe's trial record passes; an aborted transaction's failed record is routed without its
-handler; undeserializable records go to the DLQ with their raw bytes. Every admitted record is
-tracked by the commit barrier before anyone sees it.
+handler; undeserializable records go to the DLQ with their raw bytes; records an earlier owner
+of the partition completed (its commit metadata says so) are done without their handler. Every
+admitted record is tracked by the commit barrier before anyone sees it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,24 @@ class Admission:
         self._key_deserializer = key_deserializer
         self._value_deserializer = value_deserializer
         self._deserializing = key_deserializer is not None or value_deserializer is not None
+        # partition -> (offsets completed by an earlier owner, the highest of them)
+        self._completed: dict[tuple[str, int], tuple[frozenset[int], int]] = {}
         self._plain = not self._deserializing and not self._replays  # nothing to check but due
+
+    def skip_completed(self, key: tuple[str, int], offsets: frozenset[int]) -> None:
+        """The partition's records at ``offsets`` were completed by its earlier owner (read
+        from the commit metadata when it was assigned): done when fetched, not handled."""
+        if offsets:
+            self._completed[key] = (offsets, max(offsets))
+            self._plain = False
+
+    def forget(self, keys: set[tuple[str, int]]) -> None:
+        for key in keys:
+            self._completed.pop(key, None)
+        self._replan()
+
+    def _replan(self) -> None:
+        self._plain = not self._deserializing and not self._replays and not self._completed
 
     def admit(self, msg: Message) -> Record | None:
         """A :class:`Record` for ``msg`` to hand out, or None (kept back, or settled here)."""
@@ -82,6 +100,8 @@ class Admission:
         return self._deserialized(record)
 
     def _checked(self, record: Record) -> Record | None:
+        if self._completed and self._done_before(record):
+            return None
         if record.topic in self._tiers and not self._due(record):
             return None
         record.progress = self._track(record.topic, record.partition, record.offset)
@@ -93,6 +113,22 @@ class Admission:
         if self._deserializing:
             return self._deserialized(record)
         return record
+
+    def _done_before(self, record: Record) -> bool:
+        """Whether an earlier owner completed the record: if so it is done here and now."""
+        known = self._completed.get(record.key)
+        if known is None:
+            return False
+        offsets, highest = known
+        if record.offset >= highest:  # the last of them, or past them: nothing more to skip
+            del self._completed[record.key]
+            self._replan()
+        if record.offset not in offsets:
+            return False
+        progress = self._track(record.topic, record.partition, record.offset)
+        self._committer.barrier.done(progress, record.offset)
+        self._metrics.completed_skipped(record.topic)
+        return True
 
     def _due(self, record: Record) -> bool:
         key = record.key

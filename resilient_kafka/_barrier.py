@@ -12,7 +12,7 @@ from collections import deque
 
 
 class _Partition:
-    __slots__ = ("done_early", "first", "outstanding", "safe", "stored")
+    __slots__ = ("done_early", "early_stored", "first", "outstanding", "safe", "stored")
 
     def __init__(self, first: int) -> None:
         self.first = first  # the first offset tracked: where a replay starts if none stored
@@ -20,6 +20,7 @@ class _Partition:
         self.done_early: set[int] = set()
         self.safe = -1  # next offset to consume once everything before it is done; -1 unknown
         self.stored = -1  # the last safe offset handed to the offset store / commit
+        self.early_stored = 0  # how many done-early offsets the last :meth:`completed` named
 
 
 class CommitBarrier:
@@ -88,6 +89,28 @@ class CommitBarrier:
                 moved.append((topic, partition, state.safe))
                 state.stored = state.safe
         return moved
+
+    def completed(
+        self, changed_only: bool, keys: set[tuple[str, int]] | None = None
+    ) -> list[tuple[str, int, int, set[int]]]:
+        """``(topic, partition, first offset not done, offsets done above it)``, for every
+        partition (of ``keys``) with something to commit, or only for those where either changed
+        since the last call (commits that carry completed offsets in their metadata). The set
+        is the barrier's own: read it before anything completes."""
+        out = []
+        for (topic, partition), state in self._partitions.items():
+            if keys is not None and (topic, partition) not in keys:
+                continue
+            outstanding = state.outstanding
+            base = outstanding[0] if outstanding else state.safe
+            if base < 0:
+                continue
+            early = len(state.done_early)
+            if changed_only and base == state.stored and early == state.early_stored:
+                continue
+            state.stored, state.early_stored = base, early
+            out.append((topic, partition, base, state.done_early))
+        return out
 
     def ceiling(self, topic: str, partition: int) -> int | None:
         """The highest offset a commit of the partition may name: its first record not done,

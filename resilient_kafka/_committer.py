@@ -3,6 +3,11 @@
 "Done" is the commit barrier's word (``_barrier``): handled, or its retry/DLQ copy acknowledged.
 With ``enable.auto.commit`` librdkafka commits what is stored here; explicit ``commit()`` calls
 are clamped to the barrier. Exactly-once mode commits through ``_transaction`` instead.
+
+With concurrent handlers (:meth:`OffsetCommitter.keep_completed`) every stored and committed
+offset carries the offsets done above it in its metadata (``_offset_metadata``). librdkafka's
+auto-commit commits only an offset that moved, so a change of those alone (a slow record at
+the front, records done behind it) is committed here, once per ``auto.commit.interval.ms``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from resilient_kafka import _offset_metadata
 from resilient_kafka._barrier import CommitBarrier
 from resilient_kafka._record import Record
 
@@ -28,12 +34,23 @@ class OffsetCommitter:
     abort_pending = False  # (exactly-once only) the open transaction must be aborted
     generation = 0  # (exactly-once only) bumped by every replay
 
-    def __init__(self, native: Consumer, auto_commit: bool, metrics: Any) -> None:
+    def __init__(
+        self, native: Consumer, auto_commit: bool, metrics: Any, commit_interval: float = 5.0
+    ) -> None:
         self._native = native
         self._auto_commit = auto_commit
         self._metrics = metrics
         self.barrier = CommitBarrier()
         self._last_store = 0.0
+        self._sparse = False
+        self._commit_interval = commit_interval
+        self._last_commit = time.monotonic()
+        self._unsent: dict[tuple[str, int], TopicPartition] = {}  # stored, not committed yet
+
+    def keep_completed(self) -> None:
+        """From now on commits carry the offsets completed above them (``run()`` with
+        concurrency: records complete out of order)."""
+        self._sparse = True
 
     def wrote_for(self, record: Record) -> bool:
         return False
@@ -46,18 +63,46 @@ class OffsetCommitter:
         if self._auto_commit and now - self._last_store >= STORE_INTERVAL:
             self._last_store = now
             self._store()
+            if self._unsent and now - self._last_commit >= self._commit_interval:
+                self._last_commit = now
+                self._commit_unsent()
         return 1.0
 
     def _store(self) -> None:
-        moved = self.barrier.advanced()
-        if not moved:
+        if self._sparse:
+            offsets = self._with_completed(changed_only=True)
+            self._unsent.update(((tp.topic, tp.partition), tp) for tp in offsets)
+        else:
+            offsets = [TopicPartition(t, p, o) for t, p, o in self.barrier.advanced()]
+        if not offsets:
             return
         try:
-            Consumer.store_offsets(
-                self._native, offsets=[TopicPartition(t, p, o) for t, p, o in moved]
-            )
+            Consumer.store_offsets(self._native, offsets=offsets)
         except KafkaException as exc:  # a partition revoked in the meantime
             log.debug("store_offsets skipped: %s", exc)
+
+    def _with_completed(
+        self, changed_only: bool, keys: set[tuple[str, int]] | None = None
+    ) -> list[TopicPartition]:
+        """Offsets to commit, each with the offsets done above it in its metadata."""
+        offsets = []
+        for topic, partition, base, done in self.barrier.completed(changed_only, keys):
+            metadata = _offset_metadata.encode(base, done)
+            if metadata is None:  # too many to carry: a crash would handle them again
+                self._metrics.completed_overflow()
+                metadata = ""
+            offsets.append(TopicPartition(topic, partition, base, metadata=metadata))
+        return offsets
+
+    def _commit_unsent(self) -> None:
+        """Commit what was stored since the last time (librdkafka would skip an offset that did
+        not move, whatever its metadata says)."""
+        offsets = list(self._unsent.values())
+        self._unsent.clear()
+        try:
+            Consumer.commit(self._native, offsets=offsets, asynchronous=True)
+        except KafkaException as exc:
+            log.debug("commit of completed offsets skipped: %s", exc)
 
     def sync_store(self) -> None:
         """Store every safe offset now: librdkafka's own auto-commit (periodic, on revoke and
@@ -115,11 +160,16 @@ class OffsetCommitter:
 
     def _commit_safe(self, keys: set[tuple[str, int]] | None, when: str) -> None:
         self.sync_store()
-        safe = [
-            TopicPartition(t, p, o)
-            for t, p, o in self.barrier.committable()
-            if keys is None or (t, p) in keys
-        ]
+        if self._sparse:
+            safe = self._with_completed(changed_only=False, keys=keys)
+            for tp in safe:
+                self._unsent.pop((tp.topic, tp.partition), None)
+        else:
+            safe = [
+                TopicPartition(t, p, o)
+                for t, p, o in self.barrier.committable()
+                if keys is None or (t, p) in keys
+            ]
         if not safe:
             return
         try:
@@ -137,6 +187,7 @@ class OffsetCommitter:
     def forget(self, keys: set[tuple[str, int]]) -> None:
         for key in keys:
             self.barrier.forget(*key)
+            self._unsent.pop(key, None)
 
     def close(self, wrote: bool) -> None:
         """The consumer closes (forwards drained): commit what is safe."""

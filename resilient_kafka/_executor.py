@@ -30,6 +30,7 @@ class Executor:
     record inside :meth:`submit` (nothing pending, nothing to await)."""
 
     busy = False  # outcomes pending elsewhere
+    claims_itself = False  # dedup claims are made by the executor (else by the loop, before)
     room = 1 << 30  # how many more records may be fetched (no bound: nothing held elsewhere)
 
     submit: Callable[[Record], None]  # hand a record over (settled here, or later)
@@ -46,6 +47,9 @@ class Executor:
 
     def shutdown(self) -> None:
         """Nothing to stop."""
+
+    def replayed(self) -> None:
+        """Exactly-once: an aborted transaction is replayed (nothing held here)."""
 
     def gauges(self) -> None:
         """No work held beside the polling thread: nothing to show."""

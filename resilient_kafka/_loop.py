@@ -342,6 +342,13 @@ class Loop:
         if self.executor is not None:
             self.executor.revoke(keys, lost=lost)
 
+    def replayed(self) -> None:
+        """Exactly-once: an aborted transaction is replayed; every partition rewinds, so what
+        is in hand or held by run()'s executor comes again."""
+        self.drop_in_hand()
+        if self.executor is not None:
+            self.executor.replayed()
+
     def drop_in_hand(self) -> None:
         """Forget the records in hand without settling them: they will be delivered again."""
         in_hand = list(self.in_hand)
@@ -420,7 +427,7 @@ class Loop:
     def _execute(self, executor: Any, record: Record) -> None:
         """Claim ``record`` (dedup) and hand it to the executor."""
         claims = self._claims
-        if claims is not None and record.claim is None:
+        if claims is not None and record.claim is None and not executor.claims_itself:
             try:
                 key = claims.identity(record)
             except DedupKeyError as exc:
@@ -474,7 +481,11 @@ class Loop:
         watch = self._watch
         producer = self._producer
         consumed = metrics.consumed
-        submit = executor.submit if self._claims is None else self._claiming(executor)
+        submit = (
+            executor.submit
+            if self._claims is None or executor.claims_itself
+            else self._claiming(executor)
+        )
         skipped: dict[Key, int] = {}
         handled = 0
         for i, msg in enumerate(batch):

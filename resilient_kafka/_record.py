@@ -22,6 +22,9 @@ class Record:
 
     raw: tuple[Any, Any] | None = None  # (key, value) as fetched, when deserialized
     claim: str | None = None  # the dedup claim this consumer holds for it
+    identity: str | None = None  # its dedup key (run() with concurrency: twins wait in turn)
+    writes: list[int] | None = None  # exactly-once with concurrency: what its handler produced
+    queued_at = 0.0  # run() with concurrency: when it began to wait behind its key
     span: Any = None  # the process span around its handler, when traced
 
     def __init__(self, msg: Message, topic: str, partition: int, offset: int) -> None:

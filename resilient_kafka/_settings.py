@@ -75,14 +75,9 @@ class Settings:
         self.retry = retry if retry is not None else RetryPolicy()
         self.dead_letter = dead_letter if dead_letter is not None else DeadLetterPolicy()
         self.auto_commit = _flag(conf.get("enable.auto.commit", True))
+        self.commit_interval = float(conf.get("auto.commit.interval.ms", 5000)) / 1000
         max_poll = float(conf.get("max.poll.interval.ms", 300_000)) / 1000
-        if self.retry.blocking and self.retry.blocking_budget > max_poll * BLOCKING_SHARE:
-            raise ConfigurationError(
-                f"blocking retries can wait up to {self.retry.blocking_budget:.1f}s per message, "
-                f"which does not fit in max.poll.interval.ms={max_poll * 1000:.0f} (keep them "
-                f"under {max_poll * BLOCKING_SHARE:.1f}s, or let retry topics take the longer "
-                "delays)"
-            )
+        self.max_poll = max_poll
         if dedup is not None and dedup_lease + 1 > max_poll * BLOCKING_SHARE:
             # a record whose claim another consumer holds waits up to the lease for it
             raise ConfigurationError(
@@ -126,3 +121,15 @@ class Settings:
         self.dedup_key = dedup_key
         self.dedup_lease = dedup_lease
         self.dedup_fail_open = on_dedup_error == "process"
+
+    def check_blocking_fits(self) -> None:
+        """``run()`` with one handler on the polling thread: its blocking retries must end
+        well inside ``max.poll.interval.ms`` (with concurrency a worker waits, not the poll)."""
+        budget, max_poll = self.retry.blocking_budget, self.max_poll
+        if self.retry.blocking and budget > max_poll * BLOCKING_SHARE:
+            raise ConfigurationError(
+                f"blocking retries can wait up to {budget:.1f}s per message, which does not "
+                f"fit in max.poll.interval.ms={max_poll * 1000:.0f} with one handler on the "
+                f"polling thread (keep them under {max_poll * BLOCKING_SHARE:.1f}s, let retry "
+                "topics take the longer delays, or run with concurrency > 1)"
+            )

@@ -194,6 +194,7 @@ class TransactionalCommitter:
         self.generation = 0  # bumped by every replay
         self.on_replay: Any = None  # the loop: drop the records in hand (they come again)
         self._started = time.monotonic()
+        self._work: Any = None  # run()'s concurrent handlers, quiesced around each commit
         self._produced = producer.produced  # at the start of the open transaction
         self._sent = forwarder.sent
         self._replayed: dict[tuple[str, int], tuple[int, int]] = {}  # (generation, offset)
@@ -204,13 +205,21 @@ class TransactionalCommitter:
     def open(self) -> bool:
         return self._txn.open
 
+    def quiesce_with(self, work: Any) -> None:
+        """``run()`` with concurrency: a transaction commits or aborts only while no handler
+        runs (a handler's output must land whole in the transaction of its offset). ``work``
+        stops starting records when asked (:meth:`quiesce`), and starts again on
+        :meth:`resume`."""
+        self._work = work
+
     def wrote_for(self, record: Any) -> bool:
-        """Whether the open transaction holds output written since ``record`` was handed out
-        (or must abort anyway)."""
+        """Whether the open transaction holds output written for ``record`` (with concurrent
+        handlers: by its own handler; else since it was handed out), or must abort anyway."""
+        writes = record.writes
         return (
             self.abort_pending
             or self._forwarder.failed_in_transaction
-            or self._producer.produced != record.produced
+            or (writes[0] > 0 if writes is not None else self._producer.produced != record.produced)
         )
 
     def abort_for(self, record: Any, exc: BaseException | None) -> None:
@@ -232,8 +241,23 @@ class TransactionalCommitter:
             or self._forwarder.failed_in_transaction
             or now - self._started >= self._interval
         ):
+            work = self._work
+            if work is not None and not work.quiesce():
+                return 0.005  # handlers still running; none starts until the commit
             self.commit_transaction()
+            if work is not None:
+                work.resume()
         return float(self._interval)
+
+    def _drain(self) -> None:
+        """Wait (bounded) until no concurrent handler runs, before a commit or abort that
+        cannot wait for the next housekeeping (a rebalance, the shutdown)."""
+        work = self._work
+        if work is not None and not work.drain():
+            log.error(
+                "handlers still running after the drain timeout: the transaction commits "
+                "without them; their output, if they fail, may be written twice"
+            )
 
     def commit(self, message: Any, offsets: Any, asynchronous: bool) -> None:
         if message is not None or offsets is not None:
@@ -353,13 +377,19 @@ class TransactionalCommitter:
 
     def revoke(self, keys: set[tuple[str, int]]) -> None:
         """Partitions are being revoked (forwards drained): commit while still owned."""
+        self._drain()
         self.commit_transaction()
+        if self._work is not None:
+            self._work.resume()
 
     def lost(self, keys: set[tuple[str, int]]) -> None:
         """Partitions were lost: the open transaction's offsets cannot commit; abort it and
         replay the partitions still owned."""
         if self._txn.open:
+            self._drain()
             self.abort_and_replay()
+            if self._work is not None:
+                self._work.resume()
 
     def forget(self, keys: set[tuple[str, int]]) -> None:
         for key in keys:
@@ -380,6 +410,8 @@ class TransactionalCommitter:
             return  # fenced: nothing can commit
         from resilient_kafka.errors import ResilientKafkaError
 
+        if self._work is not None and not self._work.quiesce():
+            wrote = True  # handlers outlived the shutdown: their output must not commit
         try:
             if wrote:
                 txn.abort()

@@ -21,6 +21,11 @@ for that: a pause costs a fetch round trip when it ends.
 
 A revoked partition's work is dropped; outcomes that arrive later carry the epoch of the
 assignment they were started under and are ignored.
+
+Dedup: each record's identity is read on the polling thread; the worker claims it before the
+handler (a wait for another consumer's claim happens there, never on the polling thread). Two
+copies of one message held at once (a retry copy and a redelivery, say) never run together:
+the second waits until the first has settled, then finds it done.
 """
 
 from __future__ import annotations
@@ -41,13 +46,15 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.trace import Status, StatusCode
 
 from resilient_kafka import headers
-from resilient_kafka._outage import OutageControl
+from resilient_kafka._claims import Verdict
+from resilient_kafka._outage import DEDUP_STORE, OutageControl
 from resilient_kafka._partitions import BACKPRESSURE, Key, PartitionControl
 from resilient_kafka._record import Record
 from resilient_kafka._settle import Settlement
 from resilient_kafka.breaker import CircuitBreakerError
-from resilient_kafka.errors import ConfigurationError
+from resilient_kafka.errors import ConfigurationError, DedupKeyError
 from resilient_kafka.policies import RetryPolicy
+from resilient_kafka.producer import WRITES
 
 log = logging.getLogger("resilient_kafka.consumer")
 
@@ -67,6 +74,15 @@ class NotStarted(Exception):
 
 
 _NOT_STARTED = NotStarted()
+
+
+class Unclaimed(Exception):
+    """The outcome of a record its dedup claim kept from the handler (processed before,
+    claimed elsewhere, or the store failing)."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__(verdict.value)
+        self.verdict = verdict
 
 
 def check_options(
@@ -153,6 +169,11 @@ class WorkManager:
         self.held = 0
         self._paused: set[Key] = set()  # paused here for backpressure
         self._stopping = False
+        self._quiet = False  # exactly-once: nothing starts until the transaction commits
+        self._claiming: set[str] = set()  # dedup identities of the records started
+        self._twins: dict[str, deque[Record]] = {}  # ready records whose identity is started
+
+    claims_itself = True  # a worker claims its record, before the handler
 
     # -- the executor interface (polling thread) ---------------------------------------------
 
@@ -168,6 +189,12 @@ class WorkManager:
 
     def submit(self, record: Record) -> None:
         """Queue ``record`` behind its shard, and start it if it may run now."""
+        if self._claims is not None and record.identity is None:
+            try:
+                record.identity = self._claims.identity(record)
+            except DedupKeyError as exc:  # no identity: it cannot be processed once
+                self._settle.refused(record, exc, headers.NON_RETRYABLE)
+                return
         key = record.key
         work = self._partitions.get(key)
         if work is None:
@@ -178,6 +205,7 @@ class WorkManager:
         if shard is not None:
             waiting = work.shards.get(shard)
             if waiting is not None:
+                record.queued_at = time.monotonic()
                 waiting.append(record)
                 work.queued += 1
                 self._bound(key, work)
@@ -233,6 +261,8 @@ class WorkManager:
     def _apply(self, outcome: Outcome) -> None:
         record, epoch, exc, seconds = outcome
         self.running -= 1
+        if record.identity is not None:
+            self._claimed(record.identity)
         key = record.key
         work = self._partitions.get(key)
         if work is None or work.epoch != epoch:  # its partition was revoked meanwhile
@@ -253,11 +283,34 @@ class WorkManager:
         elif exc is None:
             metrics.process(record.topic, seconds, "")
             self._settle.done(record)
+        elif isinstance(exc, Unclaimed):
+            self._unclaimed(record, exc.verdict)
         else:
             metrics.process(record.topic, seconds, headers.exception_type(exc))
             self._settle.failed(record, exc)
         _end_span(record)
         self._finished(record, key, work)
+
+    def _claimed(self, identity: str) -> None:
+        """The record started under ``identity`` settled: a twin waiting for it may start."""
+        self._claiming.discard(identity)
+        twins = self._twins.get(identity)
+        if twins:
+            self._ready.append(twins.popleft())
+            if not twins:
+                del self._twins[identity]
+
+    def _unclaimed(self, record: Record, verdict: Verdict) -> None:
+        settle = self._settle
+        if verdict is Verdict.DUPLICATE:
+            settle.duplicate(record)
+        elif verdict is Verdict.HOLD:
+            settle.held(record, DEDUP_STORE)  # an outage: what waits is given back
+        else:  # claimed elsewhere past the wait: its partition rewinds to it, or lower
+            lowest = self._drop_waiting([record.key]).get(record.key)
+            if lowest is not None and lowest < record.offset:
+                self._control.rewind(record.key, lowest)
+            settle.later(record)
 
     def _finished(self, record: Record, key: Key, work: _PartitionWork) -> None:
         """``record`` left the work manager: the next of its shard becomes ready."""
@@ -267,7 +320,9 @@ class WorkManager:
         if shard is not None:
             waiting = work.shards.get(shard)
             if waiting:
-                self._ready.append(waiting.popleft())
+                successor = waiting.popleft()
+                self._metrics.key_wait(successor.topic, time.monotonic() - successor.queued_at)
+                self._ready.append(successor)
                 work.queued -= 1
             else:
                 work.shards.pop(shard, None)
@@ -276,7 +331,7 @@ class WorkManager:
 
     def _start_ready(self) -> None:
         ready = self._ready
-        if not ready or self._stopping:
+        if not ready or self._stopping or self._quiet:
             return
         outage = self._outage
         start = self._runner.start
@@ -286,6 +341,12 @@ class WorkManager:
             if outage.current is not None and not self._may_start_in_outage(record):
                 break
             ready.popleft()
+            identity = record.identity
+            if identity is not None:
+                if identity in self._claiming:  # its twin runs: it waits for its outcome
+                    self._twins.setdefault(identity, deque()).append(record)
+                    continue
+                self._claiming.add(identity)
             work = partitions[record.key]
             work.running += 1
             self.running += 1
@@ -339,7 +400,9 @@ class WorkManager:
             return lowest
         dropped: list[Record] = []
         kept: deque[Record] = deque()
-        for record in self._ready:
+        twins = [r for waiting in self._twins.values() for r in waiting]
+        twin_ids = {id(r) for r in twins}
+        for record in [*self._ready, *twins]:
             if record.key in keys and not (keep_probe and self._outage.is_probe(record)):
                 dropped.append(record)
                 shard = self._shard_of(record)
@@ -348,9 +411,19 @@ class WorkManager:
                     behind = work.shards.pop(shard, ())
                     dropped.extend(behind)
                     work.queued -= len(behind)
+            elif id(record) in twin_ids:
+                continue
             else:
                 kept.append(record)
         self._ready = kept
+        if twins:
+            gone = {id(r) for r in dropped}
+            for identity in list(self._twins):
+                left = deque(r for r in self._twins[identity] if id(r) not in gone)
+                if left:
+                    self._twins[identity] = left
+                else:
+                    del self._twins[identity]
         is_probe = self._outage.is_probe
         for key in keys:
             work = self._partitions[key]
@@ -405,6 +478,36 @@ class WorkManager:
             if key in self._paused:
                 self._paused.discard(key)  # partition control forgets revoked partitions
 
+    # -- exactly-once: transactions commit with no handler running -----------------------------
+
+    def quiesce(self) -> bool:
+        """Start nothing more until :meth:`resume`; True once no handler runs."""
+        self._quiet = True
+        return self.running == 0
+
+    def drain(self) -> bool:
+        """:meth:`quiesce`, waiting up to ``drain_timeout`` for the running handlers."""
+        self._quiet = True
+        deadline = time.monotonic() + self.drain_timeout
+        while self.running:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.collect(min(left, 0.1))
+        return True
+
+    def resume(self) -> None:
+        self._quiet = False
+        self._start_ready()
+
+    def replayed(self) -> None:
+        """The aborted transaction is replayed from the last commit: every partition rewinds,
+        so nothing held here is kept, and outcomes still to come are ignored."""
+        paused = list(self._paused)
+        self.revoke(list(self._partitions), lost=True)
+        if paused:
+            self._control.release(paused, BACKPRESSURE)
+
     def shutdown(self) -> None:
         """Stop starting records; wait up to ``drain_timeout`` for the running ones (outcomes
         applied); what never started is dropped (delivered again after a restart)."""
@@ -451,8 +554,12 @@ class Attempts:
         tracing: Any,
         group: str,
         parent_on_creation: bool,
+        claims: Any = None,
+        transactional: bool = False,
     ) -> None:
         self.retry = retry
+        self.claims = claims
+        self.transactional = transactional  # count each handler's output (exactly-once)
         self._outage = outage
         self.stop = stop
         self._metrics = metrics
@@ -460,13 +567,27 @@ class Attempts:
         self._group = group
         self._parent_on_creation = parent_on_creation
 
+    def claim(self, record: Record) -> BaseException | None:
+        """Claim ``record`` in the dedup store (waiting, if another consumer holds it, up to
+        its lease): None to run the handler, else the outcome to report instead."""
+        identity = record.identity
+        if identity is None or record.claim is not None:
+            return None
+        try:
+            verdict = self.claims.claim(record, identity)
+        except Exception as exc:  # a custom store's bug: the record fails, is not lost
+            return exc
+        return None if verdict is Verdict.RUN else Unclaimed(verdict)
+
     def in_place(self, record: Record, exc: BaseException) -> bool:
         """Whether a failure of ``record`` is retried right here: retryable, not stopping, and
         no breaker refused it or opened since it was handed out."""
+        writes = record.writes
         return (
             not self.stop.is_set()
             and not isinstance(exc, CircuitBreakerError)
             and self._outage.watch.opens == record.opens
+            and not (writes is not None and writes[0])  # its output is in the transaction
             and self.retry.is_retryable(exc)
         )
 
@@ -537,6 +658,7 @@ class ThreadRunner:
             )
         jobs, mailbox = self._jobs, self.mailbox
         monotonic = time.monotonic
+        transactional = attempts.transactional
         while True:
             job = jobs.get()
             if job is None:
@@ -545,12 +667,21 @@ class ThreadRunner:
             if self.stopping or epoch in self.cancelled:
                 mailbox.put((record, epoch, _NOT_STARTED, 0.0))
                 continue
+            if record.identity is not None:
+                unclaimed = attempts.claim(record)
+                if unclaimed is not None:
+                    mailbox.put((record, epoch, unclaimed, 0.0))
+                    continue
             span = attempts.start_span(record)
             token = (
                 otel_context.attach(otel_trace.set_span_in_context(span))
                 if span is not None
                 else None
             )
+            written = None
+            if transactional:
+                record.writes = counter = [0]
+                written = WRITES.set(counter)
             started = monotonic()
             error: BaseException | None = None
             try:
@@ -569,6 +700,8 @@ class ThreadRunner:
             finally:
                 if token is not None:
                     otel_context.detach(token)
+                if written is not None:
+                    WRITES.reset(written)
             mailbox.put((record, epoch, error, monotonic() - started))
 
 
@@ -640,10 +773,23 @@ class AsyncRunner:
 
     async def _one(self, record: Record, epoch: int) -> None:
         attempts = self._attempts
+        if record.identity is not None:  # the store is blocking I/O: off the event loop
+            unclaimed = await asyncio.get_running_loop().run_in_executor(
+                None, attempts.claim, record
+            )
+            if unclaimed is not None:
+                task = asyncio.current_task()
+                if task is not None:
+                    self._tasks.pop(task, None)
+                self.mailbox.put((record, epoch, unclaimed, 0.0))
+                return
         span = attempts.start_span(record)
         token = (
             otel_context.attach(otel_trace.set_span_in_context(span)) if span is not None else None
         )
+        if attempts.transactional:  # the task's own context: counts only this handler's output
+            record.writes = counter = [0]
+            WRITES.set(counter)
         started = time.monotonic()
         error: BaseException | None = None
         try:

@@ -32,7 +32,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.serialization import SerializationContext
 
-from resilient_kafka import _config, _transaction
+from resilient_kafka import _config, _offset_metadata, _transaction
 from resilient_kafka._admission import Admission
 from resilient_kafka._claims import Claims
 from resilient_kafka._committer import OffsetCommitter
@@ -182,6 +182,8 @@ class ResilientConsumer(Consumer):
         self._stop = threading.Event()
         self._user_callbacks: dict[str, Callable[..., Any] | None] = {}
         self._rebalance_fresh: set[Key] | None = None  # fresh retry tiers, during on_assign
+        self._skip_completed = False  # run(): skip records the commit metadata says are done
+        self._warned_metadata = False
         self._assigned_by_app = False
         self._rebalance_tiers: list[TopicPartition] = []  # see _own()
         self._control = control = PartitionControl(self)
@@ -208,7 +210,9 @@ class ResilientConsumer(Consumer):
                 self, self._txn, self._producer, forwarder, control, outage, settings, metrics
             )
         else:
-            committer = OffsetCommitter(self, settings.auto_commit, metrics)
+            committer = OffsetCommitter(
+                self, settings.auto_commit, metrics, settings.commit_interval
+            )
         self._committer = committer
         self._claims = (
             Claims(settings, settings.dedup, metrics, self._stop)
@@ -221,7 +225,7 @@ class ResilientConsumer(Consumer):
         self._settle = settle = Settlement(
             committer, self._claims, outage, router, forwarder, control, metrics
         )
-        admission = Admission(
+        self._admission = admission = Admission(
             topics,
             control,
             outage,
@@ -247,7 +251,7 @@ class ResilientConsumer(Consumer):
             stop=self._stop,
         )
         if self._txn is not None:
-            committer.on_replay = self._loop.drop_in_hand
+            committer.on_replay = self._loop.replayed
         # poll() and consume() go straight to the loop: one call less per record (unless a
         # subclass overrides them)
         if type(self).poll is ResilientConsumer.poll:
@@ -344,7 +348,7 @@ class ResilientConsumer(Consumer):
         # whatever auto.offset.reset says for the source topics (latest would skip retry copies
         # written before this member got the partition). The application's own on_assign may
         # assign: its assign() call gets the same start (see assign()); else it is done here.
-        fresh = self._fresh_tiers(partitions)
+        fresh = self._read_commits(partitions)
         for tp in partitions:
             if (tp.topic, tp.partition) in fresh:
                 tp.offset = OFFSET_BEGINNING
@@ -363,21 +367,44 @@ class ResilientConsumer(Consumer):
                     Consumer.assign(self, partitions)
             self._tiers_follow_pause()
 
-    def _fresh_tiers(self, partitions: list[TopicPartition]) -> set[Key]:
-        """Retry tier partitions among ``partitions`` with no committed offset."""
-        tiers = [
+    def _read_commits(self, partitions: list[TopicPartition]) -> set[Key]:
+        """The group's commits on newly assigned partitions: returns the retry tier partitions
+        with no committed offset; under ``run()``, hands admission the records that an earlier
+        owner completed above its committed offset (the commit metadata names them)."""
+        tiers = self._topics.tiers
+        wanted = [
             TopicPartition(tp.topic, tp.partition)
             for tp in partitions
-            if tp.topic in self._topics.tiers
+            if self._skip_completed or tp.topic in tiers
         ]
-        if not tiers:
+        if not wanted:
             return set()
         try:
-            committed = Consumer.committed(self, tiers, timeout=10)
+            committed = Consumer.committed(self, wanted, timeout=10)
         except KafkaException as exc:
-            log.warning("cannot read committed offsets of retry tiers: %s", exc)
+            log.warning("cannot read the committed offsets of %d partitions: %s", len(wanted), exc)
             return set()
-        return {(tp.topic, tp.partition) for tp in committed if tp.offset < 0}
+        if self._skip_completed:
+            for tp in committed:
+                if tp.offset >= 0 and tp.metadata:
+                    self._skip_done((tp.topic, tp.partition), tp.offset, tp.metadata)
+        return {(tp.topic, tp.partition) for tp in committed if tp.offset < 0 and tp.topic in tiers}
+
+    def _skip_done(self, key: Key, offset: int, metadata: str) -> None:
+        try:
+            done = _offset_metadata.decode(metadata, offset)
+        except _offset_metadata.NotOurs as exc:
+            if not self._warned_metadata:
+                self._warned_metadata = True
+                log.warning(
+                    "the commit of %s [%d] has metadata resilient-kafka did not write (%s): "
+                    "ignored, its records are handled from the committed offset on (logged "
+                    "once)",
+                    *key,
+                    exc,
+                )
+            return
+        self._admission.skip_completed(key, done)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
@@ -409,6 +436,7 @@ class ResilientConsumer(Consumer):
     def _forget(self, keys: set[Key]) -> None:
         """Partitions given up: their records, claims on the way and outage state are gone."""
         self._committer.forget(keys)
+        self._admission.forget(keys)
         self._control.revoked(keys)
         self._outage.forget(keys)
         self._tiers_follow_pause()
@@ -674,19 +702,17 @@ class ResilientConsumer(Consumer):
             concurrency, ordering, max_buffered, max_buffered_per_partition
         )
         asynchronous = inspect.iscoroutinefunction(handler)
-        if (concurrency > 1 or asynchronous) and self._txn is not None:
-            raise ConfigurationError(
-                "exactly_once=True runs one handler at a time for now: use concurrency=1 "
-                "with a plain function"
-            )
-        if (concurrency > 1 or asynchronous) and self._claims is not None:
-            raise ConfigurationError(
-                "dedup runs one handler at a time for now (two copies of a message queued at "
-                "once would both run): use concurrency=1 with a plain function"
-            )
+        if concurrency == 1 and not asynchronous:
+            self._settings.check_blocking_fits()
         executor = self._executor(
             handler, asynchronous, concurrency, ordering, total, per_partition, drain_timeout, loop
         )
+        if isinstance(executor, WorkManager):
+            if self._txn is not None:
+                self._committer.quiesce_with(executor)
+            else:
+                self._committer.keep_completed()
+        self._skip_completed = self._txn is None
         restore = self._install_signal_handlers() if loop is None else (lambda: None)
         self._loop.running = True
         self._loop.executor = executor
@@ -734,6 +760,8 @@ class ResilientConsumer(Consumer):
             self._tracing,
             settings.group,
             settings.parent_on_creation,
+            self._claims,
+            transactional=self._txn is not None,
         )
         runner = (
             AsyncRunner(handler, attempts, concurrency, loop)

@@ -266,6 +266,28 @@ class Families:
             [_GROUP],
             registry=registry,
         )
+        self.key_wait = BatchedHistogram(
+            f"{ns}_consumer_key_wait_seconds",
+            "Time a record waited behind a busy key (or partition) before it could start "
+            "(run() with concurrency; only records that waited).",
+            [_GROUP, _DEST],
+            SEMCONV_BUCKETS,
+            registry,
+        )
+        self.completed_skipped = Counter(
+            f"{ns}_consumer_completed_skipped",
+            "Records skipped because the commit metadata says an earlier owner completed them "
+            "(run() with concurrency).",
+            [_GROUP, "messaging_destination_name"],
+            registry=registry,
+        )
+        self.completed_overflow = Counter(
+            f"{ns}_consumer_completed_offsets_overflow",
+            "Commits whose completed offsets did not fit the commit metadata: committed without "
+            "them (a crash then handles them again).",
+            [_GROUP],
+            registry=registry,
+        )
         self.assigned = Gauge(
             f"{ns}_consumer_assigned_partitions",
             "Partitions currently assigned.",
@@ -534,6 +556,15 @@ class ConsumerMetrics:
         shown.clear()
         shown.update(held)
 
+    def key_wait(self, topic: str, seconds: float) -> None:
+        self._child(self.fam.key_wait, self.group, topic).observe(seconds)
+
+    def completed_skipped(self, topic: str) -> None:
+        self._child(self.fam.completed_skipped, self.group, topic).inc()
+
+    def completed_overflow(self) -> None:
+        self._child(self.fam.completed_overflow, self.group).inc()
+
     def stats(self, stats_json: str) -> None:
         """Lag per partition from a librdkafka statistics document (``consumer_lag_stored``:
         the library stores offsets only past done records, so this is the true backlog)."""
@@ -567,6 +598,7 @@ class NoMetrics:
     consumed = success = staticmethod(id)
     outcome = dedup = retry = retry_delay = process = poll = commit = _nothing
     transaction = rebalance = paused = stats = work = _nothing
+    completed_skipped = completed_overflow = key_wait = _nothing
 
 
 class BreakerMetrics:

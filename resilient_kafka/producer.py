@@ -7,6 +7,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -20,6 +21,12 @@ log = logging.getLogger("resilient_kafka.producer")
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 # what an aborted transaction's records report: expected, not a delivery failure
 _PURGED = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
+
+
+# Exactly-once with concurrent handlers: each worker counts what its handler produced (a
+# context variable is per thread and per asyncio task), so a failed record whose output is in
+# the open transaction is told apart from the others running beside it.
+WRITES: ContextVar[list[int] | None] = ContextVar("resilient_kafka_writes", default=None)
 
 
 class ResilientProducer(Producer):
@@ -85,6 +92,9 @@ class ResilientProducer(Producer):
         if callback is None:  # given both, confluent's class calls callback=
             callback = on_delivery
         self.produced += 1
+        writes = WRITES.get()
+        if writes is not None:  # a concurrent handler's output, counted for its record
+            writes[0] += 1
         if self._message_ids:
             headers = with_message_id(headers)
         if self._tracing is not None:

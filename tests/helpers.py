@@ -21,16 +21,20 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None
 
 
 def run_until(
-    consumer: Any, handler: Callable[[Message], object], done: Callable[[], object]
+    consumer: Any,
+    handler: Callable[[Message], object],
+    done: Callable[[], object],
+    timeout: float = 60,
+    **options: Any,
 ) -> None:
-    """``consumer.run(handler)`` in a thread until ``done()`` (60 s deadline), then stop it and
-    wait for it to close."""
+    """``consumer.run(handler, **options)`` in a thread until ``done()`` (``timeout`` seconds
+    at most), then stop it and wait for it to close."""
     import threading
 
-    thread = threading.Thread(target=consumer.run, args=(handler,), daemon=True)
+    thread = threading.Thread(target=consumer.run, args=(handler,), kwargs=options, daemon=True)
     thread.start()
     try:
-        wait_for(done, 60, "the records to be handled")
+        wait_for(done, timeout, "the records to be handled")
     finally:
         consumer.stop()
         thread.join(30)
@@ -108,3 +112,13 @@ def read_all(kafka: Any, topic: str, count: int) -> list[Message]:
         return consume(reader, count)
     finally:
         reader.close()
+
+
+def metric_total(registry: Any, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` in ``registry`` whose labels include ``labels``."""
+    total = 0.0
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

@@ -303,10 +303,16 @@ def test_blocking_retries_that_cannot_fit_are_rejected(kafka: KafkaCluster) -> N
         blocking_stop=tenacity.stop_after_attempt(10), blocking_wait=tenacity.wait_fixed(1)
     )
     assert policy.blocking_budget == 9.0
-    with pytest.raises(ConfigurationError, match=r"up to 9\.0s per message.*max\.poll\.interval"):
-        ResilientConsumer(
-            kafka.client_config(group_id="g", max_poll_interval_ms=10000), retry=policy
-        )
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id="g", max_poll_interval_ms=10000), retry=policy
+    )
+    try:  # one handler on the polling thread would miss max.poll.interval.ms; workers would not
+        with pytest.raises(
+            ConfigurationError, match=r"up to 9\.0s per message.*max\.poll\.interval"
+        ):
+            consumer.run(lambda msg: None)
+    finally:
+        consumer.close()
     with pytest.raises(ConfigurationError, match="never stop"):
         RetryPolicy(blocking_stop=tenacity.stop_never)
     with pytest.raises(ConfigurationError, match="needs blocking_stop"):

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from resilient_kafka import ConfigurationError, ResilientConsumer, RetryPolicy, headers
 from resilient_kafka.testing import KafkaCluster
-from tests.helpers import produce, read_all, wait_for
+from tests.helpers import metric_total, produce, read_all, wait_for
 
 
 class Tally:
@@ -67,13 +67,13 @@ def _records(keys: list[str | None], per_key: int) -> list[tuple[Any, str]]:
 
 
 def _consumer(kafka: KafkaCluster, **kwargs: Any) -> ResilientConsumer:
+    kwargs.setdefault("registry", CollectorRegistry())
     return ResilientConsumer(
         kafka.client_config(
             group_id=f"conc-{uuid.uuid4().hex[:8]}",
             auto_offset_reset="earliest",
             enable_auto_commit=False,
         ),
-        registry=CollectorRegistry(),
         **kwargs,
     )
 
@@ -340,7 +340,8 @@ def test_a_hot_key_pauses_only_its_partition(kafka: KafkaCluster, topic_factory)
     done: set[str] = set()
     paused: set[tuple[str, int]] = set()
     held: list[int] = []
-    consumer = _consumer(kafka)
+    registry = CollectorRegistry()
+    consumer = _consumer(kafka, registry=registry)
 
     def handler(msg: Message) -> None:
         value = msg.value().decode()  # type: ignore[union-attr]
@@ -372,6 +373,10 @@ def test_a_hot_key_pauses_only_its_partition(kafka: KafkaCluster, topic_factory)
         f"the cold partition finished only after {hot_done_when_cold_was[0]} hot records"
     )
     assert max(held) <= 300, f"{max(held)} records held at once"
+    # the hot key's records waited behind each other (10 ms each); the cold ones never did
+    waits = "resilient_kafka_consumer_key_wait_seconds"
+    assert metric_total(registry, f"{waits}_count") >= 150
+    assert metric_total(registry, f"{waits}_sum") > 1.0
 
 
 def test_the_total_bound_holds_without_pausing(kafka: KafkaCluster, topic_factory) -> None:
@@ -585,7 +590,7 @@ def test_bad_concurrency_options_are_refused(
         consumer.close()
 
 
-def test_run_async_refuses_a_plain_function_and_exactly_once_refuses_concurrency(
+def test_run_async_refuses_a_plain_function(
     kafka: KafkaCluster,
 ) -> None:
     consumer = _consumer(kafka)
@@ -594,20 +599,99 @@ def test_run_async_refuses_a_plain_function_and_exactly_once_refuses_concurrency
             asyncio.run(consumer.run_async(lambda msg: None))  # type: ignore[arg-type, return-value]
     finally:
         consumer.close()
-    eos = _consumer(kafka, exactly_once=True)
-    try:
-        with pytest.raises(ConfigurationError, match="exactly_once=True runs one handler"):
-            eos.run(lambda msg: None, concurrency=4)
-    finally:
-        eos.close()
+
+
+# -- dedup ------------------------------------------------------------------------------------
+
+
+def _produce_with_ids(kafka: KafkaCluster, topic: str, records: list[tuple[str, str, str]]) -> None:
+    """(key, value, rk.id) records into partition 0."""
+    from confluent_kafka import Producer
+
+    producer = Producer(kafka.producer_config())
+    for key, value, ident in records:
+        producer.produce(topic, key=key, value=value, partition=0, headers=[(headers.ID, ident)])
+    assert producer.flush(30) == 0
+
+
+def test_twins_held_at_once_run_once(kafka: KafkaCluster, topic_factory) -> None:
+    """Two copies of each message (same rk.id, different keys: they would run in parallel)
+    are fetched together; the second waits for the first's outcome and is skipped."""
     from resilient_kafka.dedup import MemoryStore
 
-    deduped = _consumer(kafka, dedup=MemoryStore())
-    try:
-        with pytest.raises(ConfigurationError, match="dedup runs one handler at a time"):
-            deduped.run(lambda msg: None, concurrency=4)
-    finally:
-        deduped.close()
+    topic = topic_factory(1)
+    records = [(f"a{i}", f"a{i}-0", f"id{i}") for i in range(20)]
+    records += [(f"b{i}", f"b{i}-0", f"id{i}") for i in range(20)]
+    _produce_with_ids(kafka, topic, records)
+    registry = CollectorRegistry()
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=f"conc-{uuid.uuid4().hex[:8]}", auto_offset_reset="earliest"),
+        registry=registry,
+        dedup=MemoryStore(),
+    )
+    consumer.subscribe([topic])
+    calls: dict[bytes, int] = defaultdict(int)
+    lock = threading.Lock()
+
+    def handler(msg: Message) -> None:
+        time.sleep(0.05)
+        ident = dict(msg.headers() or [])[headers.ID]
+        with lock:
+            calls[ident] += 1
+
+    skipped = "resilient_kafka_messages_handled_total"
+    _run(
+        consumer,
+        handler,
+        lambda: (
+            len(calls) == 20 and metric_total(registry, skipped, outcome="duplicate_skipped") == 20
+        ),
+        concurrency=40,
+    )
+    assert set(calls.values()) == {1}
+
+
+def test_a_claim_held_elsewhere_is_waited_for_in_a_worker(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    """Another consumer holds the claim of the first record (and dies: it never completes):
+    its worker waits out the lease while the other records flow; then it runs. A message
+    another consumer completed is skipped."""
+    from resilient_kafka.dedup import DONE, MemoryStore
+
+    store = MemoryStore()
+    topic = topic_factory(1)
+    _produce_with_ids(
+        kafka,
+        topic,
+        [("k0", "k0-0", "held"), ("k1", "k1-0", "done")]
+        + [(f"k{i}", f"k{i}-0", f"id{i}") for i in range(2, 30)],
+    )
+    group = f"conc-{uuid.uuid4().hex[:8]}"
+    store.claim(f"{group}|id:done", "another-consumer", 3.0)
+    store.complete(f"{group}|id:done", "another-consumer")
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        registry=CollectorRegistry(),
+        dedup=store,
+        dedup_lease=3.0,
+    )
+
+    def claim_it(consumer: Any, partitions: Any) -> None:  # the group takes its time to join
+        assert store.claim(f"{group}|id:held", "another-consumer", 3.0) != DONE
+
+    consumer.subscribe([topic], on_assign=claim_it)
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def handler(msg: Message) -> None:
+        with lock:
+            order.append(msg.key().decode())  # type: ignore[union-attr]
+
+    _run(consumer, handler, lambda: "k0" in order, concurrency=4)
+    assert sorted(order) == sorted(["k0", *[f"k{i}" for i in range(2, 30)]])
+    assert order[-1] == "k0"  # the others did not wait behind the claim
+    assert _committed(kafka, group, topic, 1) == [30]
 
 
 @pytest.fixture(autouse=True)

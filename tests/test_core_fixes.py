@@ -37,7 +37,7 @@ from resilient_kafka import (
 )
 from resilient_kafka.errors import TopicError
 from resilient_kafka.testing import KafkaCluster
-from tests.helpers import run_until, wait_for
+from tests.helpers import metric_total, run_until, wait_for
 
 # Tansu answers a JoinGroup after about half of session.timeout.ms: joins in ~1.5 s
 _QUICK_JOIN = {"session.timeout.ms": 3000, "heartbeat.interval.ms": 500}
@@ -120,16 +120,6 @@ def _read(kafka: KafkaCluster, topic: str, count: int, timeout: float = 20.0) ->
         return reader.records
     finally:
         reader.close()
-
-
-def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for family in registry.collect():
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def _down(*_args: object) -> None:
@@ -573,7 +563,7 @@ def test_a_failed_probe_does_not_abort_other_topics_work(
         return routed() > 0 or aborted() > 0  # A's retry copy sent, or the failure
 
     def routed() -> float:
-        return _sample(
+        return metric_total(
             registry,
             "resilient_kafka_messages_handled_total",
             messaging_destination_name=source_a,
@@ -581,7 +571,7 @@ def test_a_failed_probe_does_not_abort_other_topics_work(
         )
 
     def aborted() -> float:
-        return _sample(
+        return metric_total(
             registry,
             "resilient_kafka_consumer_transactions_total",
             messaging_consumer_group_name=group,
@@ -631,7 +621,7 @@ def test_a_later_record_of_a_consume_batch_fails_on_its_own(
             consumer.fail(batch[0], exc)
         assert consumer.outage is not None
         consumer.fail(batch[1], ValueError("v1 is malformed"))  # no downstream call at all
-        scheduled = _sample(
+        scheduled = metric_total(
             registry,
             "resilient_kafka_messages_handled_total",
             messaging_destination_name=topic,

@@ -10,6 +10,7 @@ records are hidden too whenever the broker filters them (``aborted_hidden``).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from typing import Any
 
 import pytest
 import tenacity
@@ -118,12 +120,21 @@ class _Recorder:
         self.out = out
         self.fail_first = fail_first
         self.calls: Counter[str] = Counter()
+        self.fail_before: set[str] = set()  # values whose first call fails before writing
+        self.pause = 0.0  # seconds each call takes (concurrent handlers overlap)
+        self._lock = threading.Lock()
 
     def __call__(self, msg: Message) -> None:
         value = msg.value().decode()
-        self.calls[value] += 1
-        self.consumer.producer.produce(self.out, value=f"{value}:{self.calls[value]}")
-        if value in self.fail_first and self.calls[value] == 1:
+        with self._lock:  # concurrent handlers: one count per call
+            self.calls[value] += 1
+            call = self.calls[value]
+        if self.pause:
+            time.sleep(self.pause)
+        if value in self.fail_before and call == 1:
+            raise RuntimeError(f"{value} failed before writing anything")
+        self.consumer.producer.produce(self.out, value=f"{value}:{call}")
+        if value in self.fail_first and call == 1:
             raise RuntimeError(f"{value} failed after writing its output")
 
 
@@ -264,6 +275,81 @@ def test_a_rebalance_commits_the_transaction_and_the_new_owner_goes_on_from_ther
     assert sorted(handled) == sorted(values)  # each record handled once across the handover
     outputs = _read(kafka, out, "read_committed", expect=len(values))
     assert sorted(m.value().decode() for m in outputs) == sorted(values)
+
+
+@pytest.mark.parametrize("mode", ["threads", "asyncio"])
+def test_concurrent_handlers_keep_output_and_offsets_exactly_once(
+    kafka: KafkaCluster, topic_factory, aborted_hidden: bool, mode: str
+) -> None:
+    """Eight handlers at once write into the open transaction; one failing after its write
+    aborts it (the transaction commits or aborts only with no handler running), one failing
+    before writing is routed without aborting anything."""
+    source, out = topic_factory(2), topic_factory(1, suffix="out")
+    group = f"g{uuid.uuid4().hex[:8]}"
+    values = [f"v{i}" for i in range(40)]
+    _produce(kafka, source, values, partitions=2)
+    reg = CollectorRegistry()
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        exactly_once=True,
+        transaction_interval=0.5,
+        retry=RetryPolicy(delays=(0.2,)),
+        registry=reg,
+    )
+    recorder = _Recorder(consumer, out, fail_first={"v7", "v30"})
+    recorder.fail_before = {"v11", "v24"}
+    recorder.pause = 0.02
+    failing = recorder.fail_first | recorder.fail_before
+    handler: Any = recorder
+    if mode == "asyncio":
+
+        async def handler(msg: Message) -> None:
+            await asyncio.sleep(0.02)
+            recorder(msg)
+
+    consumer.subscribe([source])
+    run_until(
+        consumer,
+        handler,
+        lambda: all(recorder.calls[v] >= (2 if v in failing else 1) for v in values),
+        concurrency=8,
+    )
+    outputs = _read(kafka, out, "read_committed", expect=len(values))
+    assert _outputs_of_last_calls(outputs, recorder.calls) == Counter(values)
+    if aborted_hidden:
+        assert len(outputs) == len(values), sorted(m.value() for m in outputs)
+    assert 1 <= _transactions(reg, group, "aborted") <= 2  # v7's and v30's, maybe together
+    assert _committed(kafka, group, source, 2) == [20, 20]
+
+
+def test_a_concurrent_failure_before_any_output_aborts_nothing(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    """Other handlers write while a record fails: its own handler wrote nothing, so the
+    transaction is not aborted (each worker counts its handler's output)."""
+    source, out = topic_factory(1), topic_factory(1, suffix="out")
+    group = f"g{uuid.uuid4().hex[:8]}"
+    values = [f"v{i}" for i in range(30)]
+    _produce(kafka, source, values)
+    reg = CollectorRegistry()
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        exactly_once=True,
+        retry=RetryPolicy(delays=(0.2,)),
+        registry=reg,
+    )
+    recorder = _Recorder(consumer, out, fail_first=set())
+    recorder.fail_before = {"v3", "v10", "v17", "v25"}
+    recorder.pause = 0.05
+    consumer.subscribe([source])
+    run_until(
+        consumer,
+        recorder,
+        lambda: all(recorder.calls[v] >= (2 if v in recorder.fail_before else 1) for v in values),
+        concurrency=8,
+    )
+    assert _transactions(reg, group, "aborted") == 0
+    assert _committed(kafka, group, source, 1) == [30]
 
 
 def test_an_attempt_that_wrote_output_is_not_retried_in_place(

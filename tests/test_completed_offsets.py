@@ -1,0 +1,310 @@
+"""Completed offsets in the commit metadata (run() with concurrency): the encoding, and a SIGKILL
+after which the next owner handles only what was not done.
+
+Tansu answers every committed offset with empty metadata, so the broker tests run on librdkafka's
+mock cluster, which keeps it (docs/testing.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from resilient_kafka import ResilientConsumer, RetryPolicy
+from resilient_kafka._offset_metadata import MAX_CHARS, NotOurs, decode, encode
+from resilient_kafka.testing import MockCluster
+from tests.helpers import metric_total, run_until, wait_for
+
+# -- the encoding ----------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    base=st.integers(min_value=0, max_value=2**62),
+    gaps=st.lists(st.integers(min_value=0, max_value=3000), max_size=400),
+)
+def test_the_encoding_round_trips_or_says_it_does_not_fit(base: int, gaps: list[int]) -> None:
+    done, position = set(), base
+    for gap in gaps:
+        position += gap + 1
+        done.add(position)
+    text = encode(base, done)
+    if text is None:
+        assert len(encode_unbounded(base, done)) > MAX_CHARS
+        return
+    assert len(text) <= MAX_CHARS
+    assert decode(text, base) == done
+    assert decode(text, base + 1) == frozenset()  # written for another commit: not applied
+
+
+def encode_unbounded(base: int, done: set[int]) -> str:
+    import resilient_kafka._offset_metadata as om
+
+    saved, om.MAX_CHARS = om.MAX_CHARS, 10**9
+    try:
+        text = om.encode(base, done)
+    finally:
+        om.MAX_CHARS = saved
+    assert text is not None
+    return text
+
+
+def test_the_shorter_encoding_is_chosen() -> None:
+    dense = encode(100, range(101, 1101, 2))  # every other offset: a bitset is short
+    sparse = encode(100, [101, 50_000])  # two far apart: runs are short
+    assert dense is not None and dense.split(":")[3] == "b" and len(dense) < 200
+    assert sparse is not None and sparse.split(":")[3] == "r" and len(sparse) < 30
+    assert encode(5, []) == "" and encode(5, [3, 5]) == ""  # nothing above the base
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        "my-app checkpoint 17",  # someone else's
+        "rk:2:10:b:AQ",  # a version this library does not know
+        "rk:1:10:z:AQ",  # an unknown encoding
+        "rk:1:ten:b:AQ",  # a base that is not a number
+        "rk:1:10:b:!!!",  # not base64
+        "rk:1:10:r:gA",  # a truncated varint
+        "rk:1:10:r:AQ",  # an odd number of runs
+        "rk:1:10:b",  # a field missing
+        "rk:1:10:r:" + base64.urlsafe_b64encode(bytes([0, 0xFF, 0xFF, 0xFF, 0x7F])).decode(),
+    ],
+)
+def test_metadata_it_did_not_write_is_refused(metadata: str) -> None:
+    with pytest.raises(NotOurs):
+        decode(metadata, 10)
+
+
+def test_no_metadata_means_nothing_completed() -> None:
+    assert decode("", 10) == frozenset()
+
+
+# -- on a broker that keeps metadata -----------------------------------------------------------
+
+
+def _tier_topics(cluster: MockCluster, topic: str, group: str, partitions: int = 1) -> None:
+    """The mock cluster answers no CreateTopics: the retry and DLQ topics are made here."""
+    probe = ResilientConsumer(
+        cluster.client_config(group_id=group), retry=RetryPolicy(delays=(1.0,)), metrics=False
+    )
+    try:
+        names = [*probe.retry_topics(topic), probe.dead_letter_topic(topic)]
+    finally:
+        probe.close()
+    for name in names:
+        cluster.create_topic(name, partitions)
+
+
+def _consumer(
+    cluster: MockCluster, group: str, registry: CollectorRegistry, **config: Any
+) -> ResilientConsumer:
+    return ResilientConsumer(
+        cluster.client_config(group_id=group, auto_offset_reset="earliest", **config),
+        retry=RetryPolicy(delays=(1.0,)),
+        registry=registry,
+    )
+
+
+def _committed(cluster: MockCluster, topic: str, group: str) -> TopicPartition:
+    reader = Consumer(cluster.client_config(group_id=group, enable_auto_commit=False))
+    try:
+        return reader.committed([TopicPartition(topic, 0)], timeout=10)[0]
+    finally:
+        reader.close()
+
+
+def _produce(cluster: MockCluster, topic: str, count: int) -> None:
+    producer = Producer(cluster.producer_config())
+    for i in range(count):
+        producer.produce(topic, key=b"slow" if i == 0 else f"k{i}".encode(), value=f"v{i}")
+    assert producer.flush(30) == 0
+
+
+_CRASHING_WORKER = textwrap.dedent(
+    """
+    import sys, threading, time
+    from resilient_kafka import ResilientConsumer, RetryPolicy
+
+    bootstrap, topic, group, ledger = sys.argv[1:5]
+    consumer = ResilientConsumer(
+        {"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+         "session.timeout.ms": 3000, "auto.commit.interval.ms": 300},
+        retry=RetryPolicy(delays=(1.0,)), metrics=False,
+    )
+    lock = threading.Lock()
+
+    def handler(msg):
+        if msg.key() == b"slow":
+            time.sleep(600)  # SIGKILLed here: offset 0 never completes
+        with lock, open(ledger, "a") as out:
+            out.write(f"{msg.offset()}\\n")
+
+    consumer.subscribe([topic])
+    consumer.run(handler, concurrency=8)
+    """
+)
+
+
+def test_after_a_sigkill_the_next_owner_skips_what_was_completed(
+    mock_cluster: MockCluster, tmp_path: Path
+) -> None:
+    topic, group, count = f"src-{uuid.uuid4().hex[:6]}", f"g{uuid.uuid4().hex[:6]}", 60
+    mock_cluster.create_topic(topic, 1)
+    _tier_topics(mock_cluster, topic, group)
+    _produce(mock_cluster, topic, count)
+    ledger = tmp_path / "ledger.txt"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _CRASHING_WORKER,
+            mock_cluster.bootstrap_servers,
+            topic,
+            group,
+            str(ledger),
+        ],
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # the first record is stuck: the committed offset stays 0, everything above it is done
+        # and named in the metadata
+        def all_above_committed() -> bool:
+            tp = _committed(mock_cluster, topic, group)
+            return tp.offset == 0 and decode(tp.metadata or "", 0) == set(range(1, count))
+
+        wait_for(all_above_committed, 60, "offsets 1..59 committed as completed above 0")
+    finally:
+        child.kill()
+        child.wait()
+    first_run = sorted(int(line) for line in ledger.read_text().split())
+    assert first_run == list(range(1, count))
+
+    registry = CollectorRegistry()
+    consumer = _consumer(mock_cluster, group, registry, session_timeout_ms=3000)
+    handled: list[int] = []
+    lock = threading.Lock()
+
+    def handler(msg: Message) -> None:
+        with lock:
+            handled.append(msg.offset())  # type: ignore[arg-type]
+
+    consumer.subscribe([topic])
+    run_until(
+        consumer,
+        handler,
+        lambda: (
+            handled
+            and metric_total(registry, "resilient_kafka_consumer_completed_skipped_total")
+            == count - 1
+        ),
+        timeout=60,
+        concurrency=8,
+    )
+    assert handled == [0]  # only the record that was in flight when it died
+    end = _committed(mock_cluster, topic, group)
+    assert (end.offset, end.metadata or "") == (count, "")
+
+
+def test_metadata_it_did_not_write_is_ignored_with_one_warning(
+    mock_cluster: MockCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    topic, group = f"src-{uuid.uuid4().hex[:6]}", f"g{uuid.uuid4().hex[:6]}"
+    mock_cluster.create_topic(topic, 2)
+    _tier_topics(mock_cluster, topic, group, partitions=2)
+    producer = Producer(mock_cluster.producer_config())
+    for i in range(20):
+        producer.produce(topic, value=f"v{i}", partition=i % 2)
+    assert producer.flush(30) == 0
+    app = Consumer(mock_cluster.client_config(group_id=group, enable_auto_commit=False))
+    app.commit(
+        offsets=[
+            TopicPartition(topic, 0, 2, metadata="app checkpoint 7"),
+            TopicPartition(topic, 1, 2, metadata="rk:9:2:b:AQ"),
+        ],
+        asynchronous=False,
+    )
+    app.close()
+
+    consumer = ResilientConsumer(
+        mock_cluster.client_config(group_id=group), retry=RetryPolicy(delays=(1.0,)), metrics=False
+    )
+    handled: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def handler(msg: Message) -> None:
+        with lock:
+            handled.append((msg.partition(), msg.offset()))  # type: ignore[arg-type]
+
+    consumer.subscribe([topic])
+    with caplog.at_level(logging.WARNING, logger="resilient_kafka.consumer"):
+        run_until(consumer, handler, lambda: len(handled) >= 16, timeout=60, concurrency=4)
+    assert sorted(handled) == [(p, o) for p in (0, 1) for o in range(2, 10)]
+    warnings = [r for r in caplog.records if "did not write" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_completed_offsets_that_do_not_fit_are_committed_without_them(
+    mock_cluster: MockCluster,
+) -> None:
+    """Seven in eight records share a key whose first record is stuck: they wait behind it,
+    while every eighth (keys of their own) completes. 3,750 done offsets spread over 30,000 fit
+    neither a bitset nor runs in 4,000 characters."""
+    topic, group, count = f"src-{uuid.uuid4().hex[:6]}", f"g{uuid.uuid4().hex[:6]}", 30_000
+    mock_cluster.create_topic(topic, 1)
+    _tier_topics(mock_cluster, topic, group)
+    producer = Producer(mock_cluster.producer_config())
+    for i in range(count):
+        producer.produce(topic, key=f"k{i}" if i % 8 == 0 and i else "slow", value=b"")
+        if i % 5000 == 0:
+            producer.poll(0)
+    assert producer.flush(30) == 0
+    registry = CollectorRegistry()
+    consumer = _consumer(mock_cluster, group, registry, auto_commit_interval_ms=200)
+    release = threading.Event()
+    handled: set[int] = set()
+    lock = threading.Lock()
+
+    def handler(msg: Message) -> None:
+        if msg.offset() == 0:
+            release.wait(60)
+        with lock:
+            handled.add(msg.offset())  # type: ignore[arg-type]
+
+    consumer.subscribe([topic])
+    options = {"concurrency": 8, "max_buffered": 2 * count, "max_buffered_per_partition": count}
+    worker = threading.Thread(target=consumer.run, args=(handler,), kwargs=options)
+    worker.start()
+    try:
+        wait_for(lambda: len(handled) == count // 8 - 1, 60, "the records of their own keys")
+        overflows = "resilient_kafka_consumer_completed_offsets_overflow_total"
+        wait_for(lambda: metric_total(registry, overflows) > 0, 30, "a commit without them counted")
+
+        def committed_without_metadata() -> bool:
+            committed = _committed(mock_cluster, topic, group)
+            return (committed.offset, committed.metadata or "") == (0, "")
+
+        wait_for(committed_without_metadata, 30, "offset 0 committed with no metadata")
+        release.set()
+        wait_for(lambda: len(handled) == count, 60, "the stuck key's records after it")
+    finally:
+        release.set()
+        consumer.stop()
+        worker.join(60)
+    end = _committed(mock_cluster, topic, group)
+    assert (end.offset, end.metadata or "") == (count, "")
