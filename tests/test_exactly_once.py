@@ -110,6 +110,19 @@ def _committed(kafka: KafkaCluster, group: str, topic: str, partitions: int) -> 
     return [tp.offset for tp in found]
 
 
+def _eos_consumer(
+    kafka: KafkaCluster, group: str, reg: CollectorRegistry, **kwargs: Any
+) -> ResilientConsumer:
+    """An exactly-once consumer of ``group`` from the earliest offset, retries after 0.2 s."""
+    return ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        exactly_once=True,
+        retry=RetryPolicy(delays=(0.2,)),
+        registry=reg,
+        **kwargs,
+    )
+
+
 class _Recorder:
     """A handler that writes one output record per call (``value:call``) through the
     consumer's producer, and fails the first call of the values in ``fail_first`` after
@@ -156,13 +169,8 @@ def test_output_forwards_and_offsets_commit_together(
     values = [f"v{i}" for i in range(20)]
     _produce(kafka, source, values, partitions=2)
     reg = CollectorRegistry()
-    consumer = ResilientConsumer(
-        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
-        exactly_once=True,
-        transaction_interval=1.0,  # v1 and v3 (both partition 1) share a transaction
-        retry=RetryPolicy(delays=(0.2,)),
-        registry=reg,
-    )
+    # v1 and v3 (both partition 1) share a transaction
+    consumer = _eos_consumer(kafka, group, reg, transaction_interval=1.0)
     handler = _Recorder(consumer, out, fail_first={"v3", "v12"})
     consumer.subscribe([source])
     run_until(
@@ -193,12 +201,7 @@ def test_the_drop_in_loop_commits_in_transactions(
     values = [f"v{i}" for i in range(6)]
     _produce(kafka, source, values)
     reg = CollectorRegistry()
-    consumer = ResilientConsumer(
-        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
-        exactly_once=True,
-        retry=RetryPolicy(delays=(0.2,)),
-        registry=reg,
-    )
+    consumer = _eos_consumer(kafka, group, reg)
     handler = _Recorder(consumer, out, fail_first={"v2"})
     consumer.subscribe([source])
     try:
@@ -289,13 +292,7 @@ def test_concurrent_handlers_keep_output_and_offsets_exactly_once(
     values = [f"v{i}" for i in range(40)]
     _produce(kafka, source, values, partitions=2)
     reg = CollectorRegistry()
-    consumer = ResilientConsumer(
-        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
-        exactly_once=True,
-        transaction_interval=0.5,
-        retry=RetryPolicy(delays=(0.2,)),
-        registry=reg,
-    )
+    consumer = _eos_consumer(kafka, group, reg, transaction_interval=0.5)
     recorder = _Recorder(consumer, out, fail_first={"v7", "v30"})
     recorder.fail_before = {"v11", "v24"}
     recorder.pause = 0.02
@@ -332,12 +329,7 @@ def test_a_concurrent_failure_before_any_output_aborts_nothing(
     values = [f"v{i}" for i in range(30)]
     _produce(kafka, source, values)
     reg = CollectorRegistry()
-    consumer = ResilientConsumer(
-        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
-        exactly_once=True,
-        retry=RetryPolicy(delays=(0.2,)),
-        registry=reg,
-    )
+    consumer = _eos_consumer(kafka, group, reg)
     recorder = _Recorder(consumer, out, fail_first=set())
     recorder.fail_before = {"v3", "v10", "v17", "v25"}
     recorder.pause = 0.05
