@@ -1,6 +1,8 @@
 """Admission: whether a fetched record may be handed out now.
 
-A retry record waits for its due time (its partition pauses until then); during an outage only
+A retry record waits for its due time (its partition pauses until then), but never longer than
+its tier's delay (with jitter) after this consumer first fetched it, whatever its ``rk.due``
+header or the writer's clock says; during an outage only
 the probe's trial record passes; an aborted transaction's failed record is routed without its
 handler; undeserializable records go to the DLQ with their raw bytes; records an earlier owner
 of the partition completed (its commit metadata says so) are done without their handler. Every
@@ -26,6 +28,10 @@ from resilient_kafka.errors import DeserializationError
 
 log = logging.getLogger("resilient_kafka.consumer")
 
+# a due time this much beyond the tier's longest delay is still taken as written (clocks of
+# consumers on different hosts differ a little)
+_CLOCK_SLACK_MS = 1000.0
+
 
 class Admission:
     """Turns fetched messages into :class:`Record` objects, or keeps them back."""
@@ -39,6 +45,7 @@ class Admission:
         settle: Settlement,
         metrics: Any,
         retry_delays: tuple[float, ...],
+        retry_jitter: float,
         key_deserializer: Any,
         value_deserializer: Any,
     ) -> None:
@@ -51,6 +58,10 @@ class Admission:
         self._settle = settle
         self._metrics = metrics
         self._delays = retry_delays
+        self._jitter = retry_jitter
+        # retry partition -> (offset, wall-clock ms) of the record not due when first fetched
+        self._first_fetched: dict[tuple[str, int], tuple[int, float]] = {}
+        self._warned_due: set[tuple[str, int]] = set()
         self._key_deserializer = key_deserializer
         self._value_deserializer = value_deserializer
         self._deserializing = key_deserializer is not None or value_deserializer is not None
@@ -68,6 +79,8 @@ class Admission:
     def forget(self, keys: set[tuple[str, int]]) -> None:
         for key in keys:
             self._completed.pop(key, None)
+            self._first_fetched.pop(key, None)
+            self._warned_due.discard(key)
         self._replan()
 
     def _replan(self) -> None:
@@ -141,13 +154,41 @@ class Admission:
         if due is None:
             return True
         now_ms = time.time() * 1000
-        if due > now_ms:
-            self._control.pause_until(key, due, record.offset)
-            return False
         tier = self._tiers[record.topic][1]
         nominal = self._delays[tier - 1] if tier <= len(self._delays) else 0.0
+        if due > now_ms:
+            longest = nominal * (1 + self._jitter) * 1000 + _CLOCK_SLACK_MS
+            first = self._first_fetched.get(key)
+            if first is None or first[0] != record.offset:
+                first = self._first_fetched[key] = (record.offset, now_ms)
+                if due - now_ms > longest:
+                    self._absurd_due(record, due - now_ms, nominal)
+            limit = first[1] + longest
+            if now_ms < limit:
+                self._control.pause_until(key, int(min(due, limit)), record.offset)
+                return False
+        self._first_fetched.pop(key, None)
         self._metrics.retry_delay(record.topic, (now_ms - due) / 1000 + nominal)
         return True
+
+    def _absurd_due(self, record: Record, ahead_ms: float, nominal: float) -> None:
+        """``rk.due`` lies further ahead than the tier's delay: a forged or broken header, or
+        the writer's clock ahead. Counted, logged (once per partition), waited for no longer
+        than the delay."""
+        self._metrics.due_clamped(record.topic)
+        log_at = logging.DEBUG if record.key in self._warned_due else logging.WARNING
+        self._warned_due.add(record.key)
+        log.log(
+            log_at,
+            "retry record %s [%d] @%d is due %.0fs from now, more than its tier's delay "
+            "(%.1fs): waiting only the delay (a bad rk.due header or the writer's clock ahead; "
+            "logged once per partition)",
+            record.topic,
+            record.partition,
+            record.offset,
+            ahead_ms / 1000,
+            nominal,
+        )
 
     def _deserialized(self, record: Record) -> Record | None:
         msg = record.msg

@@ -233,6 +233,7 @@ class ResilientConsumer(Consumer):
             settle,
             metrics,
             settings.retry.delays,
+            settings.retry.jitter,
             key_deserializer,
             value_deserializer,
         )

@@ -274,6 +274,13 @@ class Families:
             SEMCONV_BUCKETS,
             registry,
         )
+        self.due_clamped = Counter(
+            f"{ns}_retry_due_clamped",
+            "Retry records whose rk.due lay further ahead than their tier's delay (a bad header "
+            "or the writer's clock ahead): they waited only the delay.",
+            [_GROUP, _DEST],
+            registry=registry,
+        )
         self.completed_skipped = Counter(
             f"{ns}_consumer_completed_skipped",
             "Records skipped because the commit metadata says an earlier owner completed them "
@@ -559,6 +566,9 @@ class ConsumerMetrics:
     def key_wait(self, topic: str, seconds: float) -> None:
         self._child(self.fam.key_wait, self.group, topic).observe(seconds)
 
+    def due_clamped(self, topic: str) -> None:
+        self._child(self.fam.due_clamped, self.group, topic).inc()
+
     def completed_skipped(self, topic: str) -> None:
         self._child(self.fam.completed_skipped, self.group, topic).inc()
 
@@ -598,7 +608,7 @@ class NoMetrics:
     consumed = success = staticmethod(id)
     outcome = dedup = retry = retry_delay = process = poll = commit = _nothing
     transaction = rebalance = paused = stats = work = _nothing
-    completed_skipped = completed_overflow = key_wait = _nothing
+    completed_skipped = completed_overflow = key_wait = due_clamped = _nothing
 
 
 class BreakerMetrics:
