@@ -43,8 +43,8 @@ class Router:
         msg = record.msg
         now_ms = int(time.time() * 1000)
         prev = headers.header_dict(msg)
-        attempt = (headers.int_header(prev, headers.ATTEMPT) or 0) + 1
-        first = headers.int_header(prev, headers.FIRST_FAILURE) or now_ms
+        failed, first = headers.failures_so_far(prev, now_ms)
+        attempt = failed + 1
         source = self._topics.source_of(record.topic)
         due_ms = None
         retry = self._retry

@@ -53,11 +53,6 @@ def _text(headers: dict[str, bytes], name: str) -> str | None:
     return value.decode("utf-8", "replace") if value is not None else None
 
 
-def int_header(headers: dict[str, bytes], name: str) -> int | None:
-    """The decimal ``name`` header of a :func:`header_dict`, or None (absent or not a number)."""
-    return _int(headers, name)
-
-
 def _int(headers: dict[str, bytes], name: str) -> int | None:
     text = _text(headers, name)
     try:
@@ -67,8 +62,20 @@ def _int(headers: dict[str, bytes], name: str) -> int | None:
 
 
 def attempt(msg: Any) -> int:
-    """Failed attempts so far: 0 for a message that has never failed."""
-    return _int(header_dict(msg), ATTEMPT) or 0
+    """Failed attempts so far: 0 for a message that has never failed (or a bad header)."""
+    return max(0, _int(header_dict(msg), ATTEMPT) or 0)
+
+
+def failures_so_far(headers: dict[str, bytes], now_ms: int) -> tuple[int, int]:
+    """(failed attempts, first failure in epoch ms) from a record's :func:`header_dict`, read
+    defensively: a missing, malformed or negative count is 0; a first failure that is missing,
+    negative or in the future is now (a forged header must not pick a tier that does not
+    exist, nor keep a retry budget from ever running out)."""
+    count = _int(headers, ATTEMPT)
+    first = _int(headers, FIRST_FAILURE)
+    if first is None or first < 0 or first > now_ms:
+        first = now_ms
+    return (count if count is not None and count > 0 else 0), first
 
 
 def due(msg: Any) -> int | None:

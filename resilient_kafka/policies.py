@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -39,6 +40,15 @@ def _exception_classes(value: object, what: str) -> tuple[type[BaseException], .
     return tuple(classes)
 
 
+def _number(value: object) -> bool:
+    """A finite real number (a bool is not one here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Non-blocking retries through delay topics: one topic per entry of ``delays`` (seconds).
@@ -66,17 +76,19 @@ class RetryPolicy:
     _blocking_budget: float = field(default=0.0, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        delays = tuple(self.delays)
-        if any(not isinstance(d, int | float) or d < 0 for d in delays):
+        given: Any = self.delays
+        iterable = hasattr(given, "__iter__") and not isinstance(given, str | bytes)
+        delays: tuple[Any, ...] = tuple(given) if iterable else (given,)
+        if any(not _number(d) or d < 0 for d in delays):
             raise ConfigurationError(f"retry delays must be non-negative seconds, got {delays!r}")
         object.__setattr__(self, "delays", tuple(float(d) for d in delays))
         object.__setattr__(self, "retry_on", _exception_classes(self.retry_on, "retry_on"))
         object.__setattr__(
             self, "dead_letter_on", _exception_classes(self.dead_letter_on, "dead_letter_on")
         )
-        if self.timeout is not None and self.timeout <= 0:
+        if self.timeout is not None and not (_number(self.timeout) and self.timeout > 0):
             raise ConfigurationError(f"retry timeout must be positive seconds, got {self.timeout}")
-        if not 0 <= self.jitter < 1:
+        if not (_number(self.jitter) and 0 <= self.jitter < 1):
             raise ConfigurationError(f"jitter must be in [0, 1), got {self.jitter}")
         if self.blocking_stop is not None or self.blocking_wait is not None:
             object.__setattr__(self, "_blocking_budget", _worst_case_wait(self))
@@ -193,18 +205,25 @@ class DeadLetterPolicy:
     flood_backoff: tuple[float, float] = (1.0, 60.0)
 
     def __post_init__(self) -> None:
-        if self.max_text_bytes < 64:
+        if not (_integer(self.max_text_bytes) and self.max_text_bytes >= 64):
             raise ConfigurationError(f"max_text_bytes must be >= 64, got {self.max_text_bytes}")
-        if self.max_consecutive is not None and self.max_consecutive < 1:
+        if self.max_consecutive is not None and not (
+            _integer(self.max_consecutive) and self.max_consecutive >= 1
+        ):
             raise ConfigurationError(f"max_consecutive must be >= 1, got {self.max_consecutive}")
-        if self.max_ratio is not None and not 0 < self.max_ratio < 1:
+        if self.max_ratio is not None and not (_number(self.max_ratio) and 0 < self.max_ratio < 1):
             raise ConfigurationError(f"max_ratio must be in (0, 1), got {self.max_ratio}")
-        if self.ratio_window < 10:
+        if not (_integer(self.ratio_window) and self.ratio_window >= 10):
             raise ConfigurationError(f"ratio_window must be >= 10, got {self.ratio_window}")
         if self.on_flood not in ("pause", "raise"):
             raise ConfigurationError(f"on_flood must be 'pause' or 'raise', got {self.on_flood!r}")
-        first, most = self.flood_backoff
-        if not 0 < first <= most:
+        backoff = self.flood_backoff
+        if not (
+            isinstance(backoff, tuple | list)
+            and len(backoff) == 2
+            and all(_number(b) for b in backoff)
+            and 0 < backoff[0] <= backoff[1]
+        ):
             raise ConfigurationError(
                 "flood_backoff must be (first, max) with 0 < first <= max, "
                 f"got {self.flood_backoff}"

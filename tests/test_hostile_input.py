@@ -67,3 +67,57 @@ def test_a_retry_record_due_far_ahead_waits_only_its_tiers_delay(
     assert max(handled.values()) - produced_at < 15
     clamped = metric_total(registry, "resilient_kafka_retry_due_clamped_total")
     assert clamped == 3
+
+
+HOSTILE = {
+    "negative-attempt": [(headers.ATTEMPT, b"-3")],
+    "attempt-not-a-number": [(headers.ATTEMPT, b"\xff\xfe")],
+    "attempt-past-int-limit": [(headers.ATTEMPT, b"9" * 5000)],
+    "first-failure-in-the-future": [(headers.FIRST_FAILURE, b"99999999999999")],
+    "duplicated-rk-headers": [  # the last of a repeated header counts
+        (headers.ATTEMPT, b"7"),
+        (headers.ATTEMPT, b"0"),
+        (headers.ID, b"a"),
+        (headers.ID, b"b"),
+    ],
+    "forged-original": [
+        (headers.ORIGINAL_TOPIC, b"\xff"),
+        (headers.ORIGINAL_PARTITION, b"-7"),
+        (headers.ORIGINAL_OFFSET, b"x"),
+    ],
+    "spring-family": [("kafka_dlt-original-offset", b"\x00\x00"), ("retry_topic-attempts", b"")],
+    "huge-user-header": [("x-blob", b"x" * 600_000)],
+}
+
+
+def test_records_with_hostile_headers_are_retried_from_tier_one_and_lose_nothing(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    """Each record fails once: its retry copy goes to tier 1 whatever its headers claim
+    (a forged negative attempt count once named a tier that does not exist), then succeeds."""
+    source = topic_factory(1)
+    group = f"g{uuid.uuid4().hex[:8]}"
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        retry=RetryPolicy(delays=(0.2, 0.2)),
+        metrics=False,
+    )
+    producer = Producer(kafka.producer_config())
+    for name, hdrs in HOSTILE.items():
+        producer.produce(source, value=name, headers=hdrs)
+    assert producer.flush(30) == 0
+    seen: dict[str, list[str]] = {}
+    lock = threading.Lock()
+
+    def handler(msg: Message) -> None:
+        name = msg.value().decode()  # type: ignore[union-attr]
+        with lock:
+            seen.setdefault(name, []).append(msg.topic())  # type: ignore[arg-type]
+            first = len(seen[name]) == 1
+        if first:
+            raise RuntimeError(f"{name} fails once")
+
+    consumer.subscribe([source])
+    tier_one = consumer.retry_topics(source)[0]
+    run_until(consumer, handler, lambda: all(len(seen.get(n, ())) == 2 for n in HOSTILE))
+    assert seen == {name: [source, tier_one] for name in HOSTILE}, seen
