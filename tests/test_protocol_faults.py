@@ -1,0 +1,290 @@
+"""Protocol-level faults on a three-broker cluster (librdkafka's mock cluster): partition leaders
+move, a broker goes down and comes back, requests are answered with chosen error codes. For
+each: nothing is lost (every record is handled or in the DLQ), no offset is committed past an
+unfinished record, and the consumer recovers by itself or stops with the error the docs promise.
+
+A third of the records fail once (their retry copies go through the retry tier) and a few fail
+for good (DLQ), so forwards are produced while the faults hit.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from resilient_kafka import ForwardError, ResilientConsumer, RetryPolicy
+from resilient_kafka.testing import ApiKey, MockCluster
+from tests.helpers import metric_total, wait_for
+
+COUNT = 90
+PARTITIONS = 3
+
+
+class Load:
+    """A source topic with its retry tier and DLQ on the mock cluster, ``COUNT`` keyed records,
+    and a handler: every third record fails once, every seventeenth always."""
+
+    def __init__(self, cluster: MockCluster) -> None:
+        self.cluster = cluster
+        self.registries: list[CollectorRegistry] = []  # of every consumer made
+        self.topic = f"src-{uuid.uuid4().hex[:6]}"
+        self.group = f"g{uuid.uuid4().hex[:6]}"
+        cluster.create_topic(self.topic, PARTITIONS, replication_factor=3)
+        probe = self.consumer()
+        self.tier = probe.retry_topics(self.topic)[0]
+        self.dlq = probe.dead_letter_topic(self.topic)
+        probe.close()
+        for name in (self.tier, self.dlq):  # the mock cluster answers no CreateTopics
+            cluster.create_topic(name, PARTITIONS, replication_factor=3)
+        producer = Producer(cluster.producer_config())
+        self.values = [f"v{i}" for i in range(COUNT)]
+        for i, value in enumerate(self.values):
+            producer.produce(self.topic, key=f"k{i % 10}", value=value, partition=i % PARTITIONS)
+        assert producer.flush(30) == 0
+        self.attempts: dict[str, int] = {}
+        self.done: set[str] = set()
+        self.lock = threading.Lock()
+
+    def consumer(self, quiet: bool = False, **conf: Any) -> ResilientConsumer:
+        """A consumer of the group (``quiet``: no librdkafka log lines, for faults that make
+        it complain)."""
+        config = self.cluster.client_config(
+            group_id=self.group, auto_offset_reset="earliest", **conf
+        )
+        if quiet:
+            config["log_level"] = 0
+        registry = CollectorRegistry()
+        self.registries.append(registry)
+        return ResilientConsumer(config, retry=RetryPolicy(delays=(0.2,)), registry=registry)
+
+    def handler(self, msg: Message) -> None:
+        value = msg.value().decode()  # type: ignore[union-attr]
+        i = int(value[1:])
+        with self.lock:
+            self.attempts[value] = self.attempts.get(value, 0) + 1
+            attempt = self.attempts[value]
+        if i % 17 == 0:
+            raise ValueError(f"{value} is poison")
+        if i % 3 == 0 and attempt == 1:
+            raise RuntimeError(f"{value} fails once")
+        with self.lock:
+            self.done.add(value)
+
+    def expected_dead(self) -> set[str]:
+        return {v for v in self.values if int(v[1:]) % 17 == 0}
+
+    def settled(self) -> bool:
+        """Every record handled, and every poison one routed to the DLQ by this consumer (its
+        copy is acknowledged before the consumer's final commit)."""
+        routed = sum(
+            metric_total(r, "resilient_kafka_messages_handled_total", outcome="dead_lettered")
+            for r in self.registries
+        )
+        dead = self.expected_dead()
+        return len(self.done) == COUNT - len(dead) and routed >= len(dead)
+
+    def committed_to_the_end(self) -> bool:
+        return all(
+            _committed(self.cluster, self.group, topic) == _ends(self.cluster, topic)
+            for topic in (self.topic, self.tier)
+        )
+
+    def check(self) -> None:
+        """Every record handled or dead-lettered, and the group committed to the end of the
+        source and of the tier. A fault can make the last commit fail (the group's generation
+        changed under it): then its records are delivered again, to a consumer that finishes
+        the job here; nothing may be missing after it."""
+        if not self.committed_to_the_end():
+            consumer = self.consumer()
+            consumer.subscribe([self.topic])
+            thread = threading.Thread(target=consumer.run, args=(self.handler,), daemon=True)
+            thread.start()
+            try:
+                wait_for(self.committed_to_the_end, 60, "the group to commit to the end")
+            finally:
+                consumer.stop()
+                thread.join(30)
+        assert self.done == set(self.values) - self.expected_dead()
+        dead = _read(self.cluster, self.dlq)
+        assert set(dead) == self.expected_dead(), sorted(dead)
+
+
+def _read(cluster: MockCluster, topic: str) -> list[str]:
+    reader = Consumer(cluster.client_config(group_id=f"r-{uuid.uuid4().hex[:6]}"))
+    reader.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+    got: list[str] = []
+    quiet = time.monotonic()
+    try:
+        while time.monotonic() - quiet < 1.5:
+            msg = reader.poll(0.2)
+            if msg is not None and msg.error() is None:
+                got.append(msg.value().decode())  # type: ignore[union-attr]
+                quiet = time.monotonic()
+    finally:
+        reader.close()
+    return got
+
+
+def _committed(cluster: MockCluster, group: str, topic: str) -> list[int]:
+    reader = Consumer(cluster.client_config(group_id=group))
+    try:
+        found = reader.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], 10)
+    finally:
+        reader.close()
+    return [max(tp.offset, 0) for tp in found]
+
+
+def _ends(cluster: MockCluster, topic: str) -> list[int]:
+    reader = Consumer(cluster.client_config(group_id=f"r-{uuid.uuid4().hex[:6]}"))
+    try:
+        return [
+            reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in range(PARTITIONS)
+        ]
+    finally:
+        reader.close()
+
+
+def _run(load: Load, consumer: ResilientConsumer, fault: Callable[[], None] | None) -> None:
+    """Run until every record is settled; ``fault`` strikes once a third is done; then stop
+    (the final commit) and check."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            consumer.run(load.handler)
+        except BaseException as exc:
+            errors.append(exc)
+
+    consumer.subscribe([load.topic])
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        if fault is not None:
+            wait_for(lambda: len(load.done) >= COUNT // 3 or errors, 60, "a third handled")
+            fault()
+        wait_for(lambda: load.settled() or errors, 90, "every record settled")
+    finally:
+        consumer.stop()
+        thread.join(60)
+    assert not errors, errors
+    assert not thread.is_alive()
+
+
+def _leaders_to(cluster: MockCluster, broker: int, *topics: str) -> None:
+    for topic in topics:
+        for partition in range(PARTITIONS):
+            cluster.set_leader(topic, partition, broker)
+
+
+def test_partition_leaders_of_the_source_and_the_tiers_move_mid_stream(
+    mock_cluster: MockCluster,
+) -> None:
+    load = Load(mock_cluster)
+    _leaders_to(mock_cluster, 1, load.topic, load.tier, load.dlq)
+
+    def move() -> None:
+        _leaders_to(mock_cluster, 2, load.topic)
+        _leaders_to(mock_cluster, 3, load.tier, load.dlq)
+
+    _run(load, load.consumer(), move)
+    load.check()
+
+
+def test_a_broker_goes_down_and_comes_back(mock_cluster: MockCluster) -> None:
+    load = Load(mock_cluster)
+    _leaders_to(mock_cluster, 2, load.topic, load.tier, load.dlq)
+
+    def outage() -> None:
+        mock_cluster.broker_down(2)
+        time.sleep(3)  # the fault's length, not a synchronisation
+        mock_cluster.broker_up(2)
+
+    _run(load, load.consumer(quiet=True), outage)
+    load.check()
+
+
+@pytest.mark.parametrize(
+    "codes",
+    [
+        (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.NOT_LEADER_FOR_PARTITION),
+        (KafkaError.REQUEST_TIMED_OUT, KafkaError.REQUEST_TIMED_OUT),
+        (KafkaError.NOT_ENOUGH_REPLICAS, KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND),
+    ],
+    ids=["not-leader", "request-timed-out", "not-enough-replicas"],
+)
+def test_retriable_errors_on_forwards_are_retried(
+    mock_cluster: MockCluster, codes: tuple[int, ...]
+) -> None:
+    load = Load(mock_cluster)
+    _run(load, load.consumer(), lambda: mock_cluster.push_request_errors(ApiKey.Produce, *codes))
+    load.check()
+
+
+@pytest.mark.parametrize(
+    "code",
+    [KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.TOPIC_AUTHORIZATION_FAILED],
+    ids=["message-too-large", "topic-authorization-failed"],
+)
+def test_a_permanent_error_on_a_forward_stops_run_with_forward_error_and_loses_nothing(
+    mock_cluster: MockCluster, code: int
+) -> None:
+    """run() stops with ForwardError (its documented error); the refused copy's record is not
+    committed; a new consumer, once the broker accepts again, finishes the job."""
+    load = Load(mock_cluster)
+    first = load.consumer()
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            first.run(load.handler)
+        except ForwardError as exc:
+            failure.append(exc)
+
+    mock_cluster.push_request_errors(ApiKey.Produce, code)
+    first.subscribe([load.topic])
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    wait_for(lambda: failure or not thread.is_alive(), 60, "run() to stop with ForwardError")
+    thread.join(30)
+    assert failure and isinstance(failure[0], ForwardError), failure
+    _run(load, load.consumer(), None)
+    load.check()
+
+
+@pytest.mark.parametrize(
+    ("api", "codes"),
+    [
+        (
+            ApiKey.OffsetCommit,
+            (
+                KafkaError.REBALANCE_IN_PROGRESS,
+                KafkaError.COORDINATOR_NOT_AVAILABLE,
+                KafkaError.UNKNOWN_MEMBER_ID,
+                KafkaError.ILLEGAL_GENERATION,
+            ),
+        ),
+        (ApiKey.Heartbeat, (KafkaError.REBALANCE_IN_PROGRESS, KafkaError.UNKNOWN_MEMBER_ID)),
+        (ApiKey.JoinGroup, (KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.NOT_COORDINATOR)),
+        (
+            ApiKey.SyncGroup,
+            (KafkaError.REBALANCE_IN_PROGRESS, KafkaError.COORDINATOR_LOAD_IN_PROGRESS),
+        ),
+    ],
+    ids=["offset-commit", "heartbeat", "join-group", "sync-group"],
+)
+def test_group_protocol_errors_are_recovered_from(
+    mock_cluster: MockCluster, api: int, codes: tuple[int, ...]
+) -> None:
+    load = Load(mock_cluster)
+    # a commit every 100 ms: the errors meet commits mid-stream
+    consumer = load.consumer(quiet=True, auto_commit_interval_ms=100)
+    _run(load, consumer, lambda: mock_cluster.push_request_errors(api, *codes))
+    load.check()
