@@ -830,7 +830,12 @@ class ResilientConsumer(Consumer):
                 self._handle_closed = True
                 self.__dict__.pop("poll", None)
                 self.__dict__.pop("consume", None)
-                self._producer.close()  # flushes what is left, then releases the connection
+                try:
+                    self._producer.close()  # flushes what is left, releases the connection
+                except KafkaException as exc:
+                    # a fatal producer (fenced) says so again: the error that stopped the
+                    # consumer (TransactionError) must not be replaced by this one
+                    log.warning("closing the forwarding producer: %s", exc)
                 if self._claims is not None:
                     self._claims.close()
                 self._metrics.retire()
