@@ -25,6 +25,9 @@ from resilient_kafka._record import Record
 log = logging.getLogger("resilient_kafka.consumer")
 
 STORE_INTERVAL = 0.05  # seconds between offset-store calls: batches the per-record work
+# with completed offsets in the metadata each store encodes them (linear in how many are done
+# above a slow record): less often
+SPARSE_STORE_INTERVAL = 0.5
 
 
 class OffsetCommitter:
@@ -46,11 +49,14 @@ class OffsetCommitter:
         self._commit_interval = commit_interval
         self._last_commit = time.monotonic()
         self._unsent: dict[tuple[str, int], TopicPartition] = {}  # stored, not committed yet
+        self._overflowing: set[tuple[str, int]] = set()  # partitions whose done do not all fit
+        self._store_interval = STORE_INTERVAL
 
     def keep_completed(self) -> None:
         """From now on commits carry the offsets completed above them (``run()`` with
         concurrency: records complete out of order)."""
         self._sparse = True
+        self._store_interval = SPARSE_STORE_INTERVAL
 
     def wrote_for(self, record: Record) -> bool:
         return False
@@ -60,7 +66,7 @@ class OffsetCommitter:
 
     def maintain(self, now: float) -> float:
         """Store what became safe (auto-commit); returns the longest wait it allows."""
-        if self._auto_commit and now - self._last_store >= STORE_INTERVAL:
+        if self._auto_commit and now - self._last_store >= self._store_interval:
             self._last_store = now
             self._store()
             if self._unsent and now - self._last_commit >= self._commit_interval:
@@ -86,11 +92,15 @@ class OffsetCommitter:
     ) -> list[TopicPartition]:
         """Offsets to commit, each with the offsets done above it in its metadata."""
         offsets = []
+        overflowing = self._overflowing
         for topic, partition, base, done in self.barrier.completed(changed_only, keys):
-            metadata = _offset_metadata.encode(base, done)
-            if metadata is None:  # too many to carry: a crash would handle them again
+            metadata, complete = _offset_metadata.encode(base, done)
+            key = (topic, partition)
+            if complete:
+                overflowing.discard(key)
+            elif key not in overflowing:  # the rest is handled again after a crash: counted
+                overflowing.add(key)  # once until they fit again
                 self._metrics.completed_overflow()
-                metadata = ""
             offsets.append(TopicPartition(topic, partition, base, metadata=metadata))
         return offsets
 
@@ -188,6 +198,7 @@ class OffsetCommitter:
         for key in keys:
             self.barrier.forget(*key)
             self._unsent.pop(key, None)
+            self._overflowing.discard(key)
 
     def close(self, wrote: bool) -> None:
         """The consumer closes (forwards drained): commit what is safe."""

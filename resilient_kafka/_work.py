@@ -268,7 +268,10 @@ class WorkManager:
         if work is None or work.epoch != epoch:  # its partition was revoked meanwhile
             _end_span(record)
             if record.claim is not None:
-                self._claims.release(record)
+                if exc is None:  # its side effect happened: never again, whoever owns it now
+                    self._claims.complete(record)
+                else:
+                    self._claims.release(record)
             log.debug("dropping the late outcome of %r (partition revoked)", record)
             return
         work.running -= 1
@@ -669,6 +672,8 @@ class ThreadRunner:
                 continue
             if record.identity is not None:
                 unclaimed = attempts.claim(record)
+                if unclaimed is None and (self.stopping or epoch in self.cancelled):
+                    unclaimed = _NOT_STARTED  # revoked while it waited for its claim
                 if unclaimed is not None:
                     mailbox.put((record, epoch, unclaimed, 0.0))
                     continue
@@ -777,6 +782,8 @@ class AsyncRunner:
             unclaimed = await asyncio.get_running_loop().run_in_executor(
                 None, attempts.claim, record
             )
+            if unclaimed is None and (self.stopping or epoch in self.cancelled):
+                unclaimed = _NOT_STARTED  # revoked while it waited for its claim
             if unclaimed is not None:
                 task = asyncio.current_task()
                 if task is not None:

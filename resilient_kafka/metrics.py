@@ -290,8 +290,8 @@ class Families:
         )
         self.completed_overflow = Counter(
             f"{ns}_consumer_completed_offsets_overflow",
-            "Commits whose completed offsets did not fit the commit metadata: committed without "
-            "them (a crash then handles them again).",
+            "Times a partition's completed offsets stopped fitting the commit metadata: its "
+            "commits carry the longest prefix that fits (a crash handles the rest again).",
             [_GROUP],
             registry=registry,
         )

@@ -752,7 +752,9 @@ def _work_manager(runner: _FakeRunner, settled: list[tuple[str, int]], **kwargs:
         "drain_timeout": 0.2,
         **kwargs,
     }
-    return WorkManager(runner, settle, control, outage, None, NoMetrics(), **options)  # type: ignore[arg-type]
+    claims = kwargs.pop("claims", None)
+    options = {k: v for k, v in options.items() if k != "claims"}
+    return WorkManager(runner, settle, control, outage, claims, NoMetrics(), **options)  # type: ignore[arg-type]
 
 
 def _record(offset: int, key: bytes | None) -> Any:
@@ -792,3 +794,40 @@ def test_work_manager_orders_a_key_and_fences_revoked_outcomes() -> None:
     work.collect()
     assert settled == [("done", 1), ("failed", 0), ("done", 4)]
     assert work.running == 0 and work.held == 0
+
+
+class _FakeClaims:
+    """Dedup claims that record what the work manager does with them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def identity(self, record: Any) -> str:
+        return "X"  # every record is a copy of one message
+
+    def complete(self, record: Any) -> None:
+        self.calls.append(("complete", record.offset))
+        record.claim = None
+
+    def release(self, record: Any) -> None:
+        self.calls.append(("release", record.offset))
+        record.claim = None
+
+
+def test_a_late_success_completes_its_claim_and_its_twin_starts_after_it() -> None:
+    """A handler that succeeded after its partition was revoked did its side effect: its claim
+    becomes done (a release would let its twin, or the new owner, run it again)."""
+    runner = _FakeRunner()
+    settled: list[tuple[str, int]] = []
+    claims = _FakeClaims()
+    work = _work_manager(runner, settled, claims=claims, drain_timeout=0.0)
+    first, twin = _record(0, b"a"), _record(1, b"b")
+    work.submit(first)
+    work.submit(twin)
+    assert [r.offset for r, _ in runner.started] == [0], "the twin waits for the first copy"
+    first.claim = "X"  # the worker claimed it
+    work.revoke({("t", 0)}, lost=True)
+    runner.finish(first)  # it succeeded, too late for its epoch
+    work.collect()
+    assert claims.calls == [("complete", 0)]
+    assert settled == []  # not settled here: the new owner's offsets are its own
