@@ -172,6 +172,9 @@ class WorkManager:
         self._quiet = False  # exactly-once: nothing starts until the transaction commits
         self._claiming: set[str] = set()  # dedup identities of the records started
         self._twins: dict[str, deque[Record]] = {}  # ready records whose identity is started
+        # partition -> the lowest offset given back (claimed elsewhere) and not fetched again:
+        # a later give-back must not move the partition forward past it
+        self._given_back: dict[Key, int] = {}
 
     claims_itself = True  # a worker claims its record, before the handler
 
@@ -196,6 +199,10 @@ class WorkManager:
                 self._settle.refused(record, exc, headers.NON_RETRYABLE)
                 return
         key = record.key
+        if self._given_back:
+            mark = self._given_back.get(key)
+            if mark is not None and record.offset <= mark:
+                del self._given_back[key]  # fetched again from there on
         work = self._partitions.get(key)
         if work is None:
             work = self._partitions[key] = _PartitionWork(next(self._epochs))
@@ -310,9 +317,18 @@ class WorkManager:
         elif verdict is Verdict.HOLD:
             settle.held(record, DEDUP_STORE)  # an outage: what waits is given back
         else:  # claimed elsewhere past the wait: its partition rewinds to it, or lower
-            lowest = self._drop_waiting([record.key]).get(record.key)
-            if lowest is not None and lowest < record.offset:
-                self._control.rewind(record.key, lowest)
+            key = record.key
+            lowest = min(
+                offset
+                for offset in (
+                    record.offset,
+                    self._drop_waiting([key]).get(key),
+                    self._given_back.get(key),
+                )
+                if offset is not None
+            )
+            self._given_back[key] = lowest
+            self._control.rewind(key, lowest)
             settle.later(record)
 
     def _finished(self, record: Record, key: Key, work: _PartitionWork) -> None:
@@ -475,6 +491,7 @@ class WorkManager:
                 break
             self.collect(min(left, 0.1))
         for key in keys:
+            self._given_back.pop(key, None)
             work = self._partitions.pop(key, None)
             if work is not None:
                 self.held -= work.held

@@ -739,9 +739,13 @@ def _work_manager(runner: _FakeRunner, settled: list[tuple[str, int]], **kwargs:
     settle = SimpleNamespace(
         done=lambda r: settled.append(("done", r.offset)),
         failed=lambda r, exc: settled.append(("failed", r.offset)),
+        later=lambda r: settled.append(("later", r.offset)),
     )
     control = SimpleNamespace(
-        assigned={("t", 0)}, pause=lambda keys, reason: None, release=lambda keys, reason: []
+        assigned={("t", 0)},
+        pause=lambda keys, reason: None,
+        release=lambda keys, reason: [],
+        rewind=lambda key, offset: settled.append(("rewind", offset)),
     )
     outage = SimpleNamespace(current=None, is_probe=lambda r: False)
     options = {
@@ -831,3 +835,27 @@ def test_a_late_success_completes_its_claim_and_its_twin_starts_after_it() -> No
     work.collect()
     assert claims.calls == [("complete", 0)]
     assert settled == []  # not settled here: the new owner's offsets are its own
+
+
+def test_a_second_give_back_never_moves_its_partition_forward() -> None:
+    """Records 10 and 12 of a partition run; another consumer holds both claims. 10 is given
+    back (its partition rewinds to 10); before 10 is fetched again, 12 is given back too: the
+    partition must stay at 10, not jump forward to 12 and skip 10 and 11."""
+    from resilient_kafka._claims import Verdict
+    from resilient_kafka._work import Unclaimed
+
+    runner = _FakeRunner()
+    settled: list[tuple[str, int]] = []
+    claims = _FakeClaims()
+    claims.identity = lambda record: f"id{record.offset}"  # type: ignore[method-assign]
+    work = _work_manager(runner, settled, claims=claims, ordering="unordered")
+    r10, r11, r12 = _record(10, b"a"), _record(11, b"b"), _record(12, b"c")
+    for record in (r10, r11, r12):
+        work.submit(record)
+    runner.finish(r11)
+    runner.finish(r10, Unclaimed(Verdict.LATER))
+    work.collect()
+    runner.finish(r12, Unclaimed(Verdict.LATER))
+    work.collect()
+    rewinds = [offset for what, offset in settled if what == "rewind"]
+    assert rewinds == [10, 10], rewinds
