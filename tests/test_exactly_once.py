@@ -319,6 +319,48 @@ def test_concurrent_handlers_keep_output_and_offsets_exactly_once(
     assert _committed(kafka, group, source, 2) == [20, 20]
 
 
+def test_no_transaction_commits_while_a_concurrent_handler_runs(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    """A handler writes its output, runs for 1 s (ten transaction intervals) while other keys
+    flow, then fails: no transaction may commit meanwhile, or its output would be published
+    for a record that is then routed to a retry tier."""
+    source, out = topic_factory(1), topic_factory(1, suffix="out")
+    group = f"g{uuid.uuid4().hex[:8]}"
+    values = ["slow", *[f"v{i}" for i in range(40)]]
+    producer = Producer(kafka.producer_config())
+    for i, value in enumerate(values):
+        producer.produce(source, key=f"k{i}", value=value)
+    assert producer.flush(30) == 0
+    reg = CollectorRegistry()
+    consumer = _eos_consumer(kafka, group, reg, transaction_interval=0.1)
+    seen: Counter[str] = Counter()
+    commits_while_slow: list[float] = []
+    lock = threading.Lock()
+
+    def handler(msg: Message) -> None:
+        value = msg.value().decode()  # type: ignore[union-attr]
+        with lock:
+            seen[value] += 1
+            first = seen[value] == 1
+        consumer.producer.produce(out, value=value)
+        if value == "slow" and first:
+            before = _transactions(reg, group, "committed")
+            threading.Event().wait(1.0)  # its own run time, while the others flow
+            commits_while_slow.append(_transactions(reg, group, "committed") - before)
+            raise RuntimeError("slow fails after writing")
+        time.sleep(0.02)
+
+    consumer.subscribe([source])
+    run_until(
+        consumer,
+        handler,
+        lambda: seen["slow"] >= 2 and all(seen[v] for v in values),
+        concurrency=8,
+    )
+    assert commits_while_slow == [0]
+
+
 def test_a_concurrent_failure_before_any_output_aborts_nothing(
     kafka: KafkaCluster, topic_factory
 ) -> None:
