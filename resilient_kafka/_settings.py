@@ -133,3 +133,16 @@ class Settings:
                 f"polling thread (keep them under {max_poll * BLOCKING_SHARE:.1f}s, let retry "
                 "topics take the longer delays, or run with concurrency > 1)"
             )
+
+    def check_blocking_fits_transaction(self) -> None:
+        """Exactly-once with concurrency: a transaction commits only when no handler runs, so
+        a record in blocking retries keeps it open; it must end well inside
+        ``transaction.timeout.ms`` (the broker aborts a transaction open longer)."""
+        budget, limit = self.retry.blocking_budget, self.transaction_timeout * BLOCKING_SHARE
+        if self.retry.blocking and budget > limit:
+            raise ConfigurationError(
+                f"blocking retries can wait up to {budget:.1f}s per message, which does not "
+                f"fit in transaction.timeout.ms={self.transaction_timeout * 1000:.0f} with "
+                f"exactly_once=True and concurrency (a transaction stays open while a handler "
+                f"runs): keep them under {limit:.1f}s, or let retry topics take the longer delays"
+            )

@@ -705,6 +705,8 @@ class ResilientConsumer(Consumer):
         asynchronous = inspect.iscoroutinefunction(handler)
         if concurrency == 1 and not asynchronous:
             self._settings.check_blocking_fits()
+        elif self._txn is not None:
+            self._settings.check_blocking_fits_transaction()
         executor = self._executor(
             handler, asynchronous, concurrency, ordering, total, per_partition, drain_timeout, loop
         )

@@ -547,3 +547,15 @@ def test_exactly_once_settings_are_checked(kafka: KafkaCluster) -> None:
         ResilientConsumer(config, producer_config={"transactional.id": "x"})
     with pytest.raises(ConfigurationError, match="transaction_interval"):
         ResilientConsumer(config, exactly_once=True, transaction_interval=0)
+    slow = RetryPolicy(
+        blocking_stop=tenacity.stop_after_attempt(60), blocking_wait=tenacity.wait_fixed(1)
+    )
+    consumer = ResilientConsumer(config, exactly_once=True, retry=slow)
+    guard = threading.Timer(10, consumer.stop)  # were it accepted, run() would not return
+    guard.start()
+    try:  # 59 s of blocking retries would keep a transaction open past 80 % of 60 s
+        with pytest.raises(ConfigurationError, match=r"transaction\.timeout\.ms"):
+            consumer.run(lambda msg: None, concurrency=4)
+    finally:
+        guard.cancel()
+        consumer.close()
