@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks import _workload, cases
+from benchmarks import _workload, cases, concurrency
 from benchmarks._workload import preload
 from benchmarks.cases import Result, Setup
 from benchmarks.report import render, targets, write_plot
@@ -47,6 +47,27 @@ PROFILES = {
     "full": Profile(200_000, 3, 1_000_000, 1000, 10.0, 200_000, 10_000, 3.0),
 }
 
+
+@dataclass(frozen=True)
+class ConcurrencyProfile:
+    """The concurrent-handler cases (benchmarks/concurrency.py) in a profile."""
+
+    seconds: float  # each case's timed window
+    records: int  # in their topic (1,000 keys)
+    hot_records: int  # in the hot-key topic
+    rss_seconds: float  # the hot-key RSS run
+    cases: tuple[str, ...]
+
+
+_QUICK_CONCURRENCY = tuple(case.name for case in concurrency.CASES if case.quick)
+CONCURRENCY_PROFILES = {
+    "smoke": ConcurrencyProfile(1.0, 3_000, 6_000, 3.0, ("sequential", "threads_64")),
+    "quick": ConcurrencyProfile(3.0, 100_000, 200_000, 15.0, _QUICK_CONCURRENCY),
+    "full": ConcurrencyProfile(
+        10.0, 300_000, 200_000, 30.0, tuple(case.name for case in concurrency.CASES)
+    ),
+}
+
 THROUGHPUT: dict[str, Callable[[Setup], Result]] = {
     "raw_consume": cases.raw_consume,
     "raw_poll": cases.raw_poll,
@@ -63,6 +84,11 @@ THROUGHPUT: dict[str, Callable[[Setup], Result]] = {
 }
 OTHER = ("retry_10pct", "dlq_publish", "produce", "latency", "rss_growth")
 PEERS = ("quixstreams", "faststream_confluent", "faststream_aiokafka")
+# the concurrent-handler cases, named "concurrency_<case>" here; "--only concurrency" picks the
+# profile's share of them and the hot-key RSS run
+CONCURRENCY = {f"concurrency_{case.name}": case for case in concurrency.CASES}
+HOT_KEY_RSS = "concurrency_hot_key_rss"
+CONCURRENCY_PEERS = {name for name, case in CONCURRENCY.items() if case.peer}
 QUIX_VERSION = "3.28.1"
 
 
@@ -127,16 +153,42 @@ def _one(case: Callable[..., Result], *args: Any) -> list[Result]:
     return [case(*args)]
 
 
+def _concurrency_share(profile: ConcurrencyProfile) -> set[str]:
+    share = {f"concurrency_{name}" for name in profile.cases}
+    return share | {HOT_KEY_RSS} if profile.rss_seconds else share
+
+
+def _concurrency_case(
+    case: concurrency.Case, config: dict[str, Any], topics: dict[str, str], seconds: float
+) -> list[Result]:
+    r = case.run(config, topics[case.topic], seconds)
+    extra = {"group": "concurrency", "ours": case.ours}
+    extra.update(reorders=r["reorders"], overlaps=r["overlaps"])
+    return [Result(f"concurrency_{case.name}", r["count"], r["elapsed"], case.note, extra)]
+
+
+def _hot_key_rss(config: dict[str, Any], topic: str, seconds: float) -> list[Result]:
+    r = concurrency.hot_key_rss(config, topic, seconds)
+    shown = ("count", "elapsed", "records_per_s", "us_per_record")
+    extra = {"group": "concurrency_rss", **{k: v for k, v in r.items() if k not in shown}}
+    note = concurrency.describe_hot_key_rss(r)
+    return [Result(HOT_KEY_RSS, r["count"], r["elapsed"], note, extra)]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     profile = PROFILES[args.profile]
     if args.messages:
         profile = replace(profile, messages=args.messages)
-    wanted = set(args.only or [*THROUGHPUT, *OTHER, *PEERS])
-    unknown = wanted - {*THROUGHPUT, *OTHER, *PEERS}
+    conc = CONCURRENCY_PROFILES[args.profile]
+    known = {*THROUGHPUT, *OTHER, *PEERS, *CONCURRENCY, HOT_KEY_RSS}
+    wanted = set(args.only or [*THROUGHPUT, *OTHER, *PEERS, *_concurrency_share(conc)])
+    if "concurrency" in wanted:
+        wanted = (wanted - {"concurrency"}) | _concurrency_share(conc)
+    unknown = wanted - known
     if unknown:
         raise SystemExit(f"unknown case(s): {', '.join(sorted(unknown))}")
     if args.no_peers or args.profile == "smoke":
-        wanted -= set(PEERS)
+        wanted -= {*PEERS, *CONCURRENCY_PEERS}
     results: dict[str, Result] = {}
     runs: dict[str, list[float]] = {}
     skipped: dict[str, str] = {}
@@ -169,6 +221,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "rss_growth" in wanted:
             log(f"preloading {rss.count:,} records into {rss.topic}")
             preload(config, rss.topic, rss.count, partitions)
+        conc_topics: dict[str, str] = {}
+        if wanted & {*CONCURRENCY, HOT_KEY_RSS}:
+            conc_topics = concurrency.create_and_preload(
+                config, conc.records, conc.hot_records, log
+            )
 
         for _ in range(profile.reps):  # interleaved repetitions: drift hits every case alike
             for name, case in THROUGHPUT.items():
@@ -211,6 +268,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             count = min(profile.faststream_messages, main.count)
             peer = functools.partial(cases.peer, name, sys.executable, [flavour], main, count)
             steps.append((name, functools.partial(_one, peer)))
+        for conc_name, conc_case in CONCURRENCY.items():
+            if conc_name not in wanted:
+                continue
+            missing = concurrency.missing_peer(conc_case)
+            if missing:
+                skipped[conc_name] = missing
+                continue
+            steps.append(
+                (
+                    conc_name,
+                    functools.partial(
+                        _concurrency_case, conc_case, config, conc_topics, conc.seconds
+                    ),
+                )
+            )
+        if HOT_KEY_RSS in wanted:
+            seconds = conc.rss_seconds or 10.0  # asked for by name (--only)
+            steps.append(
+                (HOT_KEY_RSS, functools.partial(_hot_key_rss, config, conc_topics["hot"], seconds))
+            )
 
         task = progress.add_task("benchmarks", total=len(steps)) if progress else None
         for name, step in steps:
@@ -245,6 +322,8 @@ def _document(
 
     raw = results.get("raw_consume")
     ceiling = raw.msgs_per_s if raw else 0.0
+    sequential = results.get("concurrency_sequential")
+    slowest = sequential.msgs_per_s if sequential else 0.0
     doc_cases = []
     for result in results.values():
         entry: dict[str, Any] = {
@@ -260,6 +339,12 @@ def _document(
                 ratio_vs_raw=round(result.msgs_per_s / ceiling, 3) if ceiling else None,
                 runs_msgs_per_s=[round(r, 1) for r in runs.get(result.name, [])],
             )
+            if entry.get("group"):  # a 10 ms handler: compared with sequential, not raw
+                entry["ratio_vs_raw"] = None
+            if entry.get("group") == "concurrency":
+                entry["ratio_vs_sequential"] = (
+                    round(result.msgs_per_s / slowest, 2) if slowest else None
+                )
         doc_cases.append(entry)
     return {
         "profile": args.profile,
@@ -289,7 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
-        "--quick", dest="profile", action="store_const", const="quick", help="under 2 minutes"
+        "--quick",
+        dest="profile",
+        action="store_const",
+        const="quick",
+        help="about 4 minutes (2 of them the concurrent-handler cases)",
     )
     group.add_argument(
         "--full", dest="profile", action="store_const", const="full", help="(default)"
@@ -302,13 +391,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", metavar="DIR", default="benchmark-report", help="report.md and throughput.png"
     )
-    parser.add_argument("--no-peers", action="store_true", help="skip quixstreams and faststream")
+    parser.add_argument(
+        "--no-peers", action="store_true", help="skip quixstreams, faststream and arroyo"
+    )
     parser.add_argument(
         "-b", "--bootstrap", help="an existing cluster instead of the embedded broker"
     )
     parser.add_argument("--messages", type=int, help="records per throughput case")
     parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these cases")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="run only these cases ('concurrency': the concurrent-handler ones)",
+    )
     args = parser.parse_args(argv)
     doc = run(args)
     markdown = render(doc)

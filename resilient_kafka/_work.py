@@ -98,7 +98,7 @@ def check_options(
         raise ConfigurationError(
             f"ordering must be one of {', '.join(map(repr, ORDERINGS))}, got {ordering!r}"
         )
-    total = max_buffered if max_buffered is not None else max(10 * concurrency, 1000)
+    total = max_buffered if max_buffered is not None else min(max(50 * concurrency, 1000), 20_000)
     per_partition = (
         max_buffered_per_partition if max_buffered_per_partition is not None else total // 4
     )

@@ -627,7 +627,7 @@ class ResilientConsumer(Consumer):
         ``concurrency`` > 1 runs that many handlers at once (threads; tasks for an ``async
         def`` handler) while this thread keeps polling. ``ordering``: ``"key"`` (records of a
         key in a partition one at a time, in offset order), ``"partition"`` or
-        ``"unordered"``. ``max_buffered`` (default 10 x concurrency, at least 1,000) bounds
+        ``"unordered"``. ``max_buffered`` (default 50 x concurrency, 1,000 to 20,000) bounds
         the records held, running or waiting; ``max_buffered_per_partition`` (default a
         quarter of it) bounds a partition's records queued behind a busy key, and pauses only
         that partition. ``drain_timeout``: how long a revocation
