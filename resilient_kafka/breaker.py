@@ -9,9 +9,10 @@ suited to consumers and a required name.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+import types
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import pybreaker
 
@@ -19,6 +20,7 @@ from resilient_kafka.errors import ConfigurationError
 
 CircuitBreakerError = pybreaker.CircuitBreakerError
 OPEN, HALF_OPEN, CLOSED = pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN, pybreaker.STATE_CLOSED
+T = TypeVar("T")
 
 
 class CircuitBreaker(pybreaker.CircuitBreaker):
@@ -56,6 +58,33 @@ class CircuitBreaker(pybreaker.CircuitBreaker):
             name=name,
             throw_new_error_on_trip=True,
         )
+
+    def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``pybreaker.CircuitBreaker.call``, but a closed breaker does not hold its lock
+        around the guarded call: pybreaker's does, so concurrent handlers calling through one
+        breaker would run one at a time. Open and half-open keep pybreaker's behaviour (the
+        trial call runs alone). The outcome of a call that started closed updates the breaker
+        only if it is still in that state (a trip in the meantime has said it all)."""
+        with self._lock:
+            state = self.state
+            if state.name != CLOSED:
+                return state.call(func, *args, **kwargs)
+            state.before_call(func, *args, **kwargs)
+            for listener in self.listeners:
+                listener.before_call(self, func, *args, **kwargs)
+        try:
+            result = func(*args, **kwargs)
+        except BaseException as exc:
+            with self._lock:
+                if self.state is state:
+                    state._handle_error(exc)  # counts it, may trip, re-raises
+            raise
+        if isinstance(result, types.GeneratorType):  # pybreaker's way: settled as it runs
+            return state.generator_call(result)  # type: ignore[no-untyped-call, no-any-return]
+        with self._lock:
+            if self.state is state:
+                state._handle_success()
+        return result
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name!r} {self.current_state}>"

@@ -27,6 +27,7 @@ from resilient_kafka import (
     headers,
 )
 from resilient_kafka._outage import FloodGuard
+from resilient_kafka.breaker import CircuitBreakerError
 from resilient_kafka.testing import KafkaCluster
 from tests.helpers import produce
 
@@ -443,3 +444,40 @@ def test_order_pipeline_through_an_outage_loses_nothing(kafka: KafkaCluster) -> 
     assert acc.timeline["consumer paused"] - acc.timeline["service down"] < 2.0
     assert acc.timeline["consumer resumed"] - acc.timeline["service back"] < 8.0
     assert acc.handled_per_attempt[3] > 0, "the third retry tier was never exercised"
+
+
+def test_a_closed_breaker_lets_concurrent_calls_run_together() -> None:
+    """pybreaker holds its lock around the guarded call: with concurrent handlers, every call
+    through one breaker ran alone. Four calls must be inside the breaker at once (a barrier
+    that only opens when all four have arrived), and failures still trip it."""
+    breaker = CircuitBreaker("together", fail_max=4, reset_timeout=60)
+    barrier = threading.Barrier(4, timeout=10)
+    errors: list[BaseException] = []
+
+    def calling(fail: bool) -> None:
+        def guarded() -> None:
+            barrier.wait()  # BrokenBarrierError if the calls are serialised
+            if fail:
+                raise ConnectionError("down")
+
+        try:
+            breaker.call(guarded)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=calling, args=(False,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == [] and breaker.current_state == "closed"
+    barrier.reset()
+    threads = [threading.Thread(target=calling, args=(True,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(isinstance(e, threading.BrokenBarrierError) for e in errors), errors
+    assert breaker.current_state == "open"  # the fourth failure tripped it
+    with pytest.raises(CircuitBreakerError):
+        breaker.call(lambda: None)

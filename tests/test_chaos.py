@@ -12,7 +12,13 @@ import pytest
 from resilient_kafka.chaos import builtin, parse, run_scenario
 from resilient_kafka.chaos._stack import Stack
 from resilient_kafka.chaos.report import write
-from resilient_kafka.chaos.runner import Result, evaluate
+from resilient_kafka.chaos.runner import (
+    LedgerRow,
+    Result,
+    consumer_reorders,
+    evaluate,
+    producer_reorders,
+)
 from resilient_kafka.cli import main
 from resilient_kafka.errors import ConfigurationError
 
@@ -25,6 +31,7 @@ REPORT_FIELDS = {
     "lost",
     "duplicates",
     "reorders",
+    "producer_reorders",
     "recovery_seconds",
     "passed",
 }
@@ -44,9 +51,31 @@ def test_the_built_in_scenarios_cover_the_issue_list() -> None:
         "poison-pill",
         "consumer-crash",
         "rebalance-storm",
+        "broker-kill-concurrent",
+        "consumer-crash-concurrent",
+        "rebalance-storm-concurrent",
     ]
     latency = next(s for s in builtin() if s.name == "latency").scaled(20.0)
     assert (latency.faults[0].at, latency.faults[0].duration) == (4.0, 10.0)  # scaled from 10 s
+    assert (latency.concurrency, latency.ordering) == (1, "key")
+
+
+def test_the_concurrent_variants_are_their_siblings_with_concurrent_handlers() -> None:
+    known = {s.name: s for s in builtin()}
+    for name in ("broker-kill", "consumer-crash", "rebalance-storm"):
+        sequential, concurrent = known[name], known[f"{name}-concurrent"].scaled(10.0)
+        assert (concurrent.concurrency, concurrent.ordering) == (16, "key")
+        assert concurrent.keeps_key_order
+        assert concurrent.faults == sequential.faults
+        assert (concurrent.workers, concurrent.dedup, concurrent.downstream_latency_ms) == (
+            sequential.workers,
+            sequential.dedup,
+            sequential.downstream_latency_ms,
+        )
+    scaled = known["consumer-crash-concurrent"].scaled(20.0)
+    assert (scaled.concurrency, scaled.ordering, scaled.duration) == (16, "key", 20.0)
+    custom = parse("name = 'x'\nconcurrency = 4\nordering = 'unordered'", "my.toml")
+    assert (custom.concurrency, custom.ordering, custom.keeps_key_order) == (4, "unordered", False)
 
 
 @pytest.mark.parametrize(
@@ -70,6 +99,15 @@ def test_the_built_in_scenarios_cover_the_issue_list() -> None:
             "toxic = { type = 'timeout', toxicity = 2 }",
             "toxicity is a probability",
         ),
+        ("name = 'x'\nconcurrency = 0", "concurrency must be a whole number >= 1"),
+        ("name = 'x'\nconcurrency = 2.5", "concurrency must be a whole number >= 1"),
+        ("name = 'x'\nconcurrency = true", "concurrency must be a whole number >= 1"),
+        ("name = 'x'\nconcurrency = '8'", "concurrency must be a whole number >= 1"),
+        (
+            "name = 'x'\nordering = 'offset'",
+            "ordering must be one of ['key', 'partition', 'unordered'], got 'offset'",
+        ),
+        ("name = 'x'\nordering = 1", "ordering must be one of"),
         ("name = 'has space'", "name must be"),
         ("name = ", "not valid TOML"),
     ],
@@ -84,7 +122,7 @@ def _evaluate(**kwargs: object) -> Result:
     base: dict[str, object] = {
         "produced": 4,
         "acked": {"a", "b", "c", "d"},
-        "rows": [("a", "k1", 0, "w1", 100.0), ("b", "k1", 1, "w1", 101.0)],
+        "rows": [("a", "k1", 0, "w1", 100.0, 0, 0), ("b", "k1", 1, "w1", 101.0, 0, 1)],
         "dead": {"c"},
         "poison": {"c"},
         "dedup": True,
@@ -101,23 +139,38 @@ def test_invariants_count_loss_duplicates_reorders_and_recovery() -> None:
     assert "1 acknowledged message(s) lost: ['d']" in lost.failures[0]
 
     rows = [
-        ("a", "k1", 1, "w1", 100.0),
-        ("b", "k1", 0, "w2", 103.0),  # k1 seq 0 after seq 1: a reorder
-        ("b", "k1", 0, "w2", 104.0),  # twice: a duplicate side effect
-        ("d", "k2", 0, "w1", 106.5),
+        ("a", "k1", 1, "w1", 100.0, 0, 1),
+        ("b", "k1", 0, "w2", 103.0, 0, 0),  # offset 0 after offset 1 of k1: a reorder
+        ("b", "k1", 0, "w2", 104.0, 0, 0),  # twice: a duplicate side effect
+        ("d", "k2", 0, "w1", 106.5, 1, 0),
     ]
     # acknowledged 3 by the fault's end (5 s), processed 2 (+1 dead letter) only at 7 s
     timeline = [(4.5, 3, 0), (5.0, 3, 1), (6.0, 4, 1), (7.0, 4, 2), (8.0, 4, 3)]
     calls = ["a", "b", "b", "d"]  # b's downstream call ran twice (the kill window of dedup)
     result = _evaluate(rows=rows, fault_ends=[5.0], timeline=timeline, calls=calls)
-    assert (result.lost, result.duplicates, result.reorders) == (0, 1, 1)
+    assert (result.lost, result.duplicates, result.reorders, result.producer_reorders) == (
+        0,
+        1,
+        1,
+        0,  # the log holds k1's seq 0 (offset 0) before its seq 1: the producer kept order
+    )
     assert result.downstream_duplicates == 1
     assert result.recovery_seconds == pytest.approx(2.0)
     assert result.max_stall_seconds == pytest.approx(3.0)
     never = _evaluate(rows=rows, fault_ends=[5.0], timeline=timeline[:2])
     assert never.recovery_seconds is None
     assert not result.passed and "duplicate side effect" in result.failures[0]
-    assert _evaluate(rows=rows, fault_ends=[5.0], dedup=False).passed  # reported, not failed
+    assert "1 record(s) handled after a later record of their key (ordering='key')" in (
+        result.failures
+    )
+    without_dedup = _evaluate(rows=rows, fault_ends=[5.0], dedup=False)
+    assert without_dedup.failures == [
+        "1 record(s) handled after a later record of their key (ordering='key')"
+    ]
+    partition = _evaluate(rows=rows, fault_ends=[5.0], dedup=False, ordering="partition")
+    assert not partition.passed
+    # no order promised: reported, not failed
+    assert _evaluate(rows=rows, fault_ends=[5.0], dedup=False, ordering="unordered").passed
 
     unacked = _evaluate(acked={"a", "b", "c"}, rows=rows[:2] + rows[3:])
     assert "1 message(s) never acknowledged" in unacked.failures
@@ -128,14 +181,52 @@ def test_invariants_count_loss_duplicates_reorders_and_recovery() -> None:
     assert "1 healthy message(s) dead-lettered: ['d']" in healthy_in_dlq.failures
 
 
+def _row(
+    msg: str, seq: int, offset: int, at: float, *, key: str = "k1", retried: bool = False
+) -> LedgerRow:
+    return LedgerRow(msg, key, seq, "w1", at, 0, offset, retried)
+
+
+def test_reorders_count_the_consumer_against_the_log_and_the_producer_apart() -> None:
+    # the producer's batch of a, b (seq 0, 1) failed while the broker was down and was sent
+    # again after c (seq 2): the log holds c, a, b. Handling them in log order is no consumer
+    # reorder; the producer's log has two.
+    resent = [_row("c", 2, 10, 1.0), _row("a", 0, 11, 2.0), _row("b", 1, 12, 3.0)]
+    assert (consumer_reorders(resent, set()), producer_reorders(resent, set())) == (0, 2)
+    result = _evaluate(acked={"a", "b", "c"}, rows=resent, dead=set(), poison=set(), produced=3)
+    assert (result.reorders, result.producer_reorders, result.passed) == (0, 2, True)
+
+    # a consumer that handles offset 12 before 11 of the same key reorders; the producer did not
+    swapped = [_row("a", 0, 10, 1.0), _row("c", 2, 12, 2.0), _row("b", 1, 11, 3.0)]
+    assert (consumer_reorders(swapped, set()), producer_reorders(swapped, set())) == (1, 0)
+    result = _evaluate(acked={"a", "b", "c"}, rows=swapped, dead=set(), poison=set(), produced=3)
+    assert (result.reorders, result.passed) == (1, False)
+
+    # other keys, other partitions: no order between them
+    keys = [_row("a", 0, 11, 1.0, key="k1"), _row("b", 0, 10, 2.0, key="k2")]
+    assert consumer_reorders(keys, set()) == 0
+    # a record handled again later (a redelivery without dedup) is not a new record
+    again = [_row("a", 0, 10, 1.0), _row("b", 1, 11, 2.0), _row("a", 0, 10, 3.0)]
+    assert consumer_reorders(again, set()) == 0
+    # the producer's duplicate of a (re-sent although stored) later in the log: handled there,
+    # in order; its first place in the log is what the producer figure counts
+    dup = [_row("a", 0, 10, 1.0), _row("b", 1, 11, 2.0), _row("a", 0, 12, 3.0)]
+    assert (consumer_reorders(dup, set()), producer_reorders(dup, set())) == (0, 0)
+    # a record that went through a retry tier comes after its successors by design
+    retried = [_row("b", 1, 11, 1.0), _row("a", 0, 10, 2.0, retried=True)]
+    assert (consumer_reorders(retried, set()), producer_reorders(retried, set())) == (0, 0)
+    # rows in any order: the processing order is their time
+    assert consumer_reorders(list(reversed(swapped)), set()) == 1
+
+
 def test_the_report_has_the_contracted_fields(tmp_path: Path) -> None:
-    result = _evaluate(rows=[("a", "k1", 0, "w1", 100.0), ("b", "k1", 1, "w1", 101.0)])
+    result = _evaluate(rows=[("a", "k1", 0, "w1", 100.0, 0, 0), ("b", "k1", 1, "w1", 101.0, 0, 1)])
     result.timeline = [(0.0, 0, 0), (0.5, 2, 1), (1.0, 4, 2)]
     result.faults = [{"label": "proxy-down", "start": 0.2, "end": 0.6}]
     written = write([result], tmp_path, {"messages": 4, "duration": 1, "seed": 1})
     doc = json.loads((tmp_path / "report.json").read_text())
     assert set(doc["scenarios"][0]) >= REPORT_FIELDS
-    assert "| `t` | 4 | 4 | 2 | 1 | 1 |" in (tmp_path / "report.md").read_text()
+    assert "| `t` | 4 | 4 | 2 | 1 | 1 | 0 | 0 | 0 |" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "timeline-t.png").read_bytes()[:4] == b"\x89PNG"
     assert len(written) == 3
 
@@ -160,8 +251,9 @@ def test_a_failed_invariant_makes_the_command_fail(
     assert main(["chaos", "run", "latency", "timeout", "--report", str(tmp_path)]) == 1
 
 
-def test_a_worker_sigkilled_mid_batch_loses_nothing(tmp_path: Path) -> None:
-    scenario = next(s for s in builtin() if s.name == "consumer-crash").scaled(6.0)
+@pytest.mark.parametrize("name", ["consumer-crash", "consumer-crash-concurrent"])
+def test_a_worker_sigkilled_mid_batch_loses_nothing(tmp_path: Path, name: str) -> None:
+    scenario = next(s for s in builtin() if s.name == name).scaled(6.0)
     stack = Stack.embedded_stack(seed=3)
     try:
         result = run_scenario(
@@ -176,5 +268,7 @@ def test_a_worker_sigkilled_mid_batch_loses_nothing(tmp_path: Path) -> None:
         0,
         0,
     )
+    assert result.reorders == 0
     assert [w["label"] for w in result.faults] == ["worker-kill"]
+    assert result.concurrency == scenario.concurrency
     assert result.passed

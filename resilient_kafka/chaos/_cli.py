@@ -54,9 +54,11 @@ def add_parser(commands: Any) -> None:
 def _cmd_list(args: argparse.Namespace) -> int:
     from resilient_kafka.chaos.scenario import builtin
 
-    for scenario in builtin():
+    scenarios = builtin()
+    width = max(len(s.name) for s in scenarios)
+    for scenario in scenarios:
         faults = ", ".join(f.label() for f in scenario.faults) or "no faults"
-        print(f"{scenario.name:<18} {scenario.description} [{faults}]")
+        print(f"{scenario.name:<{width}} {scenario.description} [{faults}]")
     return 0
 
 

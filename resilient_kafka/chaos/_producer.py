@@ -84,8 +84,12 @@ def main(settings: dict[str, Any]) -> None:
     started = time.monotonic()
     interval = settings["duration"] / max(1, len(todo))
     for i, record in enumerate(todo):
-        wait = started + i * interval - time.monotonic()
-        producer.poll(max(0.0, wait))
+        due = started + i * interval
+        producer.poll(0)
+        # poll() returns as soon as it has served a delivery report: wait out the pace in a loop
+        # (one poll let the load run at the pace of the broker's acknowledgements instead)
+        while (wait := due - time.monotonic()) > 0:
+            producer.poll(wait)
         while retry:
             send(retry.pop(0))  # oldest first: keeps each key's order where it can
         send(record)

@@ -13,13 +13,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from resilient_kafka.chaos._stack import Stack
-from resilient_kafka.chaos.scenario import Fault, Scenario
+from resilient_kafka.chaos.scenario import KEY_ORDERED, Fault, Scenario
 from resilient_kafka.testing._process import ManagedProcess
 
 log = logging.getLogger("resilient_kafka.chaos")
@@ -52,7 +52,7 @@ class Result:
     dead_lettered: int = 0
     lost: int = 0
     duplicates: int = 0
-    reorders: int = 0
+    reorders: int = 0  # the consumers': against the log's order (see consumer_reorders)
     recovery_seconds: float | None = 0.0  # None: never recovered
     passed: bool = False
     description: str = ""
@@ -62,6 +62,9 @@ class Result:
     unexpected_dead_letters: int = 0
     lost_by_broker: int = 0  # of the lost: acknowledged, but not in the topic's log at all
     downstream_duplicates: int = 0  # successful downstream calls repeated for one id
+    producer_reorders: int = 0  # the load's own: the log's order against its sequence numbers
+    concurrency: int = 1  # handlers at once in each worker
+    ordering: str = "key"
     elapsed_seconds: float = 0.0
     faults: list[dict[str, Any]] = field(default_factory=list)  # {label, start, end} (s)
     timeline: list[tuple[float, int, int]] = field(default_factory=list)  # t, acked, processed
@@ -127,6 +130,19 @@ class _Processes:
             proc.stop(timeout=20)
 
 
+class LedgerRow(NamedTuple):
+    """One side effect in the workers' ledger."""
+
+    id: str
+    key: str
+    seq: int  # the producer's sequence number of the message within its key
+    worker: str
+    at: float  # wall-clock time of the side effect
+    partition: int | None = None  # the record's place in the source topic (a retry copy's
+    offset: int | None = None  # original place)
+    retried: bool = False  # processed from a retry tier's copy
+
+
 class _Ledger:
     """Read side of the workers' SQLite ledger."""
 
@@ -151,9 +167,12 @@ class _Ledger:
     def calls(self) -> list[str]:
         return [row[0] for row in self._query("SELECT id FROM calls")]
 
-    def rows(self) -> list[tuple[str, str, int, str, float]]:
+    def rows(self) -> list[LedgerRow]:
         return [
-            tuple(r) for r in self._query("SELECT id, key, seq, worker, at FROM ledger ORDER BY at")
+            LedgerRow(msg, key, seq, worker, at, part, off, bool(retried))
+            for msg, key, seq, worker, at, part, off, retried in self._query(
+                "SELECT id, key, seq, worker, at, part, off, retried FROM ledger ORDER BY at"
+            )
         ]
 
 
@@ -352,18 +371,55 @@ def _caught_up(timeline: list[tuple[float, int, int]], end: float, dead: int) ->
     return None
 
 
-def _reorders(rows: list[tuple[str, str, int, str, float]], poison: set[str]) -> int:
-    """Per key, how often a message was first processed after a later one of the same key."""
-    seen: set[str] = set()
-    highest: dict[str, int] = {}
+def consumer_reorders(rows: Iterable[tuple[Any, ...]], poison: set[str]) -> int:
+    """Reorders by the consumers, against the order of the log: per key (and source partition),
+    how many records were first processed after a record of the same key with a higher offset.
+
+    Each record (a place in the log) counts at its first processing; later ones (redeliveries
+    without dedup) are not new. Messages that went through a retry tier are left out (retries
+    reorder by design), and so are poison messages and rows without a place in the log. A
+    producer's re-send stored after newer records is later in the log too, so handling it
+    there is in order: the producer's reorders are :func:`producer_reorders`.
+    """
+    ledger = sorted((LedgerRow(*row) for row in rows), key=lambda row: row.at)
+    retried = {row.id for row in ledger if row.retried}
+    seen: set[tuple[int, int]] = set()
+    highest: dict[tuple[int, str], int] = {}
     count = 0
-    for msg_id, key, seq, _worker, _at in rows:
-        if msg_id in seen or msg_id in poison:
+    for row in ledger:
+        if row.id in poison or row.id in retried or row.partition is None or row.offset is None:
             continue
-        seen.add(msg_id)
-        if seq < highest.get(key, -1):
+        place = (row.partition, row.offset)
+        if place in seen:
+            continue
+        seen.add(place)
+        shard = (row.partition, row.key)
+        if row.offset < highest.get(shard, -1):
             count += 1
-        highest[key] = max(seq, highest.get(key, -1))
+        else:
+            highest[shard] = row.offset
+    return count
+
+
+def producer_reorders(rows: Iterable[tuple[Any, ...]], poison: set[str]) -> int:
+    """Reorders by the load's producer: per key, how many messages are in the log after a
+    message of the same key with a higher sequence number: a message sent again after a failed
+    delivery and stored after newer ones, or a batch librdkafka retried after the next one.
+    Each message counts at its first place in the log that the ledger shows."""
+    first: dict[str, tuple[int, int, str, int]] = {}  # id -> partition, offset, key, seq
+    for row in (LedgerRow(*row) for row in rows):
+        if row.id in poison or row.partition is None or row.offset is None:
+            continue
+        place = (row.partition, row.offset, row.key, row.seq)
+        if row.id not in first or place < first[row.id]:
+            first[row.id] = place
+    highest: dict[tuple[int, str], int] = {}
+    count = 0
+    for partition, _offset, key, seq in sorted(first.values()):
+        if seq < highest.get((partition, key), -1):
+            count += 1
+        else:
+            highest[partition, key] = seq
     return count
 
 
@@ -372,7 +428,7 @@ def evaluate(
     *,
     produced: int,
     acked: set[str],
-    rows: list[tuple[str, str, int, str, float]],
+    rows: Iterable[tuple[Any, ...]],
     dead: set[str],
     poison: set[str],
     dedup: bool,
@@ -381,24 +437,29 @@ def evaluate(
     in_log: set[str] | None = None,
     timeline: list[tuple[float, int, int]] | None = None,
     calls: list[str] | None = None,
+    ordering: str = "key",
 ) -> Result:
-    """The invariants, from the acknowledgements, the ledger rows and the DLQ ids.
+    """The invariants, from the acknowledgements, the ledger rows (:class:`LedgerRow` fields,
+    in any order) and the DLQ ids.
 
     ``timeline``: (seconds, acknowledged, processed) samples, for the recovery time: from a
     fault's end until everything acknowledged by then is handled. ``calls``: the ids of the
     successful downstream calls (a call repeated after a crash between it and the dedup mark
-    is the documented limit of dedup: reported, not failed)."""
-    processed = {row[0] for row in rows}
+    is the documented limit of dedup: reported, not failed). ``ordering``: the workers'
+    ``run(ordering=...)``; with "key" or "partition" a consumer reorder fails the scenario."""
+    ledger = sorted((LedgerRow(*row) for row in rows), key=lambda row: row.at)
+    processed = {row.id for row in ledger}
     result.produced = produced
     result.acknowledged = len(acked)
     result.processed = len(processed)
     result.dead_lettered = len(dead)
     lost = acked - processed - dead
     result.lost = len(lost)
-    result.duplicates = len(rows) - len(processed)
-    result.reorders = _reorders(rows, poison)
+    result.duplicates = len(ledger) - len(processed)
+    result.reorders = consumer_reorders(ledger, poison)
+    result.producer_reorders = producer_reorders(ledger, poison)
     result.unexpected_dead_letters = len(dead - poison)
-    times = sorted(row[4] - started_at for row in rows)
+    times = [row.at - started_at for row in ledger]
     if len(times) > 1:
         result.max_stall_seconds = max(b - a for a, b in itertools.pairwise(times))
     recovery: float | None = 0.0
@@ -420,6 +481,11 @@ def evaluate(
         result.failures.append(f"{produced - result.acknowledged} message(s) never acknowledged")
     if dedup and result.duplicates:
         result.failures.append(f"{result.duplicates} duplicate side effect(s) with dedup on")
+    if ordering in KEY_ORDERED and result.reorders:
+        result.failures.append(
+            f"{result.reorders} record(s) handled after a later record of their key "
+            f"(ordering={ordering!r})"
+        )
     unexpected = dead - poison
     if unexpected:
         result.failures.append(
@@ -443,7 +509,12 @@ def run_scenario(
     status: Callable[[str, int, int], None] = lambda phase, done, total: None,
 ) -> Result:
     """Run one scenario on ``stack``; its processes' logs and ledger stay in ``workdir``."""
-    result = Result(scenario.name, description=scenario.description)
+    result = Result(
+        scenario.name,
+        description=scenario.description,
+        concurrency=scenario.concurrency,
+        ordering=scenario.ordering,
+    )
     if any(f.kind == "broker-kill" for f in scenario.faults) and not stack.embedded:
         result.skipped = (
             "broker-kill needs the embedded broker (kill a real cluster's brokers with your "
@@ -471,6 +542,8 @@ def run_scenario(
         "downstream_flag": str(flag),
         "downstream_latency_ms": scenario.downstream_latency_ms,
         "dedup": scenario.dedup,
+        "concurrency": scenario.concurrency,
+        "ordering": scenario.ordering,
     }
     procs = _Processes(workdir, settings)
     ledger = _Ledger(db)
@@ -559,4 +632,5 @@ def run_scenario(
         in_log=in_log,
         timeline=result.timeline,
         calls=ledger.calls(),
+        ordering=scenario.ordering,
     )

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from resilient_kafka._work import ORDERINGS
 from resilient_kafka.errors import ConfigurationError
 
 FAULT_KINDS = {
@@ -34,6 +35,8 @@ FAULT_KINDS = {
     "worker-kill": "SIGKILL one consumer worker; start a new one when the fault ends",
     "worker-churn": "workers join and leave the group every `every` seconds",
 }
+# the run(ordering=...) values that promise per-key order: a consumer reorder fails the scenario
+KEY_ORDERED = ("key", "partition")
 TOXIC_TYPES = (
     "latency",
     "bandwidth",
@@ -74,6 +77,13 @@ class Scenario:
     dedup: bool = True  # duplicate side effects fail the scenario
     downstream_latency_ms: float = 1.0
     source: str = ""
+    concurrency: int = 1  # handlers at once in each worker: run(handler, concurrency=...)
+    ordering: str = "key"  # run(..., ordering=...): "key" | "partition" | "unordered"
+
+    @property
+    def keeps_key_order(self) -> bool:
+        """Whether the workers promise per-key order (then a consumer reorder fails)."""
+        return self.ordering in KEY_ORDERED
 
     def scaled(self, duration: float) -> Scenario:
         """The same timeline stretched to a load of ``duration`` seconds."""
@@ -82,17 +92,7 @@ class Scenario:
             Fault(f.kind, f.at * factor, f.duration * factor, f.toxic, f.every * factor)
             for f in self.faults
         )
-        return Scenario(
-            self.name,
-            self.description,
-            faults,
-            duration,
-            self.workers,
-            self.poison,
-            self.dedup,
-            self.downstream_latency_ms,
-            self.source,
-        )
+        return replace(self, faults=faults, duration=duration)
 
 
 def _fail(source: str, problem: str) -> ConfigurationError:
@@ -186,6 +186,8 @@ def parse(text: str, source: str) -> Scenario:
         "poison",
         "dedup",
         "downstream_latency_ms",
+        "concurrency",
+        "ordering",
     }
     unknown = set(data) - known
     if unknown:
@@ -201,6 +203,16 @@ def parse(text: str, source: str) -> Scenario:
     dedup = data.get("dedup", True)
     if not isinstance(dedup, bool):
         raise _fail(source, f"dedup must be true or false, got {dedup!r}")
+    concurrency = data.get("concurrency", 1)
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise _fail(
+            source,
+            f"concurrency must be a whole number >= 1 (handlers at once per worker), "
+            f"got {concurrency!r}",
+        )
+    ordering = data.get("ordering", "key")
+    if ordering not in ORDERINGS:
+        raise _fail(source, f"ordering must be one of {list(ORDERINGS)}, got {ordering!r}")
     return Scenario(
         name=name,
         description=str(data.get("description", "")),
@@ -211,6 +223,8 @@ def parse(text: str, source: str) -> Scenario:
         dedup=dedup,
         downstream_latency_ms=_number(data, "downstream_latency_ms", 1.0, source, 0.0),
         source=source,
+        concurrency=concurrency,
+        ordering=ordering,
     )
 
 
@@ -246,4 +260,7 @@ _ORDER = [
     "poison-pill",
     "consumer-crash",
     "rebalance-storm",
+    "broker-kill-concurrent",
+    "consumer-crash-concurrent",
+    "rebalance-storm-concurrent",
 ]
