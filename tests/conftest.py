@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from resilient_kafka.testing._redis import MISSING, redis_server
-from tests.helpers import broker_processes, pid_alive, wait_for
+from tests.helpers import SESSION_ENV, broker_processes, pid_alive, wait_for
 
 pytest_plugins = ["pytester"]
 
+# every process the tests start inherits it: the leak check below counts only those (a chaos
+# run beside the suite, as CI does, starts brokers of its own)
+_SESSION = os.environ.setdefault(SESSION_ENV, uuid.uuid4().hex)
 _before: set[int] = set()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    _before.update(broker_processes())
+    _before.update(broker_processes(_SESSION))  # an outer session's, when nested
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the run if any Tansu or moto process started during it is still alive."""
-    leaked = broker_processes() - _before
+    """Fail the run if any Tansu, moto or redis process the tests started is still alive."""
+    leaked = broker_processes(_SESSION) - _before
     try:
         wait_for(lambda: not any(pid_alive(pid) for pid in leaked), 10, "children to exit")
     except AssertionError:

@@ -50,8 +50,16 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
-def broker_processes() -> set[int]:
-    """PIDs of every live Tansu broker, moto S3 server and test redis-server on this machine."""
+SESSION_ENV = "RK_TEST_SESSION"
+"""Set by the test session (conftest.py) and inherited by every process it starts: the leak
+check counts only those, so a chaos run or another suite on the machine is not a leak."""
+
+
+def broker_processes(session: str | None = None) -> set[int]:
+    """PIDs of every live Tansu broker, moto S3 server and test redis-server on this machine;
+    with ``session``, only those whose environment carries ``RK_TEST_SESSION=<session>``
+    (started by that test session, also when their parent has died since)."""
+    marker = f"{SESSION_ENV}={session}".encode() if session else None
     found = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -65,8 +73,16 @@ def broker_processes() -> set[int]:
         is_tansu = argv[0].endswith(b"tansu") and b"broker" in argv
         is_moto = b"moto.server" in argv
         is_redis = b"redis-server" in argv[0]  # it rewrites its title: no args to match
-        if (is_tansu or is_moto or is_redis) and pid_alive(int(entry.name)):
-            found.add(int(entry.name))
+        if not (is_tansu or is_moto or is_redis) or not pid_alive(int(entry.name)):
+            continue
+        if marker is not None:
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker not in environ:
+                continue
+        found.add(int(entry.name))
     return found
 
 

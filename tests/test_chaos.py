@@ -5,7 +5,9 @@ the embedded broker behind the built-in Toxiproxy-API proxy (CI runs them all wi
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,12 +17,14 @@ from resilient_kafka.chaos.report import write
 from resilient_kafka.chaos.runner import (
     LedgerRow,
     Result,
+    _Timeline,
     consumer_reorders,
     evaluate,
     producer_reorders,
 )
 from resilient_kafka.cli import main
 from resilient_kafka.errors import ConfigurationError
+from tests.helpers import wait_for
 
 REPORT_FIELDS = {
     "name",
@@ -50,10 +54,15 @@ def test_the_built_in_scenarios_cover_the_issue_list() -> None:
         "downstream-outage",
         "poison-pill",
         "consumer-crash",
+        "consumer-restart",
+        "consumer-restart-static",
         "rebalance-storm",
         "broker-kill-concurrent",
         "consumer-crash-concurrent",
         "rebalance-storm-concurrent",
+        "leader-moves",
+        "broker-down",
+        "request-errors",
     ]
     latency = next(s for s in builtin() if s.name == "latency").scaled(20.0)
     assert (latency.faults[0].at, latency.faults[0].duration) == (4.0, 10.0)  # scaled from 10 s
@@ -109,6 +118,48 @@ def test_the_concurrent_variants_are_their_siblings_with_concurrent_handlers() -
         ),
         ("name = 'x'\nordering = 1", "ordering must be one of"),
         ("name = 'has space'", "name must be"),
+        ("name = 'x'\ncluster = 'kraft'", "cluster must be one of ['broker', 'mock']"),
+        ("name = 'x'\nstatic_membership = 'yes'", "static_membership must be true or false"),
+        ("name = 'x'\nsession_timeout_ms = 500", "session_timeout_ms must be a whole number of"),
+        ("name = 'x'\nsession_timeout_ms = 6000.0", "session_timeout_ms must be a whole number"),
+        (
+            "name = 'x'\n[[faults]]\nkind = 'leader-move'\nat = 1\nfor = 1",
+            "fault 'leader-move' needs cluster = \"mock\"",
+        ),
+        (
+            "name = 'x'\ncluster = 'mock'\n[[faults]]\nkind = 'proxy-down'\nat = 1\nfor = 1",
+            "no proxy stands in front of the mock cluster",
+        ),
+        (
+            "name = 'x'\ncluster = 'mock'\n[[faults]]\nkind = 'request-errors'\nat = 1\n"
+            "for = 1\nrequest = 'Produse'\nerrors = ['REQUEST_TIMED_OUT']",
+            "request must be one of",
+        ),
+        (
+            "name = 'x'\ncluster = 'mock'\n[[faults]]\nkind = 'request-errors'\nat = 1\n"
+            "for = 1\nrequest = 'Produce'\nerrors = ['REQUEST_TIMED_OUTT']",
+            "'REQUEST_TIMED_OUTT' is not a Kafka error name",
+        ),
+        (
+            "name = 'x'\ncluster = 'mock'\n[[faults]]\nkind = 'request-errors'\nat = 1\n"
+            "for = 1\nrequest = 'Produce'\nerrors = []",
+            "needs errors, a non-empty list",
+        ),
+        (
+            "name = 'x'\ncluster = 'mock'\n[[faults]]\nkind = 'broker-down'\nat = 1\n"
+            "for = 1\nbroker = 4",
+            "broker must be a broker id, 1 to 3, got 4",
+        ),
+        (
+            "name = 'x'\ncluster = 'mock'\n[[faults]]\nkind = 'leader-move'\nat = 1\n"
+            "for = 1\nbroker = 2",
+            "only broker-down faults take broker",
+        ),
+        (
+            "name = 'x'\ncluster = 'mock'\n[[faults]]\nkind = 'broker-down'\nat = 1\n"
+            "for = 1\nerrors = ['REQUEST_TIMED_OUT']",
+            "only request-errors faults take errors",
+        ),
         ("name = ", "not valid TOML"),
     ],
 )
@@ -249,6 +300,138 @@ def test_a_failed_invariant_makes_the_command_fail(
 
     monkeypatch.setattr(chaos, "run_all", fake_run_all)
     assert main(["chaos", "run", "latency", "timeout", "--report", str(tmp_path)]) == 1
+
+
+class _RecordingStack:
+    """The mock stack's fault controls, recorded with their times."""
+
+    mock = True
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, str, object]] = []
+        self.started = time.monotonic()
+
+    def _record(self, what: str, arg: object) -> None:
+        self.calls.append((time.monotonic() - self.started, what, arg))
+
+    def move_leaders(self, topics: dict[str, int]) -> None:
+        self._record("move", dict(topics))
+
+    def push_request_errors(self, request: str, errors: tuple[str, ...]) -> None:
+        self._record("push", (request, errors))
+
+    def clear_request_errors(self, request: str) -> None:
+        self._record("clear", request)
+
+    def broker_down(self, broker: int) -> None:
+        self._record("down", broker)
+
+    def broker_up(self, broker: int) -> None:
+        self._record("up", broker)
+
+
+def test_protocol_faults_act_on_the_mock_cluster_at_their_times(tmp_path: Path) -> None:
+    scenario = parse(
+        "name = 'x'\ncluster = 'mock'\nduration = 2\n"
+        "[[faults]]\nkind = 'request-errors'\nat = 0.2\nfor = 1.0\nevery = 0.4\n"
+        "request = 'OffsetCommit'\nerrors = ['REBALANCE_IN_PROGRESS', 'NOT_COORDINATOR']\n"
+        "[[faults]]\nkind = 'leader-move'\nat = 0.2\nfor = 0.6\nevery = 0.3\n"
+        "[[faults]]\nkind = 'broker-down'\nat = 0.5\nfor = 0.5\nbroker = 2",
+        "my.toml",
+    )
+    stack = _RecordingStack()
+    timeline = _Timeline(stack, None, scenario, tmp_path / "flag", seed=1)  # type: ignore[arg-type]
+    timeline.topics = {"src": 4, "src.retry": 4}
+    timeline.start(time.monotonic())
+    wait_for(
+        lambda: len(timeline.windows) == 3 and all(w["end"] for w in timeline.windows),
+        10,
+        "the three faults to begin and end",
+    )
+    timeline.stop()
+    assert timeline.errors == []
+    pushes = [t for t, what, _ in stack.calls if what == "push"]
+    moves = [t for t, what, _ in stack.calls if what == "move"]
+    assert len(pushes) == 3 and len(moves) == 2  # at 0.2, 0.6, 1.0 / at 0.2, 0.5
+    assert all(0.15 < t < 1.2 for t in pushes + moves)
+    args = {what: arg for _, what, arg in stack.calls}
+    assert args["push"] == ("OffsetCommit", ("REBALANCE_IN_PROGRESS", "NOT_COORDINATOR"))
+    assert args["move"] == {"src": 4, "src.retry": 4}
+    assert (args["down"], args["up"], args["clear"]) == (2, 2, "OffsetCommit")
+    when = {what: t for t, what, _ in stack.calls}
+    assert 0.45 < when["down"] < when["up"] and 0.95 < when["up"] < 1.3
+    assert when["clear"] > max(pushes)
+
+
+class _FakeProcess:
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+        self.alive = True
+
+    def running(self) -> bool:
+        return self.alive
+
+    def kill(self) -> None:
+        self.alive = False
+
+
+def test_a_replacement_worker_takes_the_identity_of_the_one_killed(tmp_path: Path) -> None:
+    """Static membership: the worker started after a kill rejoins as the member it replaces
+    (its group.instance.id slot); a worker started for churn gets a new one."""
+    import json
+    import random
+
+    from resilient_kafka.chaos import runner
+
+    procs = runner._Processes(tmp_path, {"static_membership": True})
+    procs._spawn = lambda name, module, settings: _FakeProcess(settings)  # type: ignore[assignment,method-assign,return-value]
+    first, second = procs.start_worker(), procs.start_worker()
+    procs.kill_worker(random.Random(1))
+    killed = next(w for w in (first, second) if not w.running())  # type: ignore[union-attr]
+    replacement, extra = procs.start_worker(), procs.start_worker()
+    slots = [w.settings["instance"] for w in (first, second, replacement, extra)]  # type: ignore[union-attr]
+    assert replacement.settings["instance"] == killed.settings["instance"]  # type: ignore[union-attr]
+    assert replacement.settings["worker"] == "worker-3"  # type: ignore[union-attr]
+    assert extra.settings["instance"] == "worker-4"  # type: ignore[union-attr]
+    assert len(set(slots)) == 3, json.dumps(slots)
+
+
+def test_leaders_moving_on_three_brokers_lose_nothing(tmp_path: Path) -> None:
+    """A protocol-fault scenario end to end on librdkafka's mock cluster: the leaders of the
+    source, the retry tiers and the DLQ move while retry and DLQ copies are produced."""
+    scenario = next(s for s in builtin() if s.name == "leader-moves")
+    stack = Stack.mock_stack()
+    try:
+        result = run_scenario(
+            stack, scenario, messages=400, seed=3, drain_timeout=30, workdir=tmp_path
+        )
+        # the moves reached the cluster: one more, and each partition is led by the broker
+        # after the one three moves gave it (metadata from a fresh client)
+        topics = dict.fromkeys({t for t, _ in _partitions(stack) if t.startswith("chaos-")}, 4)
+        assert len(topics) == 4  # the source, two retry tiers, the DLQ
+        stack.move_leaders(topics)
+        leaders = {p: meta.leader for p, meta in _partitions(stack).items() if p[0] in topics}
+    finally:
+        stack.close()
+    assert leaders == {(t, p): (p + 4) % 3 + 1 for t in topics for p in range(4)}
+    assert result.failures == []
+    assert (result.acknowledged, result.processed, result.lost, result.duplicates) == (
+        400,
+        390,
+        0,
+        0,
+    )
+    assert result.dead_lettered == 10
+    assert [w["label"] for w in result.faults] == ["leader-move", "downstream-down"]
+    assert result.passed
+
+
+def _partitions(stack: Stack) -> dict[tuple[str, int], Any]:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": stack.bootstrap, "log_level": 0})
+    topics = admin.list_topics(timeout=10).topics
+    return {(name, p): meta for name, t in topics.items() for p, meta in t.partitions.items()}
 
 
 @pytest.mark.parametrize("name", ["consumer-crash", "consumer-crash-concurrent"])

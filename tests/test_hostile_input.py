@@ -1,17 +1,21 @@
-"""Hostile input on the embedded broker: records whose headers lie must not stall a partition."""
+"""Hostile input on the embedded broker: records whose headers lie must not stall a partition,
+and keys and payloads of any shape through the deserializers lose nothing."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
 
-from confluent_kafka import Message, Producer
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from resilient_kafka import ResilientConsumer, RetryPolicy, headers
 from resilient_kafka.testing import KafkaCluster
-from tests.helpers import metric_total, run_until, wait_for
+from tests.helpers import metric_total, read_all, run_until, wait_for
 
 
 def test_a_retry_record_due_far_ahead_waits_only_its_tiers_delay(
@@ -121,3 +125,102 @@ def test_records_with_hostile_headers_are_retried_from_tier_one_and_lose_nothing
     tier_one = consumer.retry_topics(source)[0]
     run_until(consumer, handler, lambda: all(len(seen.get(n, ())) == 2 for n in HOSTILE))
     assert seen == {name: [source, tier_one] for name in HOSTILE}, seen
+
+
+# keys and values of every shape: text, JSON, bytes that are neither, empty, absent, large
+_VALUES = st.one_of(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=12,
+    ).map(lambda obj: json.dumps(obj).encode()),
+    st.binary(max_size=64),
+    st.just(b""),
+    st.none(),
+    st.binary(min_size=100_000, max_size=100_000),
+    st.sampled_from([b"NaN", b"\xef\xbb\xbf{}", b'{"a": 1} x', b"\xff\xfe{\x00}\x00", b"1e999"]),
+)
+_KEYS = st.one_of(st.none(), st.text(max_size=16).map(str.encode), st.binary(max_size=16))
+
+
+def _key(data: bytes | None, ctx: object) -> str | None:
+    return None if data is None else data.decode("utf-8")  # strict: not UTF-8 raises
+
+
+def _value(data: bytes | None, ctx: object) -> object:
+    return json.loads(data)  # type: ignore[arg-type]  # None raises: a tombstone is not JSON
+
+
+def _readable(key: bytes | None, value: bytes | None) -> bool:
+    try:
+        _key(key, None)
+        _value(value, None)
+    except Exception:
+        return False
+    return True
+
+
+@settings(
+    max_examples=2,  # 40 records each, on the broker (~10 s an example)
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(records=st.lists(st.tuples(_KEYS, _VALUES), min_size=40, max_size=40))
+def test_any_key_and_payload_through_the_deserializers_is_handled_or_dead_lettered(
+    kafka: KafkaCluster, records: list[tuple[bytes | None, bytes | None]]
+) -> None:
+    """Fuzzed keys and payloads through a key and a value deserializer, on the broker: what they
+    read is handled once, what they cannot goes to the DLQ with its raw bytes and the reason;
+    nothing is lost, the consumer never stops, and the group commits to the end."""
+    topic, group = f"fuzz-{uuid.uuid4().hex[:8]}", f"g{uuid.uuid4().hex[:8]}"
+    kafka.create_topics({topic: 1})
+    producer = Producer({**kafka.producer_config(), "message.max.bytes": 2_000_000})
+    for key, value in records:
+        producer.produce(topic, key=key, value=value)
+    assert producer.flush(30) == 0
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        retry=RetryPolicy(delays=()),
+        key_deserializer=_key,
+        value_deserializer=_value,
+        registry=CollectorRegistry(),
+    )
+    handled: dict[int, tuple[object, object]] = {}
+
+    def handler(msg: Message) -> None:
+        handled[msg.offset()] = (msg.key(), msg.value())
+
+    readable = {i for i, (key, value) in enumerate(records) if _readable(key, value)}
+    consumer.subscribe([topic])
+    dlq = consumer.dead_letter_topic(topic)
+    unreadable = len(records) - len(readable)
+    dead = []
+    thread = threading.Thread(target=consumer.run, args=(handler,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(handled) == len(readable), 60, "the readable records handled")
+        if unreadable:
+            dead = read_all(kafka, dlq, unreadable)
+        wait_for(lambda: _committed(kafka, group, topic) == len(records), 30, "the commit")
+    finally:
+        consumer.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert set(handled) == readable
+    for offset, (key, value) in handled.items():
+        assert (key, value) == (_key(records[offset][0], None), _value(records[offset][1], None))
+    by_offset = {headers.original(m).offset: m for m in dead}
+    assert set(by_offset) == set(range(len(records))) - readable
+    for offset, msg in by_offset.items():
+        assert (msg.key(), msg.value()) == records[offset]  # the raw bytes, unchanged
+        assert headers.header_dict(msg)[headers.REASON] == headers.DESERIALIZATION.encode()
+
+
+def _committed(kafka: KafkaCluster, group: str, topic: str) -> int:
+    reader = Consumer(kafka.client_config(group_id=group))
+    try:
+        (tp,) = reader.committed([TopicPartition(topic, 0)], timeout=10)
+        return tp.offset
+    finally:
+        reader.close()

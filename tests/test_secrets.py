@@ -1,6 +1,6 @@
 """Secrets stay secret: with SASL/SSL passwords in their configuration, the consumer, the
-producer, the DLQ tool and the demo never show them in logs, metrics, exception texts, reprs,
-DLQ headers, output or the files they write.
+producer, the DLQ tool, the demo and the chaos runner never show them in logs, metrics,
+exception texts, reprs, DLQ headers, output or the files they write.
 
 The embedded broker speaks PLAINTEXT: the secrets are configured as a user's would be (librdkafka
 ignores SASL settings under PLAINTEXT, with a warning), so every code path that handles the
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -144,3 +145,46 @@ def test_the_demo_and_the_dlq_tool_keep_secrets_out_of_output_and_files(
     for run in (demo, listing, summary, replay):
         assert not _leaks(run.stdout + run.stderr), (run.args, _leaks(run.stdout + run.stderr))
     assert not _files_leaking(work)
+
+
+def test_the_chaos_runner_uses_the_client_properties_and_keeps_them_secret(
+    kafka: KafkaCluster, tmp_path: Path
+) -> None:
+    """``chaos run --bootstrap`` against a cluster that needs TLS/SASL: its workers and load
+    producer read ``KAFKA_CLIENT_PROPERTIES`` themselves (no secret on a command line), and
+    none of the secrets reaches the output, the report or the workers' logs."""
+    from resilient_kafka.toxiproxy import ToxiproxyServer
+
+    env = _properties(tmp_path / "client.properties", kafka.bootstrap_servers)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "tiny.toml").write_text("name = 'tiny'\nduration = 2\npoison = 2\n")
+    with ToxiproxyServer() as server:  # the runner wants proxies to act on; none is used here
+        server.client().create_proxy("kafka", "127.0.0.1:0", kafka.bootstrap_servers)
+        run = _cli(
+            [
+                "chaos", "run", "-f", "tiny.toml", "--messages", "40", "--keep",
+                "--bootstrap", kafka.bootstrap_servers, "--toxiproxy-url", server.url,
+                "--report", "report",
+            ],
+            env,
+            work,
+            timeout=240,
+        )  # fmt: skip
+    output = (run.stdout + run.stderr).decode()
+    assert run.returncode == 0, output[-3000:]
+    kept = re.search(r"logs and ledgers kept in (\S+)", output)
+    assert kept, output[-2000:]
+    logs = Path(kept.group(1))
+    try:
+        texts = {path.name: path.read_text() for path in logs.rglob("*.log")}
+        # the properties reached the workers and the producer: librdkafka warns about the SASL
+        # user under PLAINTEXT in each of their logs
+        users = [name for name, text in texts.items() if "`sasl.username`" in text]
+        assert len(users) == len(texts) >= 3, sorted(texts)
+        assert not _leaks(output), _leaks(output)
+        assert not _files_leaking(work)
+        assert not _files_leaking(logs)
+        assert (work / "report" / "report.json").exists()
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)

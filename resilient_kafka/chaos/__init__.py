@@ -27,7 +27,8 @@ def run_all(
     workdir: Path,
 ) -> list[Result]:
     """Run ``scenarios`` one after another (each on a fresh embedded stack, or all on the given
-    cluster), print the summary, write the report."""
+    cluster; protocol-fault scenarios each on a fresh mock cluster), print the summary, write
+    the report."""
     from resilient_kafka._extras import require
 
     require("rich", extra="chaos", purpose="the chaos run's progress view")
@@ -49,6 +50,7 @@ def run_all(
     # one, so every scenario meets the same broker: an empty store, no groups left by the last
     # one (the local S3 server's listings cost grows with every object the store holds).
     stack: Stack | None = None
+    mock: Stack | None = None  # librdkafka's mock cluster, for one protocol-fault scenario
     if bootstrap:
         with console.status("connecting to the cluster and Toxiproxy..."):
             stack = Stack.external_stack(bootstrap, toxiproxy_url)
@@ -58,6 +60,8 @@ def run_all(
         if bootstrap
         else f"embedded Tansu broker (S3 storage where it is killed) behind {proxy}"
     )
+    if any(s.cluster == "mock" for s in scenarios):
+        topology += "; protocol faults on librdkafka's mock cluster (3 brokers)"
     results: list[Result] = []
     try:
         with Progress(
@@ -80,7 +84,10 @@ def run_all(
                 ) -> None:
                     progress.update(task, description=f"  {name}: {phase}", completed=done)
 
-                if not bootstrap:
+                if scenario.cluster == "mock":  # its own cluster, also with --bootstrap
+                    progress.update(task, description=f"  {scenario.name}: starting the cluster")
+                    mock = Stack.mock_stack()
+                elif not bootstrap:
                     progress.update(task, description=f"  {scenario.name}: starting the broker")
                     if stack is not None:
                         stack.close()
@@ -88,16 +95,22 @@ def run_all(
                     # S3-backed storage only where the broker is killed: it costs CPU
                     durable = any(fault.kind == "broker-kill" for fault in scenario.faults)
                     stack = Stack.embedded_stack(toxiproxy_url, seed, durable=durable)
-                assert stack is not None
-                result = run_scenario(
-                    stack,
-                    scenario.scaled(duration),
-                    messages=messages,
-                    seed=seed,
-                    drain_timeout=drain_timeout,
-                    workdir=workdir / scenario.name,
-                    status=status,
-                )
+                where = mock if scenario.cluster == "mock" else stack
+                assert where is not None
+                try:
+                    result = run_scenario(
+                        where,
+                        scenario.scaled(duration),
+                        messages=messages,
+                        seed=seed,
+                        drain_timeout=drain_timeout,
+                        workdir=workdir / scenario.name,
+                        status=status,
+                    )
+                finally:
+                    if mock is not None:
+                        mock.close()
+                        mock = None
                 verdict = "skipped" if result.skipped else ("PASS" if result.passed else "FAIL")
                 progress.update(task, description=f"  {scenario.name}: {verdict}")
                 progress.stop_task(task)  # its clock stops also when it never reached the total

@@ -18,6 +18,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 
 from resilient_kafka import ResilientProducer
+from resilient_kafka.chaos._stack import client_config
 
 KEYS = 16
 
@@ -41,7 +42,7 @@ def main(settings: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s producer %(name)s %(message)s")
     todo = records(settings["messages"], settings["poison"], settings["seed"])
     config = {
-        "bootstrap.servers": settings["bootstrap"],
+        **client_config(settings["bootstrap"], settings["external"]),
         "delivery.timeout.ms": 30000,
         "linger.ms": 5,
         # see runner.py: Tansu 0.6 loses an acknowledged in-flight batch of an idempotent

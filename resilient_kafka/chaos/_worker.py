@@ -25,7 +25,14 @@ import threading
 import time
 from typing import Any
 
-from resilient_kafka import CircuitBreaker, ResilientConsumer, RetryPolicy, headers
+from resilient_kafka import (
+    CircuitBreaker,
+    DeadLetterPolicy,
+    ResilientConsumer,
+    RetryPolicy,
+    headers,
+)
+from resilient_kafka.chaos._stack import client_config
 from resilient_kafka.dedup import SQLiteStore
 
 # part/off: the record's place in the source topic (a retry copy's original place); retried: 1
@@ -41,6 +48,17 @@ CALLS_SCHEMA = "CREATE TABLE IF NOT EXISTS calls (id TEXT NOT NULL, at REAL NOT 
 
 class Poison(ValueError):
     """A message no handler can process: straight to the DLQ."""
+
+
+RETRY = RetryPolicy(delays=(0.5, 2.0), dead_letter_on=(Poison,))
+DEAD_LETTER = DeadLetterPolicy()
+
+
+def derived_topics(topic: str, group: str) -> list[str]:
+    """The workers' retry tiers and DLQ of ``topic`` (made by the runner where the cluster
+    answers no CreateTopics: the mock cluster)."""
+    tiers = [RETRY.topic(topic, group, n) for n in range(1, RETRY.attempts + 1)]
+    return [*tiers, DEAD_LETTER.topic(topic, group)]
 
 
 class LedgerStore(SQLiteStore):
@@ -92,16 +110,24 @@ def main(settings: dict[str, Any]) -> None:
     latency = settings["downstream_latency_ms"] / 1000
     consumer = ResilientConsumer(
         {
-            "bootstrap.servers": settings["bootstrap"],
+            **client_config(settings["bootstrap"], settings["external"]),
             "group.id": group,
             "auto.offset.reset": "earliest",
-            "session.timeout.ms": 6000,
+            "session.timeout.ms": settings["session_timeout_ms"],
             "heartbeat.interval.ms": 1000,
             # commits every second (librdkafka: 5 s): a crash replays little, and dedup skips it
             "auto.commit.interval.ms": 1000,
             "client.id": settings["worker"],
+            # static membership: a restarted worker rejoins as the member it replaces, and the
+            # group gives it the same partitions without a rebalance of the others
+            **(
+                {"group.instance.id": f"{group}-{settings['instance']}"}
+                if settings["static_membership"]
+                else {}
+            ),
         },
-        retry=RetryPolicy(delays=(0.5, 2.0), dead_letter_on=(Poison,)),
+        retry=RETRY,
+        dead_letter=DEAD_LETTER,
         breakers=[breaker],
         dedup=store,
         dedup_lease=10.0,
@@ -133,7 +159,7 @@ def main(settings: dict[str, Any]) -> None:
             db.execute(LEDGER_INSERT, (msg_id, msg_key, seq, worker, at, part, off, retried))
 
     def assigned(consumer: Any, partitions: list[Any]) -> None:
-        print(f"assigned {len(partitions)}", flush=True)
+        print(f"assigned {len(partitions)} at {time.time():.3f}", flush=True)
 
     consumer.subscribe([settings["topic"]], on_assign=assigned)
     print("ready", flush=True)

@@ -13,6 +13,18 @@ their own::
     toxic = { type = "latency", stream = "downstream", attributes = { latency = 300, jitter = 50 } }
 
 Times are seconds from the start of the load and scale with ``--duration``.
+
+Protocol faults (``cluster = "mock"``) run on librdkafka's mock cluster, three brokers in the
+runner's process: partition leaders move, a broker goes down, requests are answered with chosen
+error codes::
+
+    cluster = "mock"
+    [[faults]]
+    kind = "request-errors"
+    at = 2.0
+    for = 6.0
+    request = "Produce"
+    errors = ["NOT_LEADER_FOR_PARTITION", "REQUEST_TIMED_OUT"]
 """
 
 from __future__ import annotations
@@ -34,7 +46,16 @@ FAULT_KINDS = {
     "downstream-down": "the downstream service the handler calls fails every call",
     "worker-kill": "SIGKILL one consumer worker; start a new one when the fault ends",
     "worker-churn": "workers join and leave the group every `every` seconds",
+    # the mock cluster's (cluster = "mock")
+    "leader-move": "every partition's leader moves to the next broker every `every` seconds",
+    "broker-down": "a broker (`broker`, default 1) refuses connections; it comes back at the end",
+    "request-errors": "every `every` seconds the next requests of type `request` fail with "
+    "`errors`, in order",
 }
+MOCK_KINDS = ("leader-move", "broker-down", "request-errors")
+PROXY_KINDS = ("proxy-down", "toxic", "broker-kill")  # need the embedded broker or a proxy
+CLUSTERS = ("broker", "mock")  # the embedded broker (or --bootstrap), librdkafka's mock
+MOCK_BROKERS = 3
 # the run(ordering=...) values that promise per-key order: a consumer reorder fails the scenario
 KEY_ORDERED = ("key", "partition")
 TOXIC_TYPES = (
@@ -55,6 +76,9 @@ class Fault:
     duration: float
     toxic: dict[str, Any] = field(default_factory=dict)
     every: float = 2.0
+    request: str = ""  # request-errors: an ApiKey name
+    errors: tuple[str, ...] = ()  # request-errors: KafkaError names, in order
+    broker: int = 1  # broker-down: the broker's id
 
     @property
     def end(self) -> float:
@@ -63,6 +87,10 @@ class Fault:
     def label(self) -> str:
         if self.kind == "toxic":
             return f"toxic {self.toxic.get('type')}"
+        if self.kind == "request-errors":
+            return f"{self.request} errors"
+        if self.kind == "broker-down":
+            return f"broker {self.broker} down"
         return self.kind
 
 
@@ -79,6 +107,9 @@ class Scenario:
     source: str = ""
     concurrency: int = 1  # handlers at once in each worker: run(handler, concurrency=...)
     ordering: str = "key"  # run(..., ordering=...): "key" | "partition" | "unordered"
+    cluster: str = "broker"  # "mock": librdkafka's mock cluster (protocol faults)
+    session_timeout_ms: int = 6000  # the workers' session.timeout.ms
+    static_membership: bool = False  # workers set group.instance.id; a replacement reuses it
 
     @property
     def keeps_key_order(self) -> bool:
@@ -89,7 +120,7 @@ class Scenario:
         """The same timeline stretched to a load of ``duration`` seconds."""
         factor = duration / self.duration
         faults = tuple(
-            Fault(f.kind, f.at * factor, f.duration * factor, f.toxic, f.every * factor)
+            replace(f, at=f.at * factor, duration=f.duration * factor, every=f.every * factor)
             for f in self.faults
         )
         return replace(self, faults=faults, duration=duration)
@@ -124,15 +155,68 @@ TOXIC_ATTRIBUTES = {
 }
 
 
-def _fault(data: Any, source: str, duration: float) -> Fault:
+def _request_errors(data: dict[str, Any], source: str) -> tuple[str, tuple[str, ...]]:
+    """A request-errors fault's request type and error names, checked against the protocol's
+    names (a typo would inject nothing, or the wrong thing)."""
+    from confluent_kafka import KafkaError
+
+    from resilient_kafka.testing.mock_cluster import ApiKey
+
+    request = data.get("request")
+    if request not in ApiKey.__members__:
+        raise _fail(source, f"request must be one of {sorted(ApiKey.__members__)}, got {request!r}")
+    errors = data.get("errors")
+    if not isinstance(errors, list) or not errors:
+        raise _fail(source, "a request-errors fault needs errors, a non-empty list of names")
+    for name in errors:
+        code = getattr(KafkaError, name, None) if isinstance(name, str) else None
+        if not isinstance(code, int) or isinstance(code, bool) or code == 0:
+            raise _fail(
+                source,
+                f"{name!r} is not a Kafka error name (confluent_kafka.KafkaError's, "
+                "e.g. NOT_LEADER_FOR_PARTITION, REQUEST_TIMED_OUT, REBALANCE_IN_PROGRESS)",
+            )
+    return str(request), tuple(errors)
+
+
+def _flag(data: dict[str, Any], key: str, default: bool, source: str) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise _fail(source, f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _whole(
+    data: dict[str, Any], key: str, default: int, source: str, low: int, high: int, what: str
+) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _fail(source, f"{key} must be {what}, got {value!r}")
+    return value
+
+
+def _fault(data: Any, source: str, duration: float, cluster: str) -> Fault:
     if not isinstance(data, dict):
         raise _fail(source, f"each [[faults]] entry must be a table, got {data!r}")
-    unknown = set(data) - {"kind", "at", "for", "toxic", "every"}
+    unknown = set(data) - {"kind", "at", "for", "toxic", "every", "request", "errors", "broker"}
     if unknown:
         raise _fail(source, f"unknown fault keys {sorted(unknown)}")
     kind = data.get("kind")
     if kind not in FAULT_KINDS:
         raise _fail(source, f"fault kind must be one of {sorted(FAULT_KINDS)}, got {kind!r}")
+    if kind in MOCK_KINDS and cluster != "mock":
+        raise _fail(source, f'fault {kind!r} needs cluster = "mock" (librdkafka\'s mock cluster)')
+    if kind in PROXY_KINDS and cluster == "mock":
+        raise _fail(
+            source,
+            f"fault {kind!r} needs the broker cluster: no proxy stands in front of the mock "
+            "cluster's brokers (use broker-down, leader-move or request-errors there)",
+        )
+    for key in ("request", "errors"):
+        if key in data and kind != "request-errors":
+            raise _fail(source, f"only request-errors faults take {key} (fault {kind!r})")
+    if "broker" in data and kind != "broker-down":
+        raise _fail(source, f"only broker-down faults take broker (fault {kind!r})")
     at = _number(data, "at", 0.0, source, 0.0)
     length = _number(data, "for", 0.0, source, 0.0)
     if length <= 0:
@@ -168,7 +252,11 @@ def _fault(data: Any, source: str, duration: float) -> Fault:
     elif toxic:
         raise _fail(source, f"only toxic faults take a toxic table (fault {kind!r})")
     every = _number(data, "every", 2.0, source, 0.1)
-    return Fault(kind, at, length, dict(toxic), every)
+    request, errors = _request_errors(data, source) if kind == "request-errors" else ("", ())
+    broker = data.get("broker", 1)
+    if isinstance(broker, bool) or not isinstance(broker, int) or not 1 <= broker <= MOCK_BROKERS:
+        raise _fail(source, f"broker must be a broker id, 1 to {MOCK_BROKERS}, got {broker!r}")
+    return Fault(kind, at, length, dict(toxic), every, request, errors, broker)
 
 
 def parse(text: str, source: str) -> Scenario:
@@ -188,6 +276,9 @@ def parse(text: str, source: str) -> Scenario:
         "downstream_latency_ms",
         "concurrency",
         "ordering",
+        "cluster",
+        "session_timeout_ms",
+        "static_membership",
     }
     unknown = set(data) - known
     if unknown:
@@ -200,23 +291,36 @@ def parse(text: str, source: str) -> Scenario:
     faults = data.get("faults", [])
     if not isinstance(faults, list):
         raise _fail(source, "faults must be an array of tables ([[faults]])")
-    dedup = data.get("dedup", True)
-    if not isinstance(dedup, bool):
-        raise _fail(source, f"dedup must be true or false, got {dedup!r}")
-    concurrency = data.get("concurrency", 1)
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise _fail(
-            source,
-            f"concurrency must be a whole number >= 1 (handlers at once per worker), "
-            f"got {concurrency!r}",
-        )
+    dedup = _flag(data, "dedup", True, source)
+    concurrency = _whole(
+        data,
+        "concurrency",
+        1,
+        source,
+        1,
+        2**31,
+        "a whole number >= 1 (handlers at once per worker)",
+    )
     ordering = data.get("ordering", "key")
     if ordering not in ORDERINGS:
         raise _fail(source, f"ordering must be one of {list(ORDERINGS)}, got {ordering!r}")
+    static = _flag(data, "static_membership", False, source)
+    session_timeout = _whole(
+        data,
+        "session_timeout_ms",
+        6000,
+        source,
+        1000,
+        300_000,
+        "a whole number of milliseconds, 1000 to 300000",
+    )
+    cluster = data.get("cluster", "broker")
+    if cluster not in CLUSTERS:
+        raise _fail(source, f"cluster must be one of {list(CLUSTERS)}, got {cluster!r}")
     return Scenario(
         name=name,
         description=str(data.get("description", "")),
-        faults=tuple(_fault(f, source, duration) for f in faults),
+        faults=tuple(_fault(f, source, duration, cluster) for f in faults),
         duration=duration,
         workers=workers,
         poison=int(_number(data, "poison", 0, source, 0)),
@@ -225,6 +329,9 @@ def parse(text: str, source: str) -> Scenario:
         source=source,
         concurrency=concurrency,
         ordering=ordering,
+        cluster=cluster,
+        session_timeout_ms=session_timeout,
+        static_membership=static,
     )
 
 
@@ -259,8 +366,13 @@ _ORDER = [
     "downstream-outage",
     "poison-pill",
     "consumer-crash",
+    "consumer-restart",
+    "consumer-restart-static",
     "rebalance-storm",
     "broker-kill-concurrent",
     "consumer-crash-concurrent",
     "rebalance-storm-concurrent",
+    "leader-moves",
+    "broker-down",
+    "request-errors",
 ]
