@@ -357,7 +357,7 @@ def _paced_producer(config: dict[str, Any], topic: str, rate: int, seconds: floa
 
 
 def _latency_once(
-    s: Setup, topic: str, name: str, rate: int, seconds: float, warmup: float
+    s: Setup, topic: str, name: str, rate: int, seconds: float, warmup: float, join: float
 ) -> list[float]:
     samples: list[float] = []
     first: list[float] = []
@@ -371,7 +371,7 @@ def _latency_once(
             samples.append(now - sent)
 
     producer = threading.Thread(
-        target=_paced_producer, args=(s.config, topic, rate, seconds + warmup + 5)
+        target=_paced_producer, args=(s.config, topic, rate, seconds + warmup + join)
     )
     fetch = {"fetch.wait.max.ms": 100}
     if name == "raw_poll_latency":
@@ -403,12 +403,14 @@ def _latency_once(
 
 
 def latency(
-    s: Setup, topic: str, *, rate: int, seconds: float, warmup: float = 1.5
+    s: Setup, topic: str, *, rate: int, seconds: float, warmup: float = 1.5, join: float = 5.0
 ) -> list[Result]:
-    """End-to-end produce→handle latency at a fixed rate, raw poll() and ResilientConsumer.run."""
+    """End-to-end produce→handle latency at a fixed rate, raw poll() and ResilientConsumer.run.
+
+    The load runs ``join`` seconds (the group join's allowance) + ``warmup`` + ``seconds``."""
     results = []
     for name in ("raw_poll_latency", "resilient_run_latency"):  # a topic each: no backlog
-        samples = sorted(_latency_once(s, f"{topic}.{name}", name, rate, seconds, warmup))
+        samples = sorted(_latency_once(s, f"{topic}.{name}", name, rate, seconds, warmup, join))
         if not samples:
             raise RuntimeError(f"{name}: no latency samples")
         p50 = samples[len(samples) // 2]

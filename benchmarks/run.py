@@ -246,6 +246,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         lat,
                         rate=profile.latency_rate,
                         seconds=profile.latency_seconds,
+                        # the smoke profile's groups join in about 1 s (GROUP_TIMING below)
+                        **({"warmup": 0.5, "join": 2.0} if args.profile == "smoke" else {}),
                     ),
                 )
             )

@@ -238,6 +238,26 @@ def _row(
     return LedgerRow(msg, key, seq, "w1", at, 0, offset, retried)
 
 
+def test_a_partition_stall_shows_where_the_whole_load_kept_moving() -> None:
+    # partition 0 waits 5 s (a crashed consumer's partition) while partition 1 flows
+    rows = [
+        ("a", "k1", 0, "w1", 100.0, 0, 0),
+        ("b", "k1", 1, "w1", 101.0, 0, 1),
+        ("c", "k2", 0, "w2", 102.0, 1, 0),
+        ("d", "k2", 1, "w2", 103.0, 1, 1),
+        ("e", "k2", 2, "w2", 104.0, 1, 2),
+        ("f", "k2", 3, "w2", 105.0, 1, 3),
+        ("g", "k1", 2, "w3", 106.0, 0, 2),
+        ("g", "k1", 2, "w3", 108.0, 0, 2),  # handled again later: not new progress
+        ("h", "k2", 4, "w2", 125.0, 1, 4, True),  # a retry copy: late by design
+        ("p", "k2", 5, "w2", 115.0, 1, 5),  # poison (dead-lettered): aside
+    ]
+    acked = {row[0] for row in rows}
+    result = _evaluate(rows=rows, acked=acked, produced=len(acked), dead={"p"}, poison={"p"})
+    assert result.max_partition_stall_seconds == pytest.approx(5.0)
+    assert result.max_stall_seconds == pytest.approx(10.0)  # 115 -> 125: the retry's wait
+
+
 def test_reorders_count_the_consumer_against_the_log_and_the_producer_apart() -> None:
     # the producer's batch of a, b (seq 0, 1) failed while the broker was down and was sent
     # again after c (seq 2): the log holds c, a, b. Handling them in log order is no consumer

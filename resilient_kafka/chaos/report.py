@@ -35,8 +35,9 @@ def markdown(results: list[Result], meta: dict[str, Any]) -> str:
         f"{meta.get('duration')} s, seed {meta.get('seed')}.",
         "",
         "| scenario | produced | acked | processed | DLQ | lost | duplicates | reorders "
-        "| producer reorders | recovery s | max stall s | elapsed s | result |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| producer reorders | recovery s | max stall s | partition stall s | elapsed s "
+        "| result |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         verdict = f"skipped: {r.skipped}" if r.skipped else ("PASS" if r.passed else "**FAIL**")
@@ -44,7 +45,7 @@ def markdown(results: list[Result], meta: dict[str, Any]) -> str:
             f"| `{r.name}` | {r.produced} | {r.acknowledged} | {r.processed} | {r.dead_lettered} "
             f"| {r.lost} | {r.duplicates} | {r.reorders} | {r.producer_reorders} "
             f"| {_recovery(r.recovery_seconds)} | {r.max_stall_seconds:.1f} "
-            f"| {r.elapsed_seconds:.1f} | {verdict} |"
+            f"| {r.max_partition_stall_seconds:.1f} | {r.elapsed_seconds:.1f} | {verdict} |"
         )
     lines.append("")
     for r in results:
@@ -63,6 +64,8 @@ def markdown(results: list[Result], meta: dict[str, Any]) -> str:
         "ordering key or partition); producer reorders = records the load's producer put in "
         "the log after a later one of their key (re-sends after failed deliveries; reported); "
         "recovery = time from a fault's end until everything acknowledged by then is handled; "
+        "max stall = the longest time no record was handled; partition stall = the longest "
+        "time between two records of one partition handled (retried ones aside); "
         "elapsed = from the load's start until everything was handled; timelines in "
         "`timeline-<scenario>.png`.",
         "",

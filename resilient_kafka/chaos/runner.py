@@ -60,6 +60,7 @@ class Result:
     skipped: str = ""
     failures: list[str] = field(default_factory=list)
     max_stall_seconds: float = 0.0
+    max_partition_stall_seconds: float = 0.0  # the longest gap within one source partition
     unexpected_dead_letters: int = 0
     lost_by_broker: int = 0  # of the lost: acknowledged, but not in the topic's log at all
     downstream_duplicates: int = 0  # successful downstream calls repeated for one id
@@ -459,6 +460,24 @@ def producer_reorders(rows: Iterable[tuple[Any, ...]], poison: set[str]) -> int:
     return count
 
 
+def partition_stall(rows: Iterable[tuple[Any, ...]], poison: set[str]) -> float:
+    """The longest time between two records of one source partition handled for the first
+    time (retried and poison records aside): how long a consumer fault left a partition
+    without progress, where the whole-load stall hides it behind the other partitions."""
+    first: dict[tuple[int, int], float] = {}
+    for row in (LedgerRow(*row) for row in rows):
+        if row.retried or row.id in poison or row.partition is None or row.offset is None:
+            continue
+        place = (row.partition, row.offset)
+        first[place] = min(row.at, first.get(place, row.at))
+    times: dict[int, list[float]] = {}
+    for (partition, _offset), at in first.items():
+        times.setdefault(partition, []).append(at)
+    return max(
+        (b - a for ts in times.values() for a, b in itertools.pairwise(sorted(ts))), default=0.0
+    )
+
+
 def evaluate(
     result: Result,
     *,
@@ -498,6 +517,7 @@ def evaluate(
     times = [row.at - started_at for row in ledger]
     if len(times) > 1:
         result.max_stall_seconds = max(b - a for a, b in itertools.pairwise(times))
+    result.max_partition_stall_seconds = partition_stall(ledger, poison)
     recovery: float | None = 0.0
     for end in fault_ends:
         caught_up = _caught_up(timeline or [], end, len(dead))
