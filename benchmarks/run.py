@@ -246,8 +246,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         lat,
                         rate=profile.latency_rate,
                         seconds=profile.latency_seconds,
-                        # the smoke profile's groups join in about 1 s (GROUP_TIMING below)
-                        **({"warmup": 0.5, "join": 2.0} if args.profile == "smoke" else {}),
+                        # the smoke profile's groups join in about 1 s (GROUP_TIMING below):
+                        # 4 s leave room for a loaded machine
+                        **({"warmup": 0.5, "join": 4.0} if args.profile == "smoke" else {}),
                     ),
                 )
             )

@@ -120,7 +120,31 @@ def test_the_concurrent_variants_are_their_siblings_with_concurrent_handlers() -
         ("name = 'has space'", "name must be"),
         ("name = 'x'\ncluster = 'kraft'", "cluster must be one of ['broker', 'mock']"),
         ("name = 'x'\nstatic_membership = 'yes'", "static_membership must be true or false"),
-        ("name = 'x'\nsession_timeout_ms = 500", "session_timeout_ms must be a whole number of"),
+        ("name = 'x'\nsession_timeout_ms = 3000", "session_timeout_ms must be a whole number of"),
+        (
+            "name = 'x'\ncluster = 'mock'\n[[faults]]\nkind = 'request-errors'\nat = 1\n"
+            "for = 1\nrequest = ['Produce']\nerrors = ['REQUEST_TIMED_OUT']",
+            "request must be one of",
+        ),
+        (
+            "name = 'x'\ncluster = 'mock'\n[[faults]]\nkind = 'request-errors'\nat = 1\n"
+            "for = 1\nrequest = 'Fetch'\nerrors = ['_PARTITION_EOF']",
+            "'_PARTITION_EOF' is not a Kafka error name",
+        ),
+        (
+            "name = 'x'\ncluster = 'mock'\n"
+            "[[faults]]\nkind = 'broker-down'\nat = 1\nfor = 3\nbroker = 2\n"
+            "[[faults]]\nkind = 'broker-down'\nat = 2\nfor = 3\nbroker = 2",
+            "two broker 2 down faults overlap (1-4s and 2-5s)",
+        ),
+        (
+            "name = 'x'\ncluster = 'mock'\n"
+            "[[faults]]\nkind = 'request-errors'\nat = 1\nfor = 3\nrequest = 'Fetch'\n"
+            "errors = ['NOT_LEADER_FOR_PARTITION']\n"
+            "[[faults]]\nkind = 'request-errors'\nat = 3\nfor = 3\nrequest = 'Fetch'\n"
+            "errors = ['REQUEST_TIMED_OUT']",
+            "two Fetch errors faults overlap",
+        ),
         ("name = 'x'\nsession_timeout_ms = 6000.0", "session_timeout_ms must be a whole number"),
         (
             "name = 'x'\n[[faults]]\nkind = 'leader-move'\nat = 1\nfor = 1",
@@ -373,14 +397,34 @@ def test_protocol_faults_act_on_the_mock_cluster_at_their_times(tmp_path: Path) 
     pushes = [t for t, what, _ in stack.calls if what == "push"]
     moves = [t for t, what, _ in stack.calls if what == "move"]
     assert len(pushes) == 3 and len(moves) == 2  # at 0.2, 0.6, 1.0 / at 0.2, 0.5
-    assert all(0.15 < t < 1.2 for t in pushes + moves)
+    # never early (a loaded machine may wake a thread late: no upper bound but the order)
+    assert pushes[0] >= 0.2 and pushes[1] >= 0.6 and pushes[2] >= 1.0
+    assert moves[0] >= 0.2 and moves[1] >= 0.5
     args = {what: arg for _, what, arg in stack.calls}
     assert args["push"] == ("OffsetCommit", ("REBALANCE_IN_PROGRESS", "NOT_COORDINATOR"))
     assert args["move"] == {"src": 4, "src.retry": 4}
     assert (args["down"], args["up"], args["clear"]) == (2, 2, "OffsetCommit")
     when = {what: t for t, what, _ in stack.calls}
-    assert 0.45 < when["down"] < when["up"] and 0.95 < when["up"] < 1.3
-    assert when["clear"] > max(pushes)
+    assert 0.5 <= when["down"] < when["up"] and when["up"] >= 1.0
+    assert when["clear"] >= 1.2 and when["clear"] > max(pushes)
+
+
+def test_a_fault_that_fails_while_repeating_fails_the_run(tmp_path: Path) -> None:
+    scenario = parse(
+        "name = 'x'\ncluster = 'mock'\nduration = 1\n"
+        "[[faults]]\nkind = 'leader-move'\nat = 0.1\nfor = 0.3\nevery = 0.1",
+        "my.toml",
+    )
+
+    class Broken(_RecordingStack):
+        def move_leaders(self, topics: dict[str, int]) -> None:
+            raise RuntimeError("no such broker")
+
+    timeline = _Timeline(Broken(), None, scenario, tmp_path / "flag", seed=1)  # type: ignore[arg-type]
+    timeline.start(time.monotonic())
+    wait_for(lambda: timeline.windows and timeline.windows[0]["end"], 10, "the fault's end")
+    timeline.stop()
+    assert timeline.errors == ["leader-move: no such broker"]
 
 
 class _FakeProcess:
@@ -408,11 +452,12 @@ def test_a_replacement_worker_takes_the_identity_of_the_one_killed(tmp_path: Pat
     first, second = procs.start_worker(), procs.start_worker()
     procs.kill_worker(random.Random(1))
     killed = next(w for w in (first, second) if not w.running())  # type: ignore[union-attr]
-    replacement, extra = procs.start_worker(), procs.start_worker()
+    extra = procs.start_worker()  # a churn worker meanwhile: a new identity
+    replacement = procs.start_worker(replacing=True)
     slots = [w.settings["instance"] for w in (first, second, replacement, extra)]  # type: ignore[union-attr]
     assert replacement.settings["instance"] == killed.settings["instance"]  # type: ignore[union-attr]
-    assert replacement.settings["worker"] == "worker-3"  # type: ignore[union-attr]
-    assert extra.settings["instance"] == "worker-4"  # type: ignore[union-attr]
+    assert replacement.settings["worker"] == "worker-4"  # type: ignore[union-attr]
+    assert extra.settings["instance"] == "worker-3"  # type: ignore[union-attr]
     assert len(set(slots)) == 3, json.dumps(slots)
 
 
@@ -433,8 +478,8 @@ def test_leaders_moving_on_three_brokers_lose_nothing(tmp_path: Path) -> None:
         leaders = {p: meta.leader for p, meta in _partitions(stack).items() if p[0] in topics}
     finally:
         stack.close()
-    assert leaders == {(t, p): (p + 4) % 3 + 1 for t in topics for p in range(4)}
     assert result.failures == []
+    assert leaders == {(t, p): (p + 4) % 3 + 1 for t in topics for p in range(4)}
     assert (result.acknowledged, result.processed, result.lost, result.duplicates) == (
         400,
         390,

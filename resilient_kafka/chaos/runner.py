@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import sqlite3
@@ -101,15 +102,15 @@ class _Processes:
         proc.start()
         return proc
 
-    def start_worker(self) -> ManagedProcess | None:
-        """A new worker; with static membership it takes the ``group.instance.id`` of a killed
-        one (a restarted pod keeps its identity), else a new one."""
+    def start_worker(self, replacing: bool = False) -> ManagedProcess | None:
+        """A new worker. ``replacing`` a killed one, it takes that one's ``group.instance.id``
+        (a restarted pod keeps its identity: static membership); else a new identity."""
         with self._lock:
             if self._closed:  # the scenario is over: a late churn tick starts nothing
                 return None
             self._n += 1
             name = f"worker-{self._n}"
-            slot = self._free_slots.pop(0) if self._free_slots else name
+            slot = self._free_slots.pop(0) if replacing and self._free_slots else name
             settings = {**self.settings, "worker": name, "instance": slot}
             proc = self._spawn(name, "resilient_kafka.chaos._worker", settings)
             self.workers.append(proc)
@@ -133,9 +134,6 @@ class _Processes:
                 return
             time.sleep(0.1)
         raise TimeoutError(f"the workers did not join the group (logs in {self.workdir})")
-
-    def live_workers(self) -> list[ManagedProcess]:
-        return [w for w in self.workers if w.running()]
 
     def start_producer(self, settings: dict[str, Any]) -> None:
         self.producer = self._spawn("producer", "resilient_kafka.chaos._producer", settings)
@@ -351,7 +349,7 @@ class _Timeline:
         elif fault.kind == "downstream-down":
             self.flag.unlink(missing_ok=True)
         elif fault.kind == "worker-kill":
-            self.procs.start_worker()
+            self.procs.start_worker(replacing=True)
         elif fault.kind == "broker-down":
             self.stack.broker_up(fault.broker)
         elif fault.kind == "request-errors":
@@ -359,34 +357,31 @@ class _Timeline:
 
     def _repeat(self, fault: Fault) -> None:
         """A fault that acts again and again within its window: worker churn (a worker joins,
-        then leaves with a clean SIGTERM, each every/2 s), leaders moving, errors queued."""
-        if fault.kind == "worker-churn":
-            self._churn(fault)
-            return
-        offset = fault.at
-        while offset < fault.end and not self._stop.is_set():
-            if fault.kind == "leader-move":
-                self.stack.move_leaders(self.topics)
-            elif fault.kind == "request-errors":
-                self.stack.push_request_errors(fault.request, fault.errors)
-            offset += fault.every
-            if not self._at(min(offset, fault.end)):
-                break
-
-    def _churn(self, fault: Fault) -> None:
-        extra = None
-        offset = fault.at
-        while offset < fault.end and not self._stop.is_set():
-            if extra is None:
-                extra = self.procs.start_worker()
-            else:
-                extra.stop(timeout=20)  # a clean leave: commits, then the group rebalances
-                extra = None
-            offset += fault.every / 2
-            if not self._at(min(offset, fault.end)):
-                break
-        if extra is not None:
-            extra.stop(timeout=20)
+        then leaves with a clean SIGTERM, each every/2 s), leaders moving, errors queued. A
+        failure is recorded like the timeline's own: a fault that did not act fails the run."""
+        step = fault.every / 2 if fault.kind == "worker-churn" else fault.every
+        ticks = max(1, math.ceil(fault.duration / step - 1e-9))  # at, at + step, ... < end
+        extra: ManagedProcess | None = None
+        try:
+            for tick in range(ticks):
+                if not self._at(fault.at + tick * step):
+                    break
+                if fault.kind == "leader-move":
+                    self.stack.move_leaders(self.topics)
+                elif fault.kind == "request-errors":
+                    self.stack.push_request_errors(fault.request, fault.errors)
+                elif extra is None:  # worker-churn: join...
+                    extra = self.procs.start_worker()
+                else:  # ... and leave cleanly: it commits, then the group rebalances
+                    extra.stop(timeout=20)
+                    extra = None
+            self._at(fault.end)
+        except Exception as exc:
+            self.errors.append(f"{fault.label()}: {exc}")
+            log.exception("chaos fault %s failed", fault.label())
+        finally:
+            if extra is not None:
+                extra.stop(timeout=20)
 
     def stop(self) -> None:
         self._stop.set()

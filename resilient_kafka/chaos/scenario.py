@@ -12,7 +12,8 @@ their own::
     for = 6.0
     toxic = { type = "latency", stream = "downstream", attributes = { latency = 300, jitter = 50 } }
 
-Times are seconds from the start of the load and scale with ``--duration``.
+Times (``every`` included) are seconds from the start of the load and scale with
+``--duration``.
 
 Protocol faults (``cluster = "mock"``) run on librdkafka's mock cluster, three brokers in the
 runner's process: partition leaders move, a broker goes down, requests are answered with chosen
@@ -24,7 +25,7 @@ error codes::
     at = 2.0
     for = 6.0
     request = "Produce"
-    errors = ["NOT_LEADER_FOR_PARTITION", "REQUEST_TIMED_OUT"]
+    errors = ["NOT_LEADER_FOR_PARTITION", "NOT_ENOUGH_REPLICAS"]
 """
 
 from __future__ import annotations
@@ -163,14 +164,16 @@ def _request_errors(data: dict[str, Any], source: str) -> tuple[str, tuple[str, 
     from resilient_kafka.testing.mock_cluster import ApiKey
 
     request = data.get("request")
-    if request not in ApiKey.__members__:
+    if not isinstance(request, str) or request not in ApiKey.__members__:
         raise _fail(source, f"request must be one of {sorted(ApiKey.__members__)}, got {request!r}")
     errors = data.get("errors")
     if not isinstance(errors, list) or not errors:
         raise _fail(source, "a request-errors fault needs errors, a non-empty list of names")
     for name in errors:
         code = getattr(KafkaError, name, None) if isinstance(name, str) else None
-        if not isinstance(code, int) or isinstance(code, bool) or code == 0:
+        # broker error codes are positive (librdkafka's own are negative), _TRANSPORT aside:
+        # the mock then drops the connection instead of answering
+        if not isinstance(code, int) or (code <= 0 and name != "_TRANSPORT"):
             raise _fail(
                 source,
                 f"{name!r} is not a Kafka error name (confluent_kafka.KafkaError's, "
@@ -193,6 +196,33 @@ def _whole(
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise _fail(source, f"{key} must be {what}, got {value!r}")
     return value
+
+
+def _target(fault: Fault) -> tuple[Any, ...] | None:
+    """What a fault's end undoes, for faults whose end would undo an overlapping one's."""
+    if fault.kind == "request-errors":
+        return (fault.kind, fault.request)  # the end clears every error queued for the request
+    if fault.kind == "broker-down":
+        return (fault.kind, fault.broker)
+    if fault.kind in ("proxy-down", "broker-kill", "downstream-down"):
+        return (fault.kind,)
+    return None
+
+
+def _no_overlaps(faults: tuple[Fault, ...], source: str) -> None:
+    seen: dict[tuple[Any, ...], Fault] = {}
+    for fault in sorted(faults, key=lambda f: f.at):
+        target = _target(fault)
+        if target is None:
+            continue
+        before = seen.get(target)
+        if before is not None and fault.at < before.end:
+            raise _fail(
+                source,
+                f"two {fault.label()} faults overlap ({before.at:g}-{before.end:g}s and "
+                f"{fault.at:g}-{fault.end:g}s): the first one's end would undo the second",
+            )
+        seen[target] = fault
 
 
 def _fault(data: Any, source: str, duration: float, cluster: str) -> Fault:
@@ -305,22 +335,25 @@ def parse(text: str, source: str) -> Scenario:
     if ordering not in ORDERINGS:
         raise _fail(source, f"ordering must be one of {list(ORDERINGS)}, got {ordering!r}")
     static = _flag(data, "static_membership", False, source)
+    # Kafka's group.min.session.timeout.ms is 6000 by default: below, workers never join
     session_timeout = _whole(
         data,
         "session_timeout_ms",
         6000,
         source,
-        1000,
+        6000,
         300_000,
-        "a whole number of milliseconds, 1000 to 300000",
+        "a whole number of milliseconds, 6000 to 300000",
     )
     cluster = data.get("cluster", "broker")
     if cluster not in CLUSTERS:
         raise _fail(source, f"cluster must be one of {list(CLUSTERS)}, got {cluster!r}")
+    parsed = tuple(_fault(f, source, duration, cluster) for f in faults)
+    _no_overlaps(parsed, source)
     return Scenario(
         name=name,
         description=str(data.get("description", "")),
-        faults=tuple(_fault(f, source, duration, cluster) for f in faults),
+        faults=parsed,
         duration=duration,
         workers=workers,
         poison=int(_number(data, "poison", 0, source, 0)),

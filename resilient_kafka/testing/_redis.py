@@ -52,7 +52,21 @@ def redis_server(timeout: float = 15.0) -> Iterator[str]:
     port = free_port()
     server = ManagedProcess(
         "redis",
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        # no process title: redis would overwrite its argv and environment with it, and the
+        # tests' leak check finds their processes by the environment (tests/helpers.py)
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--set-proc-title",
+            "no",
+        ],
     )
     server.start()
     try:
