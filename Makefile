@@ -7,13 +7,18 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: test demo lint install clean
+.PHONY: test demo lint install clean soak
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/resilient-kafka demo
+
+# The chaos suite's long profile: every built-in scenario at 10,000 messages (about 35 min; not
+# in CI). Report in soak-report/ (docs/reliability.md).
+soak: $(STAMP)
+	$(BIN)/resilient-kafka chaos run --profile long --report soak-report
 
 lint: $(STAMP)
 	$(BIN)/ruff check resilient_kafka tests benchmarks
