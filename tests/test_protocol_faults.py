@@ -193,17 +193,7 @@ def _ends(cluster: MockCluster, topic: str) -> list[int]:
 def _run(load: Load, consumer: ResilientConsumer, fault: Callable[[], None] | None) -> None:
     """Run until every record is settled; ``fault`` strikes once a third is done; then stop
     (the final commit) and check."""
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            consumer.run(load.handler)
-        except BaseException as exc:
-            errors.append(exc)
-
-    consumer.subscribe([load.topic])
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
+    thread, errors = _start_expecting(load, consumer, BaseException)
     try:
         if fault is not None:
             wait_for(lambda: len(load.done) >= COUNT // 3 or errors, 60, "a third handled")
@@ -214,6 +204,25 @@ def _run(load: Load, consumer: ResilientConsumer, fault: Callable[[], None] | No
         thread.join(60)
     assert not errors, errors
     assert not thread.is_alive()
+
+
+def _start_expecting(
+    load: Load, consumer: ResilientConsumer, error: type[BaseException]
+) -> tuple[threading.Thread, list[BaseException]]:
+    """``consumer.run(load.handler)`` in a thread that collects the ``error`` it is expected
+    to stop with (any other error escapes the thread, and the list stays empty)."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            consumer.run(load.handler)
+        except error as exc:
+            failure.append(exc)
+
+    consumer.subscribe([load.topic])
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, failure
 
 
 def _leaders_to(cluster: MockCluster, broker: int, *topics: str) -> None:
@@ -277,19 +286,8 @@ def test_a_permanent_error_on_a_forward_stops_run_with_forward_error_and_loses_n
     """run() stops with ForwardError (its documented error); the refused copy's record is not
     committed; a new consumer, once the broker accepts again, finishes the job."""
     load = Load(mock_cluster)
-    first = load.consumer()
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            first.run(load.handler)
-        except ForwardError as exc:
-            failure.append(exc)
-
     mock_cluster.push_request_errors(ApiKey.Produce, code)
-    first.subscribe([load.topic])
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
+    thread, failure = _start_expecting(load, load.consumer(), ForwardError)
     wait_for(lambda: failure or not thread.is_alive(), 60, "run() to stop with ForwardError")
     thread.join(30)
     assert failure and isinstance(failure[0], ForwardError), failure
@@ -374,18 +372,7 @@ def test_a_fenced_producer_stops_run_with_transaction_error(mock_cluster: MockCl
     TransactionError, saying so (closing the fenced producer once replaced it with librdkafka's
     raw KafkaException)."""
     load = Load(mock_cluster, exactly_once=True)
-    first = load.consumer(quiet=True)
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            first.run(load.handler)
-        except TransactionError as exc:
-            failure.append(exc)
-
-    first.subscribe([load.topic])
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
+    thread, failure = _start_expecting(load, load.consumer(quiet=True), TransactionError)
     wait_for(lambda: len(load.done) >= COUNT // 3, 60, "a third handled")
     mock_cluster.push_request_errors(ApiKey.EndTxn, KafkaError.PRODUCER_FENCED)
     wait_for(lambda: failure or not thread.is_alive(), 60, "run() to stop")
