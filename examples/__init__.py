@@ -1,0 +1,1 @@
+"""Example systems built on resilient-kafka, using only its public API."""
