@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: test demo lint install clean soak
+.PHONY: test demo lint install clean soak orders orders-chaos
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -20,9 +20,17 @@ demo: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/resilient-kafka chaos run --profile long --report soak-report
 
+# The order system example (examples/orders/README.md): the whole system with a live view, and
+# its chaos run (every service killed once, gateway down, broker killed, network latency).
+orders: $(STAMP)
+	$(BIN)/python -m examples.orders up
+
+orders-chaos: $(STAMP)
+	$(BIN)/python -m examples.orders chaos full --workdir orders-chaos-report
+
 lint: $(STAMP)
-	$(BIN)/ruff check resilient_kafka tests benchmarks
-	$(BIN)/ruff format --check resilient_kafka tests benchmarks
+	$(BIN)/ruff check resilient_kafka tests benchmarks examples
+	$(BIN)/ruff format --check resilient_kafka tests benchmarks examples
 	$(BIN)/mypy
 
 install: $(STAMP)

@@ -10,6 +10,7 @@ consumer with :class:`TransactionError`. Rewinding and replaying is the consumer
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -22,6 +23,11 @@ from resilient_kafka.errors import ConfigurationError, TransactionError
 log = logging.getLogger("resilient_kafka.transaction")
 
 _RETRY_PAUSE = 0.1  # seconds between repeats of a call that failed with a retriable error
+# How long past its deadline a transactional call may block before it is given up on. librdkafka
+# can block in send_offsets_to_transaction() far past the timeout it was given while the group
+# coordinator is unreachable (librdkafka issues 5456 and 5511): after a broker restart that
+# decommissioned the coordinator, for good.
+_GRACE = 5.0
 
 
 def consumer_settings(conf: dict[str, Any], dedup: object) -> None:
@@ -75,6 +81,9 @@ class Transactions:
         self.open = False
         self.committed = 0
         self.aborted = 0
+        # a call that never returned: the producer is unusable (every later call refused,
+        # and closing it would block too)
+        self.stuck: str | None = None
         self._call("init_transactions", producer.init_transactions)
 
     def begin(self) -> None:
@@ -123,11 +132,13 @@ class Transactions:
         self.aborted += 1
 
     def _call(self, name: str, call: Any) -> None:
+        if self.stuck is not None:
+            raise TransactionError(f"{name} not attempted: {self.stuck}")
         bounded = name == "init_transactions"
         deadline = time.monotonic() + (self._timeout if bounded else self._settle)
         while True:
             try:
-                call(max(0.1, deadline - time.monotonic()) if bounded else -1)
+                self._within(name, deadline, call, deadline - time.monotonic() if bounded else -1)
                 return
             except KafkaException as exc:
                 error = exc.args[0] if exc.args else None
@@ -154,6 +165,37 @@ class Transactions:
                         error,
                     ) from exc
                 raise _Abortable(f"{name}: {error.str()}") from exc
+
+    def _within(self, name: str, deadline: float, call: Any, timeout: float) -> None:
+        """``call(timeout)`` on a thread of its own, waited for until ``deadline`` plus a grace:
+        a call still blocked then makes this producer unusable (TransactionError)."""
+        outcome: list[BaseException | None] = []
+        done = threading.Event()
+
+        def target() -> None:
+            try:
+                call(max(0.1, timeout) if timeout >= 0 else -1)
+                outcome.append(None)
+            except BaseException as exc:  # handed to the caller's thread
+                outcome.append(exc)
+            finally:
+                done.set()
+
+        # a daemon thread: a call that never returns must not hold the process at exit
+        threading.Thread(target=target, name=f"rk-txn-{name}", daemon=True).start()
+        if not done.wait(max(0.0, deadline - time.monotonic()) + _GRACE):
+            self.stuck = (
+                f"{name} did not return within {self._settle + _GRACE:.0f} s for "
+                f"transactional.id={self.transactional_id!r} (librdkafka blocks past its "
+                "timeout while a coordinator is unreachable: librdkafka issues 5456, 5511); "
+                "the producer is unusable: recreate the consumer, the open transaction's "
+                "records are redelivered"
+            )
+            self.open = False
+            log.error("%s", self.stuck)
+            raise TransactionError(self.stuck)
+        if outcome[0] is not None:
+            raise outcome[0]
 
 
 class _Abortable(Exception):

@@ -833,7 +833,11 @@ class ResilientConsumer(Consumer):
                 self.__dict__.pop("poll", None)
                 self.__dict__.pop("consume", None)
                 try:
-                    self._producer.close()  # flushes what is left, releases the connection
+                    if self._txn is not None and self._txn.stuck is not None:
+                        # a transactional call never returned: close() would block on it too
+                        log.error("forwarding producer left open: %s", self._txn.stuck)
+                    else:
+                        self._producer.close()  # flushes what is left, releases the connection
                 except KafkaException as exc:
                     # a fatal producer (fenced) says so again: the error that stopped the
                     # consumer (TransactionError) must not be replaced by this one

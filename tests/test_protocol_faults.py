@@ -55,7 +55,9 @@ class Load:
         self.done: set[str] = set()
         self.lock = threading.Lock()
 
-    def consumer(self, quiet: bool = False, **conf: Any) -> ResilientConsumer:
+    def consumer(
+        self, quiet: bool = False, settings: dict[str, Any] | None = None, **conf: Any
+    ) -> ResilientConsumer:
         """A consumer of the group (``quiet``: no librdkafka log lines, for faults that make
         it complain)."""
         config = self.cluster.client_config(
@@ -71,6 +73,7 @@ class Load:
             retry=RetryPolicy(delays=(0.2,)),
             registry=registry,
             exactly_once=self.exactly_once,
+            **(settings or {}),
         )
         return self.current
 
@@ -380,3 +383,46 @@ def test_a_fenced_producer_stops_run_with_transaction_error(mock_cluster: MockCl
     assert failure and isinstance(failure[0], TransactionError), failure
     assert "fenced" in str(failure[0]).lower(), str(failure[0])
     assert not thread.is_alive()
+
+
+def test_a_transactional_call_that_never_returns_stops_run_with_transaction_error(
+    mock_cluster: MockCluster,
+) -> None:
+    """librdkafka's send_offsets_to_transaction() can block far past its timeout while the
+    group coordinator is unreachable (librdkafka issues 5456 and 5511; the orders example's
+    chaos run found it hanging an inventory service for good after a broker restart). run()
+    stops with TransactionError once the call's deadline has passed, instead of hanging, and
+    nothing is lost: the next instance gets the records of the transaction that never
+    committed."""
+    load = Load(mock_cluster, exactly_once=True)
+    # broker 2 is the group coordinator and nothing else: the records, their forwards and the
+    # transaction coordinator stay reachable, so the commit reaches send_offsets_to_transaction
+    tid = f"tx-{load.group}"
+    _leaders_to(mock_cluster, 1, load.topic, load.tier, load.dlq)
+    mock_cluster.set_leader(load.out, 0, 1)
+    mock_cluster.set_coordinator("transaction", tid, 1)
+    mock_cluster.set_coordinator("group", load.group, 2)
+    settings = {
+        "producer_config": {"transaction.timeout.ms": 4000, "transactional.id": tid},
+        "forward_timeout": 2.0,
+    }
+    consumer = load.consumer(quiet=True, settings=settings)
+    thread, failure = _start_expecting(load, consumer, TransactionError)
+    wait_for(lambda: len(load.done) >= COUNT // 3, 60, "a third handled")
+    mock_cluster.broker_down(2)
+    rescue = threading.Timer(40, mock_cluster.broker_up, args=(2,))  # unblocks the old code
+    rescue.start()
+    try:
+        started = time.monotonic()
+        wait_for(lambda: failure or not thread.is_alive(), 45, "run() to stop")
+        took = time.monotonic() - started
+        thread.join(15)
+    finally:
+        rescue.cancel()
+        mock_cluster.broker_up(2)
+    assert failure and isinstance(failure[0], TransactionError), failure
+    assert "did not return" in str(failure[0]), str(failure[0])
+    assert took < 25, took  # the deadline: transaction timeout + forward timeout + grace
+    assert not thread.is_alive()
+    _run(load, load.consumer(quiet=True), None)  # the next instance finishes the work
+    load.check()

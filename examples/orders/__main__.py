@@ -20,8 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--durable", action="store_true", help="broker storage in a local S3")
     up.add_argument("--seconds", type=float, default=0, help="stop after this long (0: Ctrl-C)")
     chaos = sub.add_parser("chaos", help="a chaos run: load, faults, invariants, report")
-    chaos.add_argument("plan", nargs="?", default="full",
-                       help="short, full, or a plan file (see scenarios/)")
+    chaos.add_argument(
+        "plan", nargs="?", default="full", help="short, full, or a plan file (see scenarios/)"
+    )
     chaos.add_argument("--workdir", type=Path, help="where the report, databases and logs go")
     args = parser.parse_args(argv)
     if args.command == "up":
@@ -46,11 +47,18 @@ def _chaos(args: argparse.Namespace) -> int:
         console.print(f"[red]{exc}[/red]")
         return 2
     workdir = _workdir(args.workdir, f"orders-chaos-{plan.name}-")
-    console.print(f"chaos run [bold]{plan.name}[/bold]: {plan.orders} orders at {plan.rate:g}/s, "
-                  f"{len(plan.faults)} faults; files in {workdir}")
+    console.print(
+        f"chaos run [bold]{plan.name}[/bold]: {plan.orders} orders at {plan.rate:g}/s, "
+        f"{len(plan.faults)} faults; files in {workdir}"
+    )
     with Live(console=console, refresh_per_second=4, transient=True) as live:
-        result = chaos.run(plan, workdir, on_sample=lambda sample, message: live.update(
-            dashboard.render(sample, message, plan.name)))
+        result = chaos.run(
+            plan,
+            workdir,
+            on_sample=lambda sample, message: live.update(
+                dashboard.render(sample, message, plan.name)
+            ),
+        )
     from rich.markdown import Markdown
 
     console.print(Markdown((workdir / "report.md").read_text()))
@@ -78,8 +86,12 @@ def _up(args: argparse.Namespace) -> int:
         console.print(f"orders API  {system.url('orders')}/orders   (POST, GET /orders/<id>)")
         console.print(f"order view  {system.url('view')}/orders/<id>   /stats")
         console.print(f"metrics     {system.metrics_url} (payments)   Ctrl-C stops everything")
-        load = LoadGenerator(system.url("orders"), rate=args.rate, orders=args.orders,
-                             run_id=f"up{int(time.time()) % 100000}").start()
+        load = LoadGenerator(
+            system.url("orders"),
+            rate=args.rate,
+            orders=args.orders,
+            run_id=f"up{int(time.time()) % 100000}",
+        ).start()
         sampler = Sampler(system, load).start()
         end = time.monotonic() + args.seconds if args.seconds else float("inf")
         with Live(console=console, refresh_per_second=4) as live:

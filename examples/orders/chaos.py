@@ -3,16 +3,16 @@
 A plan (``scenarios/*.toml``) names the profile, the load and the faults, one at a time so each
 is attributable. Fault kinds:
 
-| kind | what happens | undone after ``duration`` by |
-|---|---|---|
-| ``kill`` (``target``) | SIGKILL of one service (or the gateway) | starting it again, same files and ports |
-| ``gateway-down`` | the gateway's proxy refuses connections (the breaker should open) | enabling the proxy |
-| ``broker-kill`` | SIGKILL of the broker (needs ``durable = true``) | restarting it on the same port |
-| ``latency`` (``latency_ms``) | every Kafka byte delayed (Toxiproxy latency toxic) | removing the toxic |
+- ``kill`` (``target``): SIGKILL of one service (or the gateway); started again on the same
+  files and ports after ``duration``;
+- ``gateway-down``: the gateway's proxy refuses connections (the breaker should open);
+- ``broker-kill``: SIGKILL of the broker (needs ``durable = true``), restarted on the same port;
+- ``latency`` (``latency_ms``): every Kafka byte delayed (a Toxiproxy latency toxic).
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import tomllib
@@ -83,19 +83,24 @@ def parse_plan(data: dict[str, Any], name: str) -> Plan:
     faults = tuple(_fault(name, n, f) for n, f in enumerate(data.get("fault", []), 1))
     durable = bool(data.get("durable", False))
     if any(f.kind == "broker-kill" for f in faults) and not durable:
-        raise PlanError(f"plan {name}: broker-kill needs durable = true (in-memory storage "
-                        "loses every record with the broker)")
+        raise PlanError(
+            f"plan {name}: broker-kill needs durable = true (in-memory storage "
+            "loses every record with the broker)"
+        )
     ordered = sorted(faults, key=lambda f: f.at)
-    for before, after in zip(ordered, ordered[1:], strict=False):
+    for before, after in itertools.pairwise(ordered):
         if after.at < before.at + before.duration:
-            raise PlanError(f"plan {name}: {after.label} at {after.at} s starts before "
-                            f"{before.label} ends ({before.at + before.duration} s): one fault "
-                            "at a time, so each is attributable")
+            raise PlanError(
+                f"plan {name}: {after.label} at {after.at} s starts before "
+                f"{before.label} ends ({before.at + before.duration} s): one fault "
+                "at a time, so each is attributable"
+            )
     orders, rate, bound = data.get("orders", 60), data.get("rate", 6.0), data.get("bound", 45.0)
     if not (isinstance(orders, int) and orders > 0 and rate > 0 and bound > 0):
         raise PlanError(f"plan {name}: orders, rate and bound must be positive")
-    return Plan(name, c.PROFILES[profile], orders, float(rate), float(bound), durable,
-                tuple(ordered))
+    return Plan(
+        name, c.PROFILES[profile], orders, float(rate), float(bound), durable, tuple(ordered)
+    )
 
 
 def _fault(plan: str, n: int, f: dict[str, Any]) -> Fault:
@@ -108,12 +113,14 @@ def _fault(plan: str, n: int, f: dict[str, Any]) -> Fault:
         raise PlanError(f"{where}: kind {kind!r} is not one of {', '.join(KINDS)}")
     target = f.get("target", "")
     if (kind == "kill") != bool(target) or (target and target not in MODULES):
-        raise PlanError(f"{where}: {kind} takes " + (
-            f"a target, one of {', '.join(MODULES)}" if kind == "kill" else "no target"))
+        raise PlanError(
+            f"{where}: {kind} takes "
+            + (f"a target, one of {', '.join(MODULES)}" if kind == "kill" else "no target")
+        )
     at, duration = f.get("at"), f.get("duration")
     if not all(isinstance(x, int | float) and x >= 0 for x in (at, duration)) or not duration:
         raise PlanError(f"{where}: at >= 0 and duration > 0 (seconds) are required")
-    return Fault(float(at), kind, float(duration), target, int(f.get("latency_ms", 300)))
+    return Fault(float(at), kind, float(duration), target, int(f.get("latency_ms", 300)))  # type: ignore[arg-type]
 
 
 # -- watching the system ------------------------------------------------------------------------
@@ -132,6 +139,8 @@ class Sample:
     paused_for_breaker: int
     view_lag_ms_p95: int
     up: dict[str, bool]
+    orders: dict[str, Any] = field(default_factory=dict, repr=False)  # the raw /stats answers
+    view: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def divergence(self) -> int:
@@ -153,8 +162,10 @@ def breaker_state(metrics_url: str) -> tuple[str, int]:
         for s in family.samples:
             if s.name == "resilient_kafka_circuitbreaker_state" and s.value == 1:
                 state = s.labels.get("state", "?")
-            if (s.name == "resilient_kafka_consumer_paused_partitions"
-                    and s.labels.get("reason") == "circuit_open"):
+            if (
+                s.name == "resilient_kafka_consumer_paused_partitions"
+                and s.labels.get("reason") == "circuit_open"
+            ):
                 paused += int(s.value)
     return state, paused
 
@@ -189,18 +200,25 @@ class Sampler:
             self._stop.wait(self.interval)
 
     def sample(self) -> Sample:
-        orders = _get(self.system.url("orders") + "/stats")
-        view = _get(self.system.url("view") + "/stats")
+        # a service that is down (killed by a fault) keeps its last figures: a gap, not a drop
+        last = self.latest
+        orders = _get(self.system.url("orders") + "/stats") or (last and last.orders) or {}
+        view = _get(self.system.url("view") + "/stats") or (last and last.view) or {}
         breaker, paused = breaker_state(self.system.metrics_url)
         return Sample(
             t=time.time() - self.t0,
             accepted=len(self.load.accepted) if self.load else 0,
-            by_state=orders.get("by_state", {}), view_by_state=view.get("by_state", {}),
+            by_state=orders.get("by_state", {}),
+            view_by_state=view.get("by_state", {}),
             steps_in_flight=orders.get("steps_in_flight", {}),
-            resends=orders.get("resends", 0), outbox_backlog=orders.get("outbox_backlog", 0),
-            breaker=breaker, paused_for_breaker=paused,
+            resends=orders.get("resends", 0),
+            outbox_backlog=orders.get("outbox_backlog", 0),
+            breaker=breaker,
+            paused_for_breaker=paused,
             view_lag_ms_p95=view.get("lag_ms_p95", 0),
             up={n: p.running for n, p in self.system.processes.items()},
+            orders=orders,
+            view=view,
         )
 
 
@@ -271,8 +289,12 @@ class _Faults:
     def _apply(self, f: Fault) -> dict[str, Any]:
         s = self.system
         start = time.time() - self.t0
-        record: dict[str, Any] = {"label": f.label, "kind": f.kind, "target": f.target,
-                                  "start": start}
+        record: dict[str, Any] = {
+            "label": f.label,
+            "kind": f.kind,
+            "target": f.target,
+            "start": start,
+        }
         if f.kind in ("kill", "broker-kill"):
             name = f.target or "broker"
             old = s.broker.pid if name == "broker" else s.processes[name].popen.pid  # type: ignore[union-attr]
@@ -284,23 +306,29 @@ class _Faults:
             self.down.discard(name)
             new = s.broker.pid if name == "broker" else s.processes[name].popen.pid  # type: ignore[union-attr]
             record["acted"] = new != old
-            record["evidence"] = (f"pid {old} killed, {new} "
-                                  f"{'serving' if name == 'broker' else 'ready'} "
-                                  f"{time.time() - restarted:.1f} s after the restart")
+            record["evidence"] = (
+                f"pid {old} killed, {new} "
+                f"{'serving' if name == 'broker' else 'ready'} "
+                f"{time.time() - restarted:.1f} s after the restart"
+            )
         elif f.kind == "gateway-down":
             s.toxiproxy.disable_proxy(GATEWAY_PROXY)  # type: ignore[union-attr]
             time.sleep(f.duration)
             s.toxiproxy.enable_proxy(GATEWAY_PROXY)  # type: ignore[union-attr]
         elif f.kind == "latency":
             toxic = s.toxiproxy.add_toxic(  # type: ignore[union-attr]
-                KAFKA_PROXY, "latency", {"latency": f.latency_ms, "jitter": f.latency_ms // 6},
-                name="orders-chaos-latency")
+                KAFKA_PROXY,
+                "latency",
+                {"latency": f.latency_ms, "jitter": f.latency_ms // 6},
+                name="orders-chaos-latency",
+            )
             time.sleep(f.duration)
             present = any(t.name == toxic.name for t in s.toxiproxy.toxics(KAFKA_PROXY))  # type: ignore[union-attr]
             s.toxiproxy.remove_toxic(KAFKA_PROXY, toxic.name)  # type: ignore[union-attr]
             record["acted"] = present
-            record["evidence"] = (f"{f.latency_ms} ms latency on every Kafka connection for "
-                                  f"{f.duration:.0f} s")
+            record["evidence"] = (
+                f"{f.latency_ms} ms latency on every Kafka connection for {f.duration:.0f} s"
+            )
         record["end"] = time.time() - self.t0
         return record
 
@@ -310,13 +338,21 @@ def _breaker_evidence(record: dict[str, Any], samples: list[Sample], reset: floa
     opened = [x for x in window if x.breaker in ("open", "half-open")]
     paused = max((x.paused_for_breaker for x in window), default=0)
     record["acted"] = bool(opened)
-    record["evidence"] = (f"breaker open or half-open in {len(opened)} of {len(window)} samples, "
-                          f"up to {paused} partitions paused for it" if opened
-                          else f"breaker never seen open in {len(window)} samples")
+    record["evidence"] = (
+        f"breaker open or half-open in {len(opened)} of {len(window)} samples, "
+        f"up to {paused} partitions paused for it"
+        if opened
+        else f"breaker never seen open in {len(window)} samples"
+    )
 
 
-def run(plan: Plan, workdir: str | Path, *, seed: int = 7,
-        on_sample: Callable[[Sample | None, str], None] = lambda _s, _m: None) -> Result:
+def run(
+    plan: Plan,
+    workdir: str | Path,
+    *,
+    seed: int = 7,
+    on_sample: Callable[[Sample | None, str], None] = lambda _s, _m: None,
+) -> Result:
     """Start the system, run the load and the faults, wait for the end, check, report."""
     from examples.orders import report
 
@@ -331,8 +367,9 @@ def run(plan: Plan, workdir: str | Path, *, seed: int = 7,
         # of the fault plan starts (a join takes seconds on Tansu)
         on_sample(None, "warming up: one order through every service")
         warm = _warm_up(system, run_id, timeout=90.0)
-        load = LoadGenerator(system.url("orders"), rate=plan.rate, orders=plan.orders,
-                             run_id=run_id, seed=seed)
+        load = LoadGenerator(
+            system.url("orders"), rate=plan.rate, orders=plan.orders, run_id=run_id, seed=seed
+        )
         sampler = Sampler(system, load).start()
         t0 = sampler.t0
         poison = inject_poison(system.client_config(), run_id)
@@ -342,9 +379,11 @@ def run(plan: Plan, workdir: str | Path, *, seed: int = 7,
         def watch(message: str) -> None:
             for name in system.exited():
                 if name not in faults.down:  # exited by itself: a supervisor restarts it
-                    self_exits.append(f"{name} exited by itself at {time.time() - t0:.1f} s "
-                                      f"(code {system.processes[name].popen.returncode}); "  # type: ignore[union-attr]
-                                      "restarted")
+                    self_exits.append(
+                        f"{name} exited by itself at {time.time() - t0:.1f} s "
+                        f"(code {system.processes[name].popen.returncode}); "  # type: ignore[union-attr]
+                        "restarted"
+                    )
                     system.restart(name, wait=False)
             on_sample(sampler.latest, message)
 
@@ -365,16 +404,31 @@ def run(plan: Plan, workdir: str | Path, *, seed: int = 7,
             if record["kind"] == "gateway-down":
                 _breaker_evidence(record, sampler.samples, plan.profile.breaker_reset)
         on_sample(sampler.latest, "reading the dead-letter topics")
-        dead = checker.read_dead_letters(system.client_config(),
-                                         c.derived_topics(plan.profile)["dlq"])
-        facts = checker.Facts(
-            workdir=workdir, accepted={**warm, **load.accepted},
-            last_fault_end=faults.last_end, bound=plan.bound, poison=poison,
-            dead_letters=dead, faults=faults.records, view_converged_after=converged,
+        dead = checker.read_dead_letters(
+            system.client_config(), c.derived_topics(plan.profile)["dlq"]
         )
-        result = Result(plan, workdir, checker.check(facts), faults.records, sampler.samples,
-                        dead, self_exits, poison, len(load.accepted),
-                        time.monotonic() - started)
+        facts = checker.Facts(
+            workdir=workdir,
+            accepted={**warm, **load.accepted},
+            last_fault_end=faults.last_end,
+            bound=plan.bound,
+            poison=poison,
+            dead_letters=dead,
+            faults=faults.records,
+            view_converged_after=converged,
+        )
+        result = Result(
+            plan,
+            workdir,
+            checker.check(facts),
+            faults.records,
+            sampler.samples,
+            dead,
+            self_exits,
+            poison,
+            len(load.accepted),
+            time.monotonic() - started,
+        )
         if load.refused:
             result.invariants[0].passed = False
             result.invariants[0].details[:0] = [f"the API refused: {r}" for r in load.refused[:5]]
@@ -385,16 +439,20 @@ def run(plan: Plan, workdir: str | Path, *, seed: int = 7,
 
 
 def _warm_up(system: System, run_id: str, timeout: float) -> dict[str, float]:
-    answer = web.call("POST", system.url("orders") + "/orders",
-                      {"customer": "warm-up", "items": [{"sku": "apple", "qty": 1}],
-                       "card": "4000000000000077"},
-                      headers={"Idempotency-Key": f"{run_id}-warm-up"})
+    answer = web.call(
+        "POST",
+        system.url("orders") + "/orders",
+        {"customer": "warm-up", "items": [{"sku": "apple", "qty": 1}], "card": "4000000000000077"},
+        headers={"Idempotency-Key": f"{run_id}-warm-up"},
+    )
     accepted = {answer["order_id"]: time.time()}
     deadline = time.monotonic() + timeout
     while not _all_terminal(system.workdir, accepted):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the warm-up order did not end within {timeout:.0f} s; "
-                               f"see the logs in {system.workdir}")
+            raise TimeoutError(
+                f"the warm-up order did not end within {timeout:.0f} s; "
+                f"see the logs in {system.workdir}"
+            )
         time.sleep(0.2)
     return accepted
 
@@ -402,8 +460,12 @@ def _warm_up(system: System, run_id: str, timeout: float) -> dict[str, float]:
 def _all_terminal(workdir: Path, accepted: dict[str, float]) -> bool:
     conn = read_only(workdir / "orders.db")
     try:
-        done = {r[0] for r in conn.execute(
-            "SELECT order_id FROM orders WHERE state IN ('COMPLETED', 'CANCELLED')")}
+        done = {
+            r[0]
+            for r in conn.execute(
+                "SELECT order_id FROM orders WHERE state IN ('COMPLETED', 'CANCELLED')"
+            )
+        }
     finally:
         conn.close()
     return set(accepted) <= done

@@ -46,7 +46,7 @@ PRICES = {"apple": 120, "pear": 150, "plum": 90, "fig": 300}  # cents
 
 @dataclass(frozen=True)
 class Profile:
-    """Timing and failure rates. ``normal`` is for watching; ``short`` and ``full`` are chaos runs."""
+    """Timing and failure rates: ``normal`` is for watching, ``short`` and ``full`` for chaos."""
 
     name: str = "normal"
     partitions: int = 3
@@ -62,7 +62,7 @@ class Profile:
     gateway_error_pct: int = 5  # gateway answers 503 now and then
     gateway_latency_ms: tuple[int, int] = (20, 150)
     dedup_lease: float = 10.0  # a killed process's claims expire this fast
-    tansu_kill_safe: bool = False  # producers without idempotence (see service.producer_config)
+    tansu_kill_safe: bool = False  # producers without idempotence (service.producer_config)
     stock: dict[str, int] = field(default_factory=lambda: dict(SKUS))
 
     def to_json(self) -> dict[str, Any]:

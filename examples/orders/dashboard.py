@@ -23,16 +23,18 @@ def render(sample: Sample | None, message: str, title: str) -> Any:
         return Panel(message, title=f"orders system: {title}")
     states = Table("state", "orders", "view", box=None)
     for state in STATES:
-        states.add_row(state, str(sample.by_state.get(state, 0)),
-                       str(sample.view_by_state.get(state, 0)))
+        states.add_row(
+            state, str(sample.by_state.get(state, 0)), str(sample.view_by_state.get(state, 0))
+        )
     steps = Table("step", "awaiting a reply", box=None)
     for step, n in sample.steps_in_flight.items():
         steps.add_row(step, str(n))
     steps.add_row("re-sends", str(sample.resends))
     steps.add_row("outbox backlog", str(sample.outbox_backlog))
     health = Table("", "", box=None, show_header=False)
-    health.add_row("payment breaker", f"[{BREAKER_STYLE.get(sample.breaker, 'dim')}]"
-                   f"{sample.breaker}[/]")
+    health.add_row(
+        "payment breaker", f"[{BREAKER_STYLE.get(sample.breaker, 'dim')}]{sample.breaker}[/]"
+    )
     health.add_row("paused for it", f"{sample.paused_for_breaker} partitions")
     health.add_row("view behind by", f"{sample.divergence} orders")
     health.add_row("view lag p95", f"{sample.view_lag_ms_p95} ms")
@@ -41,8 +43,13 @@ def render(sample: Sample | None, message: str, title: str) -> Any:
     return Panel(
         Group(
             f"t = {sample.t:5.1f} s   accepted {sample.accepted}   {message}",
-            Columns([Panel(states, title="orders by state"), Panel(steps, title="saga steps"),
-                     Panel(health, title="health")]),
+            Columns(
+                [
+                    Panel(states, title="orders by state"),
+                    Panel(steps, title="saga steps"),
+                    Panel(health, title="health"),
+                ]
+            ),
         ),
         title=f"orders system: {title}",
     )

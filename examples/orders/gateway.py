@@ -10,6 +10,7 @@ Run: ``python -m examples.orders.gateway '<settings JSON>'``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -74,6 +75,7 @@ class Gateway:
                 tx.execute("INSERT INTO replays VALUES (?, ?)", (key, time.time()))
                 return int(row["status"]), {**json.loads(row["body"]), "replayed": True}
             amount = int(body.get("amount_cents", 0))
+            answer: dict[str, Any]
             if kind == "charge" and declines(str(body.get("card", "")), self.profile.decline_pct):
                 status, answer = 402, {"error": "card declined", "decline_code": "do_not_honor"}
             else:
@@ -81,8 +83,15 @@ class Gateway:
                 status, answer = 200, {"id": ref, "status": "succeeded", "amount_cents": amount}
             tx.execute(
                 "INSERT INTO ops VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (key, str(body.get("order_id", "")), kind, status, json.dumps(answer), amount,
-                 time.time()),
+                (
+                    key,
+                    str(body.get("order_id", "")),
+                    kind,
+                    status,
+                    json.dumps(answer),
+                    amount,
+                    time.time(),
+                ),
             )
             return status, answer
 
@@ -95,8 +104,12 @@ class GatewayClient:
         self.timeout = timeout
 
     def charge(self, key: str, order_id: str, amount_cents: int, card: str) -> str:
-        body = {"idempotency_key": key, "order_id": order_id, "amount_cents": amount_cents,
-                "card": card}
+        body = {
+            "idempotency_key": key,
+            "order_id": order_id,
+            "amount_cents": amount_cents,
+            "card": card,
+        }
         return str(self._post("/charges", body)["id"])
 
     def refund(self, key: str, order_id: str, amount_cents: int) -> str:
@@ -126,10 +139,8 @@ def main() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     service.ready(s, port=s.http_port)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         stop.wait()
-    except KeyboardInterrupt:
-        pass
     server.shutdown()
 
 

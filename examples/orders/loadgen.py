@@ -57,9 +57,11 @@ class LoadGenerator:
     def order(self, n: int) -> dict[str, Any]:
         skus = self._random.sample(sorted(c.PRICES), self._random.randint(1, 2))
         card = "".join(str(self._random.randint(0, 9)) for _ in range(16))
-        return {"customer": f"customer-{n % 50}",
-                "items": [{"sku": s, "qty": self._random.randint(1, 3)} for s in skus],
-                "card": card}
+        return {
+            "customer": f"customer-{n % 50}",
+            "items": [{"sku": s, "qty": self._random.randint(1, 3)} for s in skus],
+            "card": card,
+        }
 
     def _run(self) -> None:
         n = 0
@@ -77,8 +79,9 @@ class LoadGenerator:
         deadline = time.monotonic() + self.give_up_after
         while time.monotonic() < deadline and not self._stop.is_set():
             try:
-                answer = web.call("POST", f"{self.api}/orders", body,
-                                  headers={"Idempotency-Key": key}, timeout=5)
+                answer = web.call(
+                    "POST", f"{self.api}/orders", body, headers={"Idempotency-Key": key}, timeout=5
+                )
                 with self._lock:
                     self.accepted[answer["order_id"]] = time.time()
                 return
@@ -92,18 +95,51 @@ class LoadGenerator:
 
 # Records no consumer can read, and where each must end up: (topic, value, why)
 POISON: list[tuple[str, bytes, str]] = [
-    (c.PAYMENT_COMMANDS, json.dumps({
-        "type": "ChargePayment", "v": 99, "id": "", "order_id": "o-poison", "command_id":
-        "o-poison:charge", "at": 0, "data": {"amount_cents": 1, "card": "4000"}}).encode(),
-     "a schema version from the future (v99)"),
-    (c.INVENTORY_COMMANDS, json.dumps({
-        "type": "ReserveStock", "v": 2, "id": "", "order_id": "o-poison", "command_id":
-        "o-poison:reserve", "at": 0, "data": {"items": []}}).encode(),
-     "an unknown schema version (v2) under exactly-once"),
+    (
+        c.PAYMENT_COMMANDS,
+        json.dumps(
+            {
+                "type": "ChargePayment",
+                "v": 99,
+                "id": "",
+                "order_id": "o-poison",
+                "command_id": "o-poison:charge",
+                "at": 0,
+                "data": {"amount_cents": 1, "card": "4000"},
+            }
+        ).encode(),
+        "a schema version from the future (v99)",
+    ),
+    (
+        c.INVENTORY_COMMANDS,
+        json.dumps(
+            {
+                "type": "ReserveStock",
+                "v": 2,
+                "id": "",
+                "order_id": "o-poison",
+                "command_id": "o-poison:reserve",
+                "at": 0,
+                "data": {"items": []},
+            }
+        ).encode(),
+        "an unknown schema version (v2) under exactly-once",
+    ),
     (c.SHIPPING_COMMANDS, b"\x00\x01 not json", "bytes that are not JSON"),
-    (c.ORDER_EVENTS, json.dumps({
-        "type": "OrderCancelledByCustomer", "v": 1, "id": "", "order_id": "o-poison",
-        "at": 0, "data": {}}).encode(), "an event type no schema defines"),
+    (
+        c.ORDER_EVENTS,
+        json.dumps(
+            {
+                "type": "OrderCancelledByCustomer",
+                "v": 1,
+                "id": "",
+                "order_id": "o-poison",
+                "at": 0,
+                "data": {},
+            }
+        ).encode(),
+        "an event type no schema defines",
+    ),
 ]
 
 

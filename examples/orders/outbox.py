@@ -10,9 +10,8 @@ import threading
 import time
 from typing import Any
 
-from resilient_kafka import ResilientProducer
-
 from examples.orders.db import Database, Tx
+from resilient_kafka import ResilientProducer
 
 log = logging.getLogger("orders.outbox")
 
@@ -91,7 +90,9 @@ class Relay:
             while True:
                 try:
                     self._producer.produce(
-                        row["topic"], row["value"], key=row["key"].encode(),
+                        row["topic"],
+                        row["value"],
+                        key=row["key"].encode(),
                         headers=[("rk.id", row["record_id"].encode())],
                         on_delivery=delivered(row["seq"]),
                     )
@@ -106,7 +107,8 @@ class Relay:
                     tx.execute("UPDATE outbox SET sent_at = ? WHERE seq = ?", (now, seq))
             self.published += len(acked)
         if failed:
-            log.warning("outbox: %d records not acknowledged (%s); sending again", len(failed),
-                        failed[0])
+            log.warning(
+                "outbox: %d records not acknowledged (%s); sending again", len(failed), failed[0]
+            )
             time.sleep(0.5)
         return len(acked)

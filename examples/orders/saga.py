@@ -86,14 +86,15 @@ class Command:
 
 def command(order: Order, step: str) -> Command:
     type_, topic = COMMANDS[step]
-    data: dict[str, Any] = {
-        "reserve": lambda: {"items": order.items_json()},
-        "charge": lambda: {"amount_cents": order.amount_cents, "card": order.card},
-        "ship": lambda: {"items": order.items_json(), "address": f"{order.customer}'s address"},
-        "commit": dict,
-        "refund": lambda: {"amount_cents": order.amount_cents},
-        "release": dict,
-    }[step]()
+    data: dict[str, Any] = {}
+    if step in ("reserve", "ship"):
+        data["items"] = order.items_json()
+    if step == "ship":
+        data["address"] = f"{order.customer}'s address"
+    if step in ("charge", "refund"):
+        data["amount_cents"] = order.amount_cents
+    if step == "charge":
+        data["card"] = order.card
     command_id = f"{order.order_id}:{step}"
     record_id = command_id if order.attempt == 0 else f"{command_id}#{order.attempt}"
     return Command(step, type_, topic, order.order_id, command_id, record_id, data)
@@ -146,7 +147,11 @@ def transition(order: Order, event: Envelope) -> Outcome:
 
 def _move(order: Order, state: str, pending: set[str], *, reason: str = "") -> Outcome:
     moved = replace(
-        order, state=state, version=order.version + 1, pending=frozenset(pending), attempt=0,
+        order,
+        state=state,
+        version=order.version + 1,
+        pending=frozenset(pending),
+        attempt=0,
         reason=reason or order.reason,
     )
     return Outcome(moved, [command(moved, step) for step in sorted(pending)], True)
@@ -160,4 +165,4 @@ def resend(order: Order) -> tuple[Order, list[Command]]:
 
 def next_deadline(now: float, attempt: int, profile: c.Profile) -> float:
     """When to send the awaited steps again: the step timeout, doubling per attempt, capped."""
-    return now + min(profile.step_timeout * 2**attempt, profile.step_timeout_max)
+    return now + min(profile.step_timeout * 2.0**attempt, profile.step_timeout_max)

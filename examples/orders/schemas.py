@@ -50,37 +50,85 @@ def _schemas(*items: Schema) -> dict[tuple[str, int], Schema]:
 
 
 SCHEMAS = _schemas(
-    Schema("OrderPlaced", 1, c.ORDER_EVENTS,
-           {"customer": "str", "items": "items", "amount_cents": "int"},
-           "an order was accepted by the API"),
-    Schema("OrderStatusChanged", 1, c.ORDER_EVENTS,
-           {"state": "str", "version": "int", "reason": "str?"},
-           "the saga moved an order to a new state"),
-    Schema("ReserveStock", 1, c.INVENTORY_COMMANDS, {"items": "items"},
-           "reserve every item of the order, or none"),
+    Schema(
+        "OrderPlaced",
+        1,
+        c.ORDER_EVENTS,
+        {"customer": "str", "items": "items", "amount_cents": "int"},
+        "an order was accepted by the API",
+    ),
+    Schema(
+        "OrderStatusChanged",
+        1,
+        c.ORDER_EVENTS,
+        {"state": "str", "version": "int", "reason": "str?"},
+        "the saga moved an order to a new state",
+    ),
+    Schema(
+        "ReserveStock",
+        1,
+        c.INVENTORY_COMMANDS,
+        {"items": "items"},
+        "reserve every item of the order, or none",
+    ),
     Schema("ReleaseStock", 1, c.INVENTORY_COMMANDS, {}, "give the order's reservation back"),
     Schema("CommitStock", 1, c.INVENTORY_COMMANDS, {}, "the order shipped: reserved -> shipped"),
     Schema("StockReserved", 1, c.INVENTORY_EVENTS, {}, "reply: reserved"),
     Schema("StockRejected", 1, c.INVENTORY_EVENTS, {"reason": "str"}, "reply: not reserved"),
     Schema("StockReleased", 1, c.INVENTORY_EVENTS, {"noop": "bool"}, "reply: released"),
     Schema("StockCommitted", 1, c.INVENTORY_EVENTS, {}, "reply: committed"),
-    Schema("ChargePayment", 1, c.PAYMENT_COMMANDS, {"amount_cents": "int", "card": "str"},
-           "charge the order's card"),
-    Schema("RefundPayment", 1, c.PAYMENT_COMMANDS, {"amount_cents": "int"},
-           "refund the order's charge, if there was one"),
-    Schema("PaymentCharged", 1, c.PAYMENT_EVENTS, {"amount_cents": "int", "gateway_ref": "str"},
-           "reply: charged"),
-    Schema("PaymentDeclined", 1, c.PAYMENT_EVENTS, {"reason": "str"},
-           "reply: the card was declined (a business outcome, not a failure)"),
-    Schema("PaymentRefunded", 1, c.PAYMENT_EVENTS, {"amount_cents": "int", "noop": "bool"},
-           "reply: refunded (noop: there was no charge)"),
+    Schema(
+        "ChargePayment",
+        1,
+        c.PAYMENT_COMMANDS,
+        {"amount_cents": "int", "card": "str"},
+        "charge the order's card",
+    ),
+    Schema(
+        "RefundPayment",
+        1,
+        c.PAYMENT_COMMANDS,
+        {"amount_cents": "int"},
+        "refund the order's charge, if there was one",
+    ),
+    Schema(
+        "PaymentCharged",
+        1,
+        c.PAYMENT_EVENTS,
+        {"amount_cents": "int", "gateway_ref": "str"},
+        "reply: charged",
+    ),
+    Schema(
+        "PaymentDeclined",
+        1,
+        c.PAYMENT_EVENTS,
+        {"reason": "str"},
+        "reply: the card was declined (a business outcome, not a failure)",
+    ),
+    Schema(
+        "PaymentRefunded",
+        1,
+        c.PAYMENT_EVENTS,
+        {"amount_cents": "int", "noop": "bool"},
+        "reply: refunded (noop: there was no charge)",
+    ),
     # v1 had no address; v2 made it required. Shipping reads both (v1 is upcast).
     Schema("ShipOrder", 1, c.SHIPPING_COMMANDS, {"items": "items"}, "ship the order"),
-    Schema("ShipOrder", 2, c.SHIPPING_COMMANDS, {"items": "items", "address": "str"},
-           "ship the order to an address"),
+    Schema(
+        "ShipOrder",
+        2,
+        c.SHIPPING_COMMANDS,
+        {"items": "items", "address": "str"},
+        "ship the order to an address",
+    ),
     Schema("OrderShipped", 1, c.SHIPPING_EVENTS, {"tracking": "str"}, "reply: shipped"),
-    Schema("ShipmentFailed", 1, c.SHIPPING_EVENTS, {"reason": "str"},
-           "reply: cannot ship, for good (drives compensation)"),
+    Schema(
+        "ShipmentFailed",
+        1,
+        c.SHIPPING_EVENTS,
+        {"reason": "str"},
+        "reply: cannot ship, for good (drives compensation)",
+    ),
 )
 
 LATEST = {t: max(v for (name, v) in SCHEMAS if name == t) for (t, _v) in SCHEMAS}
@@ -108,7 +156,12 @@ class Envelope:
 
 
 def encode(
-    type_: str, *, id: str, order_id: str, data: Mapping[str, Any], command_id: str = "",
+    type_: str,
+    *,
+    id: str,
+    order_id: str,
+    data: Mapping[str, Any],
+    command_id: str = "",
     at: int | None = None,
 ) -> bytes:
     """The newest version of ``type_``, validated: a producer never writes what it cannot read."""
@@ -116,8 +169,15 @@ def encode(
     if v is None:
         raise SchemaError(f"no schema for type {type_!r}")
     _validate(SCHEMAS[(type_, v)], dict(data))
-    body = {"type": type_, "v": v, "id": id, "order_id": order_id, "command_id": command_id,
-            "at": int(time.time() * 1000) if at is None else at, "data": dict(data)}
+    body = {
+        "type": type_,
+        "v": v,
+        "id": id,
+        "order_id": order_id,
+        "command_id": command_id,
+        "at": int(time.time() * 1000) if at is None else at,
+        "data": dict(data),
+    }
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -192,13 +252,13 @@ def _check_value(where: str, name: str, kind: str, value: Any) -> None:
         "str": lambda x: isinstance(x, str),
         "int": lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0,
         "bool": lambda x: isinstance(x, bool),
-        "items": _items_ok,
+        "items": valid_items,
     }[kind](value)
     if not ok:
         raise SchemaError(f"{where}: field {name!r} is not a valid {kind}: {value!r:.80}")
 
 
-def _items_ok(value: Any) -> bool:
+def valid_items(value: Any) -> bool:
     return (
         isinstance(value, list)
         and len(value) > 0
@@ -219,10 +279,14 @@ _JSON_TYPES = {
     "int": {"type": "integer", "minimum": 0},
     "bool": {"type": "boolean"},
     "items": {
-        "type": "array", "minItems": 1,
-        "items": {"type": "object", "additionalProperties": False, "required": ["sku", "qty"],
-                  "properties": {"sku": {"type": "string"},
-                                 "qty": {"type": "integer", "minimum": 1}}},
+        "type": "array",
+        "minItems": 1,
+        "items": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["sku", "qty"],
+            "properties": {"sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1}},
+        },
     },
 }
 
@@ -235,14 +299,22 @@ def json_schema(type_: str, v: int) -> dict[str, Any]:
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": f"urn:resilient-kafka:orders:{s.type}:v{s.v}",
-        "title": f"{s.type} v{s.v}", "description": s.doc,
+        "title": f"{s.type} v{s.v}",
+        "description": s.doc,
         "type": "object",
         "required": ["type", "v", "id", "order_id", "at", "data"],
         "properties": {
-            "type": {"const": s.type}, "v": {"const": s.v}, "id": {"type": "string"},
-            "order_id": {"type": "string"}, "command_id": {"type": "string"},
+            "type": {"const": s.type},
+            "v": {"const": s.v},
+            "id": {"type": "string"},
+            "order_id": {"type": "string"},
+            "command_id": {"type": "string"},
             "at": {"type": "integer"},
-            "data": {"type": "object", "additionalProperties": False, "required": required,
-                     "properties": props},
+            "data": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": required,
+                "properties": props,
+            },
         },
     }

@@ -7,25 +7,27 @@ harness; TLS/SASL settings of a real cluster come from the file named by
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from resilient_kafka import ResilientConsumer
-from resilient_kafka.dedup import SQLiteStore
-from resilient_kafka.testing import ExternalKafka
-
 from examples.orders import config as c
 from examples.orders import schemas
+from resilient_kafka import ResilientConsumer, RetryPolicy, TransactionError
+from resilient_kafka.dedup import SQLiteStore
+from resilient_kafka.testing import ExternalKafka
 
 
 def settings() -> c.ServiceSettings:
     if len(sys.argv) != 2:
         sys.exit(f"usage: python -m {sys.argv[0]} '<settings JSON>' (the harness starts services)")
     s = c.ServiceSettings.from_argv(sys.argv[1])
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack, in the log
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s {s.name}[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
@@ -69,7 +71,7 @@ def consumer(
     )
     consumer = ResilientConsumer(
         conf,
-        retry=c.RetryPolicy(delays=tuple(delays or p.retry_delays), retry_on=retry_on),
+        retry=RetryPolicy(delays=tuple(delays or p.retry_delays), retry_on=retry_on),
         dead_letter=c.dead_letter_policy(),
         value_deserializer=schemas.deserialize,
         dedup=SQLiteStore(Path(s.workdir) / f"{group}-dedup.db") if dedup else None,
@@ -89,3 +91,17 @@ def ready(s: c.ServiceSettings, **facts: Any) -> None:
 
 def reply_headers(record_id: str) -> list[tuple[str, bytes]]:
     return [("rk.id", record_id.encode())]
+
+
+def run(consumer: ResilientConsumer, handler: Any, **kwargs: Any) -> None:
+    """``consumer.run(handler)``; a consumer whose transactional producer is unusable (fenced by
+    a newer instance, or a librdkafka call that never returned) ends the process at once with
+    code 70, for the supervisor (Kubernetes, or the chaos harness) to start a fresh one: a
+    blocked native call could hold a normal interpreter exit too."""
+    try:
+        consumer.run(handler, **kwargs)
+    except TransactionError as exc:
+        logging.getLogger("orders").error("exiting for a restart: %s", exc)
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(70)

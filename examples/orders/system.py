@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from examples.orders import config as c
 from resilient_kafka.testing import EmbeddedKafka
 from resilient_kafka.toxiproxy import Toxiproxy, ToxiproxyServer
-
-from examples.orders import config as c
 
 KAFKA_PROXY = "orders-kafka"
 GATEWAY_PROXY = "orders-gateway"
@@ -75,7 +74,10 @@ class Process:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches the harness, which stops us in order
                 env={**os.environ, "PYTHONPATH": _path_with(ROOT)},
             )
@@ -97,8 +99,10 @@ class Process:
     def wait_ready(self, timeout: float = 60.0) -> None:
         def ready() -> bool:
             if not self.running:
-                raise SystemError_(f"{self.name} exited ({self.popen and self.popen.returncode})"
-                                   f"; its log ends:\n{self.log_tail()}")
+                raise SystemError_(
+                    f"{self.name} exited ({self.popen and self.popen.returncode})"
+                    f"; its log ends:\n{self.log_tail()}"
+                )
             return self.ready_lines() >= self.starts
 
         wait_for(ready, timeout, f"{self.name} to be ready")
@@ -142,8 +146,9 @@ def _stop_leftovers() -> None:
 class System:
     """Broker, proxies, gateway and services; ``start()`` returns once every service is ready."""
 
-    def __init__(self, workdir: str | Path, profile: c.Profile, *, durable: bool = False,
-                 seed: int = 7) -> None:
+    def __init__(
+        self, workdir: str | Path, profile: c.Profile, *, durable: bool = False, seed: int = 7
+    ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.durable = durable
@@ -168,13 +173,19 @@ class System:
             kafka_port = free_port()
             on_step("broker")
             self.broker = EmbeddedKafka(durable=self.durable, advertised_port=kafka_port).start()
-            self.toxiproxy.create_proxy(KAFKA_PROXY, f"127.0.0.1:{kafka_port}",
-                                        self.broker.listener)
+            self.toxiproxy.create_proxy(
+                KAFKA_PROXY, f"127.0.0.1:{kafka_port}", self.broker.listener
+            )
             self.bootstrap = f"127.0.0.1:{kafka_port}"
             self.broker.create_topics(dict.fromkeys(c.TOPICS, self.profile.partitions))
-            self.ports = {name: free_port() for name in (*HTTP, "gateway-proxy", "payments-metrics")}
-            self.toxiproxy.create_proxy(GATEWAY_PROXY, f"127.0.0.1:{self.ports['gateway-proxy']}",
-                                        f"127.0.0.1:{self.ports['gateway']}")
+            self.ports = {
+                name: free_port() for name in (*HTTP, "gateway-proxy", "payments-metrics")
+            }
+            self.toxiproxy.create_proxy(
+                GATEWAY_PROXY,
+                f"127.0.0.1:{self.ports['gateway-proxy']}",
+                f"127.0.0.1:{self.ports['gateway']}",
+            )
             for name in MODULES:
                 on_step(name)
                 self._spawn(name)
@@ -187,10 +198,14 @@ class System:
 
     def _settings(self, name: str) -> c.ServiceSettings:
         return c.ServiceSettings(
-            name=name, bootstrap=self.bootstrap, workdir=str(self.workdir), profile=self.profile,
+            name=name,
+            bootstrap=self.bootstrap,
+            workdir=str(self.workdir),
+            profile=self.profile,
             http_port=self.ports.get(name, 0),
             metrics_port=self.ports["payments-metrics"] if name == "payments" else 0,
-            gateway_url=f"http://127.0.0.1:{self.ports['gateway-proxy']}", seed=self.seed,
+            gateway_url=f"http://127.0.0.1:{self.ports['gateway-proxy']}",
+            seed=self.seed,
         )
 
     def _spawn(self, name: str) -> None:

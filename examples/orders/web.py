@@ -50,13 +50,13 @@ def serve(port: int, route: Route, host: str = "127.0.0.1") -> ThreadingHTTPServ
             self.end_headers()
             self.wfile.write(data)
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             self._answer("GET")
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             self._answer("POST")
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass  # one line per request would drown the service's log
 
     ThreadingHTTPServer.allow_reuse_address = True
@@ -67,7 +67,11 @@ def serve(port: int, route: Route, host: str = "127.0.0.1") -> ThreadingHTTPServ
 
 
 def call(
-    method: str, url: str, body: Any = None, *, headers: Mapping[str, str] | None = None,
+    method: str,
+    url: str,
+    body: Any = None,
+    *,
+    headers: Mapping[str, str] | None = None,
     timeout: float = 5.0,
 ) -> Any:
     """One JSON request; raises :class:`HttpError` (status 0 when nothing answered)."""

@@ -113,6 +113,7 @@ _REQUIRED: dict[str, tuple[Any, list[Any]]] = {
     "rd_kafka_mock_partition_set_leader": (_c_int, [_c_void_p, _c_char_p, _c_int32, _c_int32]),
     "rd_kafka_mock_broker_set_down": (_c_int, [_c_void_p, _c_int32]),
     "rd_kafka_mock_broker_set_up": (_c_int, [_c_void_p, _c_int32]),
+    "rd_kafka_mock_coordinator_set": (_c_int, [_c_void_p, _c_char_p, _c_char_p, _c_int32]),
     "rd_kafka_mock_push_request_errors_array": (
         None,
         [_c_void_p, _c_int16, _c_size_t, ctypes.POINTER(_c_int)],
@@ -472,6 +473,20 @@ class MockCluster(KafkaCluster):
     def broker_up(self, broker_id: int) -> None:
         """Let the broker accept connections again, on the same port (-1: every broker)."""
         self._call_checked(f"bring broker {broker_id} up", "rd_kafka_mock_broker_set_up", broker_id)
+
+    def set_coordinator(self, kind: str, key: str, broker_id: int) -> None:
+        """Make ``broker_id`` the coordinator of group ``key`` (``kind="group"``) or of
+        transactional id ``key`` (``kind="transaction"``); clients find it with their next
+        FindCoordinator. Then :meth:`broker_down` takes just that coordinator away."""
+        if kind not in ("group", "transaction"):
+            raise ValueError(f"kind must be 'group' or 'transaction', got {kind!r}")
+        self._call_checked(
+            f"make broker {broker_id} the {kind} coordinator of {key!r}",
+            "rd_kafka_mock_coordinator_set",
+            kind.encode(),
+            key.encode(),
+            broker_id,
+        )
 
     # -- error injection -------------------------------------------------------------------
 

@@ -1,1 +1,1 @@
-"""The five services; each runs as its own process: ``python -m examples.orders.services.<name>``."""
+"""The five services, each its own process: ``python -m examples.orders.services.<name>``."""

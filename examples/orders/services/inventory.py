@@ -57,8 +57,11 @@ class Inventory:
                 return bytes(row["reply"])
             type_, data = self._decide(tx, cmd)
             reply = schemas.encode(
-                type_, id=f"{cmd.command_id}:reply", order_id=cmd.order_id,
-                command_id=cmd.command_id, data=data,
+                type_,
+                id=f"{cmd.command_id}:reply",
+                order_id=cmd.order_id,
+                command_id=cmd.command_id,
+                data=data,
             )
             tx.execute("INSERT INTO commands VALUES (?, ?)", (cmd.command_id, reply))
             return reply
@@ -81,7 +84,8 @@ class Inventory:
             for sku, qty in items:
                 tx.execute(
                     "UPDATE stock SET available = available - ?, reserved = reserved + ? "
-                    "WHERE sku = ?", (qty, qty, sku),
+                    "WHERE sku = ?",
+                    (qty, qty, sku),
                 )
             self._record(tx, cmd.order_id, items, "reserved", cmd.at)
             return "StockReserved", {}
@@ -90,10 +94,12 @@ class Inventory:
                 for sku, qty in json.loads(res["items"]):  # type: ignore[index]
                     tx.execute(
                         "UPDATE stock SET available = available + ?, reserved = reserved - ? "
-                        "WHERE sku = ?", (qty, qty, sku),
+                        "WHERE sku = ?",
+                        (qty, qty, sku),
                     )
-                tx.execute("UPDATE reservations SET state = 'released' WHERE order_id = ?",
-                           (cmd.order_id,))
+                tx.execute(
+                    "UPDATE reservations SET state = 'released' WHERE order_id = ?", (cmd.order_id,)
+                )
                 return "StockReleased", {"noop": False}
             if state == "committed":
                 raise SagaContractBroken(f"release of {cmd.order_id}, whose stock has shipped")
@@ -105,10 +111,13 @@ class Inventory:
                 for sku, qty in json.loads(res["items"]):  # type: ignore[index]
                     tx.execute(
                         "UPDATE stock SET reserved = reserved - ?, shipped = shipped + ? "
-                        "WHERE sku = ?", (qty, qty, sku),
+                        "WHERE sku = ?",
+                        (qty, qty, sku),
                     )
-                tx.execute("UPDATE reservations SET state = 'committed' WHERE order_id = ?",
-                           (cmd.order_id,))
+                tx.execute(
+                    "UPDATE reservations SET state = 'committed' WHERE order_id = ?",
+                    (cmd.order_id,),
+                )
                 return "StockCommitted", {}
             if state == "committed":
                 return "StockCommitted", {}
@@ -128,23 +137,34 @@ def main() -> None:
     inventory = Inventory(Database(Path(s.workdir) / "inventory.db", SCHEMA))
     inventory.seed(s.profile.stock)
     consumer = service.consumer(
-        s, "inventory", retry_on=(sqlite3.OperationalError,), dedup=False,
-        exactly_once=True, transaction_interval=0.2,
+        s,
+        "inventory",
+        retry_on=(sqlite3.OperationalError,),
+        dedup=False,
+        exactly_once=True,
+        transaction_interval=0.2,
         # a stable id: a restarted instance fences its predecessor and aborts its open
-        # transaction at once (docs/exactly-once.md)
-        producer_config={"transactional.id": f"{c.NAMESPACE}-inventory"},
+        # transaction at once (docs/exactly-once.md). Transactions commit every 0.2 s, so a
+        # 10 s transaction timeout is ample, and bounds how long a stuck commit can hold us
+        producer_config={
+            "transactional.id": f"{c.NAMESPACE}-inventory",
+            "transaction.timeout.ms": 10_000,
+        },
+        forward_timeout=10.0,
     )
 
     def handle(msg: Any) -> None:
         cmd: schemas.Envelope = msg.value()
         reply = inventory.reply_for(cmd)
         consumer.producer.produce(
-            c.INVENTORY_EVENTS, reply, key=cmd.order_id.encode(),
+            c.INVENTORY_EVENTS,
+            reply,
+            key=cmd.order_id.encode(),
             headers=service.reply_headers(f"{cmd.command_id}:reply"),
         )
 
     service.ready(s)
-    consumer.run(handle)
+    service.run(consumer, handle)
 
 
 if __name__ == "__main__":

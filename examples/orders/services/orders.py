@@ -78,8 +78,9 @@ class Orders:
         customer, items, card = _validated(body)
         amount = sum(c.PRICES[i["sku"]] * i["qty"] for i in items)
         now = time.time()
-        order = saga.Order(f"o-{key}", customer, tuple((i["sku"], i["qty"]) for i in items),
-                           amount, card)
+        order = saga.Order(
+            f"o-{key}", customer, tuple((i["sku"], i["qty"]) for i in items), amount, card
+        )
         with self.db.transaction() as tx:
             if tx.one("SELECT 1 FROM orders WHERE idempotency_key = ?", (key,)):
                 existing = True
@@ -89,14 +90,33 @@ class Orders:
                     "INSERT INTO orders (order_id, idempotency_key, customer, items, "
                     "amount_cents, card, state, version, pending, charged, reason, attempt, "
                     "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, '', 0, ?, ?)",
-                    (order.order_id, key, customer, json.dumps(items), amount, card, order.state,
-                     order.version, json.dumps(sorted(order.pending)), now, now),
+                    (
+                        order.order_id,
+                        key,
+                        customer,
+                        json.dumps(items),
+                        amount,
+                        card,
+                        order.state,
+                        order.version,
+                        json.dumps(sorted(order.pending)),
+                        now,
+                        now,
+                    ),
                 )
                 self._set_deadline(tx, order, now)
-                outbox.add(tx, c.ORDER_EVENTS, order.order_id, schemas.encode(
-                    "OrderPlaced", id=f"{order.order_id}:placed", order_id=order.order_id,
-                    data={"customer": customer, "items": items, "amount_cents": amount}),
-                    f"{order.order_id}:placed")
+                outbox.add(
+                    tx,
+                    c.ORDER_EVENTS,
+                    order.order_id,
+                    schemas.encode(
+                        "OrderPlaced",
+                        id=f"{order.order_id}:placed",
+                        order_id=order.order_id,
+                        data={"customer": customer, "items": items, "amount_cents": amount},
+                    ),
+                    f"{order.order_id}:placed",
+                )
                 self._emit(tx, order, saga.place(order), changed=True)
         if self.relay:
             self.relay.wake()
@@ -123,7 +143,8 @@ class Orders:
             "steps_in_flight": steps,
             "resends": self.db.query("SELECT COALESCE(SUM(resends), 0) FROM orders")[0][0],
             "ignored_replies": self.db.query(
-                "SELECT COUNT(*) FROM inbox WHERE ignored IS NOT NULL")[0][0],
+                "SELECT COUNT(*) FROM inbox WHERE ignored IS NOT NULL"
+            )[0][0],
             "outbox_backlog": outbox.backlog(self.db),
         }
 
@@ -153,14 +174,16 @@ class Orders:
         due = self.db.query("SELECT order_id FROM orders WHERE deadline <= ?", (now,))
         for (order_id,) in due:
             with self.db.transaction() as tx:
-                row = tx.one("SELECT * FROM orders WHERE order_id = ? AND deadline <= ?",
-                             (order_id, now))
+                row = tx.one(
+                    "SELECT * FROM orders WHERE order_id = ? AND deadline <= ?", (order_id, now)
+                )
                 if row is None:
                     continue
                 order, commands = saga.resend(_order(row))
                 self._save(tx, order)
-                tx.execute("UPDATE orders SET resends = resends + 1 WHERE order_id = ?",
-                           (order_id,))
+                tx.execute(
+                    "UPDATE orders SET resends = resends + 1 WHERE order_id = ?", (order_id,)
+                )
                 self._emit(tx, order, commands, changed=False)
         if due and self.relay:
             self.relay.wake()
@@ -171,9 +194,17 @@ class Orders:
         tx.execute(
             "UPDATE orders SET state = ?, version = ?, pending = ?, charged = ?, reason = ?, "
             "attempt = ?, updated_at = ?, terminal_at = ? WHERE order_id = ?",
-            (order.state, order.version, json.dumps(sorted(order.pending)), int(order.charged),
-             order.reason, order.attempt, now, now if order.state in saga.TERMINAL else None,
-             order.order_id),
+            (
+                order.state,
+                order.version,
+                json.dumps(sorted(order.pending)),
+                int(order.charged),
+                order.reason,
+                order.attempt,
+                now,
+                now if order.state in saga.TERMINAL else None,
+                order.order_id,
+            ),
         )
         self._set_deadline(tx, order, now)
 
@@ -181,19 +212,37 @@ class Orders:
         deadline = saga.next_deadline(now, order.attempt, self.profile) if order.pending else None
         tx.execute("UPDATE orders SET deadline = ? WHERE order_id = ?", (deadline, order.order_id))
 
-    def _emit(self, tx: Tx, order: saga.Order, commands: list[saga.Command], *,
-              changed: bool) -> None:
+    def _emit(
+        self, tx: Tx, order: saga.Order, commands: list[saga.Command], *, changed: bool
+    ) -> None:
         if changed:
             record_id = f"{order.order_id}:v{order.version}"
-            outbox.add(tx, c.ORDER_EVENTS, order.order_id, schemas.encode(
-                "OrderStatusChanged", id=record_id, order_id=order.order_id,
-                data={"state": order.state, "version": order.version, "reason": order.reason},
-            ), record_id)
+            outbox.add(
+                tx,
+                c.ORDER_EVENTS,
+                order.order_id,
+                schemas.encode(
+                    "OrderStatusChanged",
+                    id=record_id,
+                    order_id=order.order_id,
+                    data={"state": order.state, "version": order.version, "reason": order.reason},
+                ),
+                record_id,
+            )
         for cmd in commands:
-            outbox.add(tx, cmd.topic, cmd.order_id, schemas.encode(
-                cmd.type, id=cmd.record_id, order_id=cmd.order_id, command_id=cmd.command_id,
-                data=cmd.data,
-            ), cmd.record_id)
+            outbox.add(
+                tx,
+                cmd.topic,
+                cmd.order_id,
+                schemas.encode(
+                    cmd.type,
+                    id=cmd.record_id,
+                    order_id=cmd.order_id,
+                    command_id=cmd.command_id,
+                    data=cmd.data,
+                ),
+                cmd.record_id,
+            )
 
 
 def _validated(body: Any) -> tuple[str, list[dict[str, Any]], str]:
@@ -204,7 +253,7 @@ def _validated(body: Any) -> tuple[str, list[dict[str, Any]], str]:
         raise BadOrder("customer: a non-empty string is required")
     if not isinstance(card, str) or not re.fullmatch(r"\d{12,19}", card):
         raise BadOrder("card: 12 to 19 digits are required")
-    if not schemas._items_ok(items):
+    if not isinstance(items, list) or not schemas.valid_items(items):
         raise BadOrder('items: a non-empty list of {"sku": str, "qty": int > 0} is required')
     unknown = sorted({i["sku"] for i in items} - set(c.PRICES))
     if unknown:
@@ -214,17 +263,35 @@ def _validated(body: Any) -> tuple[str, list[dict[str, Any]], str]:
 
 def _order(row: sqlite3.Row) -> saga.Order:
     return saga.Order(
-        order_id=row["order_id"], customer=row["customer"],
+        order_id=row["order_id"],
+        customer=row["customer"],
         items=tuple((i["sku"], i["qty"]) for i in json.loads(row["items"])),
-        amount_cents=row["amount_cents"], card=row["card"], state=row["state"],
-        version=row["version"], pending=frozenset(json.loads(row["pending"])),
-        charged=bool(row["charged"]), reason=row["reason"] or "", attempt=row["attempt"],
+        amount_cents=row["amount_cents"],
+        card=row["card"],
+        state=row["state"],
+        version=row["version"],
+        pending=frozenset(json.loads(row["pending"])),
+        charged=bool(row["charged"]),
+        reason=row["reason"] or "",
+        attempt=row["attempt"],
     )
 
 
 def _public(row: sqlite3.Row) -> dict[str, Any]:
-    order = {k: row[k] for k in ("order_id", "customer", "amount_cents", "state", "version",
-                                 "reason", "resends", "created_at", "terminal_at")}
+    order = {
+        k: row[k]
+        for k in (
+            "order_id",
+            "customer",
+            "amount_cents",
+            "state",
+            "version",
+            "reason",
+            "resends",
+            "created_at",
+            "terminal_at",
+        )
+    }
     order["items"] = json.loads(row["items"])
     order["pending"] = json.loads(row["pending"])
     order["card"] = "•••• " + row["card"][-4:]  # never echo a card number
@@ -247,7 +314,7 @@ def main() -> None:
     server = web.serve(s.http_port, orders.route)
     service.ready(s, port=s.http_port, pid=os.getpid())
     try:
-        consumer.run(lambda msg: orders.on_reply(msg.value()))
+        consumer.run(lambda msg: orders.on_reply(msg.value()))  # type: ignore[arg-type]
     finally:
         stop.set()
         server.shutdown()

@@ -19,12 +19,11 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from resilient_kafka import CircuitBreaker, ResilientProducer
-
 from examples.orders import config as c
 from examples.orders import schemas, service
 from examples.orders.db import Database
 from examples.orders.gateway import CardDeclined, GatewayClient, GatewayUnavailable
+from resilient_kafka import CircuitBreaker, ResilientProducer
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS payments (
@@ -45,43 +44,56 @@ class Payments:
         self.breaker = breaker
 
     def reply_for(self, cmd: schemas.Envelope) -> bytes:
-        stored = self.db.query("SELECT reply FROM commands WHERE command_id = ?",
-                               (cmd.command_id,))
+        stored = self.db.query("SELECT reply FROM commands WHERE command_id = ?", (cmd.command_id,))
         if stored:
             return bytes(stored[0]["reply"])
         key = cmd.command_id  # the gateway's idempotency key: one charge per command, ever
         if cmd.type == "ChargePayment":
             try:
                 ref = self.breaker.call(
-                    self.gateway.charge, key, cmd.order_id, cmd.data["amount_cents"],
+                    self.gateway.charge,
+                    key,
+                    cmd.order_id,
+                    cmd.data["amount_cents"],
                     cmd.data["card"],
                 )
-                type_, data = "PaymentCharged", {"amount_cents": cmd.data["amount_cents"],
-                                                 "gateway_ref": ref}
-                row = ("charged", ref, cmd.data["amount_cents"], None, None)
+                type_, data = (
+                    "PaymentCharged",
+                    {"amount_cents": cmd.data["amount_cents"], "gateway_ref": ref},
+                )
+                row: tuple[Any, ...] = ("charged", ref, cmd.data["amount_cents"], None, None)
             except CardDeclined as exc:
                 type_, data = "PaymentDeclined", {"reason": str(exc)}
                 row = ("declined", None, cmd.data["amount_cents"], None, None)
             return self._store(cmd, type_, data, row)
         if cmd.type == "RefundPayment":
             charged = self.db.query(
-                "SELECT gateway_ref FROM payments WHERE order_id = ? AND charge_status = "
-                "'charged'", (cmd.order_id,),
+                "SELECT gateway_ref FROM payments WHERE order_id = ? AND charge_status = 'charged'",
+                (cmd.order_id,),
             )
             if not charged:  # nothing was charged: nothing to give back
-                return self._store(cmd, "PaymentRefunded",
-                                   {"amount_cents": 0, "noop": True}, None)
-            ref = self.breaker.call(self.gateway.refund, key, cmd.order_id,
-                                    cmd.data["amount_cents"])
-            return self._store(cmd, "PaymentRefunded",
-                               {"amount_cents": cmd.data["amount_cents"], "noop": False},
-                               ("refunded", ref))
+                return self._store(cmd, "PaymentRefunded", {"amount_cents": 0, "noop": True}, None)
+            ref = self.breaker.call(
+                self.gateway.refund, key, cmd.order_id, cmd.data["amount_cents"]
+            )
+            return self._store(
+                cmd,
+                "PaymentRefunded",
+                {"amount_cents": cmd.data["amount_cents"], "noop": False},
+                ("refunded", ref),
+            )
         raise ValueError(f"{cmd.type} is not a payment command")
 
-    def _store(self, cmd: schemas.Envelope, type_: str, data: dict[str, Any],
-               row: tuple[Any, ...] | None) -> bytes:
-        reply = schemas.encode(type_, id=f"{cmd.command_id}:reply", order_id=cmd.order_id,
-                               command_id=cmd.command_id, data=data)
+    def _store(
+        self, cmd: schemas.Envelope, type_: str, data: dict[str, Any], row: tuple[Any, ...] | None
+    ) -> bytes:
+        reply = schemas.encode(
+            type_,
+            id=f"{cmd.command_id}:reply",
+            order_id=cmd.order_id,
+            command_id=cmd.command_id,
+            data=data,
+        )
         with self.db.transaction() as tx:
             # two copies of one command may race (a retry copy and a re-send): the first wins
             tx.execute("INSERT OR IGNORE INTO commands VALUES (?, ?)", (cmd.command_id, reply))
@@ -96,8 +108,7 @@ class Payments:
                     "UPDATE payments SET refund_status = ?, refund_ref = ? WHERE order_id = ?",
                     (*row, cmd.order_id),
                 )
-            stored = tx.one("SELECT reply FROM commands WHERE command_id = ?",
-                            (cmd.command_id,))
+            stored = tx.one("SELECT reply FROM commands WHERE command_id = ?", (cmd.command_id,))
         return bytes(stored["reply"])  # type: ignore[index]
 
 
@@ -105,13 +116,19 @@ def main() -> None:
     s = service.settings()
     p = s.profile
     breaker = CircuitBreaker(
-        "payment-gateway", fail_max=p.breaker_fail_max, reset_timeout=p.breaker_reset,
+        "payment-gateway",
+        fail_max=p.breaker_fail_max,
+        reset_timeout=p.breaker_reset,
         exclude=[CardDeclined],
     )
-    payments = Payments(Database(Path(s.workdir) / "payments.db", SCHEMA),
-                        GatewayClient(s.gateway_url), breaker)
+    payments = Payments(
+        Database(Path(s.workdir) / "payments.db", SCHEMA), GatewayClient(s.gateway_url), breaker
+    )
     consumer = service.consumer(
-        s, "payments", delays=p.payment_retry_delays, breakers=[breaker],
+        s,
+        "payments",
+        delays=p.payment_retry_delays,
+        breakers=[breaker],
         retry_on=(GatewayUnavailable, ReplyNotSent, sqlite3.OperationalError),
     )
     producer = ResilientProducer(service.producer_config(s))
@@ -119,8 +136,12 @@ def main() -> None:
     def handle(msg: Any) -> None:
         cmd: schemas.Envelope = msg.value()
         reply = payments.reply_for(cmd)
-        producer.produce(c.PAYMENT_EVENTS, reply, key=cmd.order_id.encode(),
-                         headers=service.reply_headers(f"{cmd.command_id}:reply"))
+        producer.produce(
+            c.PAYMENT_EVENTS,
+            reply,
+            key=cmd.order_id.encode(),
+            headers=service.reply_headers(f"{cmd.command_id}:reply"),
+        )
         # the reply is not under the commit barrier: it must be acknowledged before the
         # command's offset may commit
         if producer.flush(10) > 0:

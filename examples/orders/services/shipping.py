@@ -17,11 +17,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from resilient_kafka import ResilientProducer
-
 from examples.orders import config as c
 from examples.orders import schemas, service
 from examples.orders.db import Database
+from resilient_kafka import ResilientProducer
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS shipments (
@@ -59,18 +58,30 @@ def main() -> None:
             raise CarrierBusy(f"carrier busy for {cmd.order_id}")
         type_, data = outcome(cmd.order_id, s.seed, p.ship_fail_pct)
         event_id = f"{cmd.command_id}:reply"
-        value = schemas.encode(type_, id=event_id, order_id=cmd.order_id,
-                               command_id=cmd.command_id, data=data, at=cmd.at)
-        producer.produce(c.SHIPPING_EVENTS, value, key=cmd.order_id.encode(),
-                         headers=service.reply_headers(event_id))
+        value = schemas.encode(
+            type_,
+            id=event_id,
+            order_id=cmd.order_id,
+            command_id=cmd.command_id,
+            data=data,
+            at=cmd.at,
+        )
+        producer.produce(
+            c.SHIPPING_EVENTS,
+            value,
+            key=cmd.order_id.encode(),
+            headers=service.reply_headers(event_id),
+        )
         if producer.flush(10) > 0:
             raise ReplyNotSent(f"{type_} for {cmd.order_id} not acknowledged within 10 s")
 
     def record(msg: Any) -> None:
         event: schemas.Envelope = msg.value()
         with ledger_db.transaction() as tx:
-            tx.execute("INSERT OR IGNORE INTO shipments VALUES (?, ?, ?, ?)",
-                       (event.order_id, event.type, event.id, event.at))
+            tx.execute(
+                "INSERT OR IGNORE INTO shipments VALUES (?, ?, ?, ?)",
+                (event.order_id, event.type, event.id, event.at),
+            )
 
     ledger_thread = threading.Thread(target=ledger.run, args=(record,), name="ledger")
     ledger_thread.start()

@@ -23,9 +23,15 @@ from examples.orders.db import Database
 from examples.orders.saga import STATES
 
 FLAGS = {
-    "StockReserved": "reserved", "StockRejected": "rejected", "StockReleased": "released",
-    "StockCommitted": "committed", "PaymentCharged": "charged", "PaymentDeclined": "declined",
-    "PaymentRefunded": "refunded", "OrderShipped": "shipped", "ShipmentFailed": "ship_failed",
+    "StockReserved": "reserved",
+    "StockRejected": "rejected",
+    "StockReleased": "released",
+    "StockCommitted": "committed",
+    "PaymentCharged": "charged",
+    "PaymentDeclined": "declined",
+    "PaymentRefunded": "refunded",
+    "OrderShipped": "shipped",
+    "ShipmentFailed": "ship_failed",
 }
 
 SCHEMA = f"""
@@ -51,23 +57,34 @@ class View:
                 return
             lag_ms = max(0, int(now * 1000) - e.at)
             tx.execute("INSERT INTO applied VALUES (?, ?)", (e.id, lag_ms))
-            tx.execute("INSERT OR IGNORE INTO order_view (order_id, updated_at) VALUES (?, ?)",
-                       (e.order_id, now))
+            tx.execute(
+                "INSERT OR IGNORE INTO order_view (order_id, updated_at) VALUES (?, ?)",
+                (e.order_id, now),
+            )
             if e.type == "OrderPlaced":
-                tx.execute("UPDATE order_view SET customer = ?, amount_cents = ? "
-                           "WHERE order_id = ?",
-                           (e.data["customer"], e.data["amount_cents"], e.order_id))
+                tx.execute(
+                    "UPDATE order_view SET customer = ?, amount_cents = ? WHERE order_id = ?",
+                    (e.data["customer"], e.data["amount_cents"], e.order_id),
+                )
             elif e.type == "OrderStatusChanged":
                 tx.execute(
                     "UPDATE order_view SET state = ?, version = ?, reason = ?, updated_at = ? "
                     "WHERE order_id = ? AND version < ?",
-                    (e.data["state"], e.data["version"], e.data.get("reason", ""), now,
-                     e.order_id, e.data["version"]),
+                    (
+                        e.data["state"],
+                        e.data["version"],
+                        e.data.get("reason", ""),
+                        now,
+                        e.order_id,
+                        e.data["version"],
+                    ),
                 )
             elif e.type in FLAGS and not e.data.get("noop"):
                 flag = FLAGS[e.type]  # a column name from the fixed table above
-                tx.execute(f"UPDATE order_view SET {flag} = 1, updated_at = ? "
-                           "WHERE order_id = ?", (now, e.order_id))
+                tx.execute(
+                    f"UPDATE order_view SET {flag} = 1, updated_at = ? WHERE order_id = ?",
+                    (now, e.order_id),
+                )
         with self._lock:
             self._lags.append((now, lag_ms))
 
@@ -104,7 +121,7 @@ def main() -> None:
     consumer = service.consumer(s, "order-view", retry_on=(sqlite3.OperationalError,))
     web.serve(s.http_port, view.route)
     service.ready(s, port=s.http_port)
-    consumer.run(lambda msg: view.apply(msg.value()))
+    consumer.run(lambda msg: view.apply(msg.value()))  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
