@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -153,8 +154,8 @@ class System:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.durable = durable
         # memory storage loses everything with the broker, so a broker kill needs S3 storage;
-        # either way Tansu may lose an idempotent batch in flight when killed (docs/testing.md)
-        self.profile = profile
+        # and Tansu may lose an idempotent batch in flight when killed (docs/testing.md)
+        self.profile = dataclasses.replace(profile, tansu_kill_safe=True) if durable else profile
         self.seed = seed
         self.toxiproxy_server: ToxiproxyServer | None = None
         self.toxiproxy: Toxiproxy | None = None
