@@ -62,6 +62,7 @@ class Profile:
     gateway_error_pct: int = 5  # gateway answers 503 now and then
     gateway_latency_ms: tuple[int, int] = (20, 150)
     dedup_lease: float = 10.0  # a killed process's claims expire this fast
+    transaction_interval: float = 0.2  # inventory's exactly-once commits
     tansu_kill_safe: bool = False  # producers without idempotence (service.producer_config)
     stock: dict[str, int] = field(default_factory=lambda: dict(SKUS))
 
@@ -90,7 +91,16 @@ PROFILES = {
         step_timeout_max=20.0,
         dedup_lease=8.0,
     ),
-    "full": Profile(name="full", breaker_reset=3.0),
+    # S3-backed storage (for the broker kill) costs every commit a round of object writes:
+    # fewer partitions and transactions, and step timeouts above the slower replies
+    "full": Profile(
+        name="full",
+        partitions=2,
+        breaker_reset=3.0,
+        transaction_interval=0.5,
+        step_timeout=15.0,
+        step_timeout_max=60.0,
+    ),
 }
 
 

@@ -142,7 +142,7 @@ def main() -> None:
         retry_on=(sqlite3.OperationalError,),
         dedup=False,
         exactly_once=True,
-        transaction_interval=0.2,
+        transaction_interval=s.profile.transaction_interval,
         # a stable id: a restarted instance fences its predecessor and aborts its open
         # transaction at once (docs/exactly-once.md). Transactions commit every 0.2 s, so a
         # 10 s transaction timeout is ample, and bounds how long a stuck commit can hold us
