@@ -28,6 +28,7 @@ _RETRY_PAUSE = 0.1  # seconds between repeats of a call that failed with a retri
 # coordinator is unreachable (librdkafka issues 5456 and 5511): after a broker restart that
 # decommissioned the coordinator, for good.
 _GRACE = 5.0
+_ABANDONED: list[Any] = []  # producers with a call that never returned: kept, never destroyed
 
 
 def consumer_settings(conf: dict[str, Any], dedup: object) -> None:
@@ -138,7 +139,7 @@ class Transactions:
         deadline = time.monotonic() + (self._timeout if bounded else self._settle)
         while True:
             try:
-                self._within(name, deadline, call, deadline - time.monotonic() if bounded else -1)
+                self._within(name, call, deadline, bounded)
                 return
             except KafkaException as exc:
                 error = exc.args[0] if exc.args else None
@@ -166,32 +167,37 @@ class Transactions:
                     ) from exc
                 raise _Abortable(f"{name}: {error.str()}") from exc
 
-    def _within(self, name: str, deadline: float, call: Any, timeout: float) -> None:
-        """``call(timeout)`` on a thread of its own, waited for until ``deadline`` plus a grace:
-        a call still blocked then makes this producer unusable (TransactionError)."""
+    def _within(self, name: str, call: Any, deadline: float, bounded: bool) -> None:
+        """``call(timeout)`` on a thread of its own, waited for until ``deadline`` plus a grace;
+        ``timeout`` is the time left (``bounded``) or -1, librdkafka's "the transaction's
+        remaining time". A call still blocked then makes this producer unusable
+        (TransactionError): it is never closed nor destroyed (either would block on the call)."""
         outcome: list[BaseException | None] = []
         done = threading.Event()
+        timeout = max(0.1, deadline - time.monotonic()) if bounded else -1
 
         def target() -> None:
             try:
-                call(max(0.1, timeout) if timeout >= 0 else -1)
+                call(timeout)
                 outcome.append(None)
             except BaseException as exc:  # handed to the caller's thread
                 outcome.append(exc)
             finally:
                 done.set()
 
+        started = time.monotonic()
         # a daemon thread: a call that never returns must not hold the process at exit
         threading.Thread(target=target, name=f"rk-txn-{name}", daemon=True).start()
-        if not done.wait(max(0.0, deadline - time.monotonic()) + _GRACE):
+        if not done.wait(max(0.0, deadline - started) + _GRACE):
             self.stuck = (
-                f"{name} did not return within {self._settle + _GRACE:.0f} s for "
+                f"{name} did not return within {time.monotonic() - started:.0f} s for "
                 f"transactional.id={self.transactional_id!r} (librdkafka blocks past its "
                 "timeout while a coordinator is unreachable: librdkafka issues 5456, 5511); "
-                "the producer is unusable: recreate the consumer, the open transaction's "
-                "records are redelivered"
+                "the producer is unusable and is left open: stop this process and start a "
+                "new one (a fixed transactional.id lets it fence the open transaction at once)"
             )
             self.open = False
+            _ABANDONED.append(self._producer)  # destroying it would block on the call
             log.error("%s", self.stuck)
             raise TransactionError(self.stuck)
         if outcome[0] is not None:

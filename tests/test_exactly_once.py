@@ -31,6 +31,7 @@ from resilient_kafka import (
     ResilientConsumer,
     ResilientKafkaError,
     RetryPolicy,
+    TransactionError,
 )
 from resilient_kafka.dedup import MemoryStore
 from resilient_kafka.testing import KafkaCluster
@@ -559,3 +560,63 @@ def test_exactly_once_settings_are_checked(kafka: KafkaCluster) -> None:
     finally:
         guard.cancel()
         consumer.close()
+
+
+class _BlockingProducer:
+    """A transactional producer stand-in: ``init_transactions`` fails retriably ``fails``
+    times; ``send_offsets_to_transaction`` blocks until ``release`` is set, whatever its
+    timeout (as librdkafka's can while the group coordinator is unreachable)."""
+
+    def __init__(self, fails: int = 0) -> None:
+        self.fails = fails
+        self.timeouts: list[float] = []
+        self.release = threading.Event()
+
+    def init_transactions(self, timeout: float) -> None:
+        from confluent_kafka import KafkaError, KafkaException
+
+        self.timeouts.append(timeout)
+        if self.fails:
+            self.fails -= 1
+            time.sleep(0.05)
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "slow", retriable=True))
+
+    def send_offsets_to_transaction(self, offsets: Any, metadata: Any, timeout: float) -> None:
+        self.release.wait(30)
+
+    def commit_transaction(self, timeout: float) -> None:
+        pass
+
+
+def test_a_bounded_transactional_call_is_never_given_an_unbounded_timeout() -> None:
+    """init_transactions retried near its deadline gets what is left (at least 0.1 s), never
+    librdkafka's -1 (wait forever)."""
+    from resilient_kafka import _transaction
+
+    producer = _BlockingProducer(fails=1000)
+    with pytest.raises(TransactionError, match="init_transactions failed"):
+        _transaction.Transactions(producer, "tid", timeout=0.3)
+    assert len(producer.timeouts) > 2 and min(producer.timeouts) >= 0.1, producer.timeouts
+
+
+def test_a_transactional_call_blocked_past_its_deadline_is_abandoned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from resilient_kafka import _transaction
+
+    monkeypatch.setattr(_transaction, "_GRACE", 0.3)
+    producer = _BlockingProducer()
+    txn = _transaction.Transactions(producer, "tid", timeout=0.2, transaction_timeout=0.3)
+    txn.open = True
+    started = time.monotonic()
+    try:
+        with pytest.raises(TransactionError, match="send_offsets_to_transaction did not return"):
+            txn.commit([TopicPartition("t", 0, 1)], object())
+        assert 0.7 < time.monotonic() - started < 3  # the deadline (0.5 s) plus the grace
+        assert txn.stuck and not txn.open
+        assert producer in _transaction._ABANDONED  # never destroyed while the call blocks
+        with pytest.raises(TransactionError, match="commit_transaction not attempted"):
+            txn._call("commit_transaction", producer.commit_transaction)
+    finally:
+        producer.release.set()
+        _transaction._ABANDONED.remove(producer)

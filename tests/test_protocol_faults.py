@@ -54,6 +54,7 @@ class Load:
         self.attempts: dict[str, int] = {}
         self.done: set[str] = set()
         self.lock = threading.Lock()
+        self.hold: threading.Event | None = None  # set: records after the first third wait
 
     def consumer(
         self, quiet: bool = False, settings: dict[str, Any] | None = None, **conf: Any
@@ -78,6 +79,8 @@ class Load:
         return self.current
 
     def handler(self, msg: Message) -> None:
+        if self.hold is not None and len(self.done) >= COUNT // 3:
+            self.hold.wait(60)
         value = msg.value().decode()  # type: ignore[union-attr]
         i = int(value[1:])
         with self.lock:
@@ -407,9 +410,11 @@ def test_a_transactional_call_that_never_returns_stops_run_with_transaction_erro
         "forward_timeout": 2.0,
     }
     consumer = load.consumer(quiet=True, settings=settings)
+    load.hold = threading.Event()  # records keep coming after the coordinator is gone
     thread, failure = _start_expecting(load, consumer, TransactionError)
     wait_for(lambda: len(load.done) >= COUNT // 3, 60, "a third handled")
     mock_cluster.broker_down(2)
+    load.hold.set()
     rescue = threading.Timer(40, mock_cluster.broker_up, args=(2,))  # unblocks the old code
     rescue.start()
     try:
@@ -424,5 +429,6 @@ def test_a_transactional_call_that_never_returns_stops_run_with_transaction_erro
     assert "did not return" in str(failure[0]), str(failure[0])
     assert took < 25, took  # the deadline: transaction timeout + forward timeout + grace
     assert not thread.is_alive()
+    load.hold = None
     _run(load, load.consumer(quiet=True), None)  # the next instance finishes the work
     load.check()

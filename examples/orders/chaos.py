@@ -357,7 +357,7 @@ def run(
     from examples.orders import report
 
     workdir = Path(workdir)
-    run_id = f"r{int(time.time()) % 100000}"
+    run_id = f"s{seed}"  # every run has a broker of its own: the same ids, the same outcomes
     system = System(workdir, plan.profile, durable=plan.durable, seed=seed)
     started = time.monotonic()
     system.start(lambda step: on_sample(None, f"starting {step}"))

@@ -76,7 +76,11 @@ def orders_by_id(workdir: Path) -> dict[str, sqlite3.Row]:
 
 def check_terminal(f: Facts, orders: Mapping[str, sqlite3.Row]) -> Invariant:
     problems, late = [], []
-    for order_id, accepted_at in f.accepted.items():
+    if not f.accepted:
+        problems.append("no accepted orders: nothing was tested")
+    # every order the API stored counts, also one whose client gave up before hearing 201
+    created = {o: r["created_at"] for o, r in orders.items() if o not in f.accepted}
+    for order_id, accepted_at in {**created, **f.accepted}.items():
         row = orders.get(order_id)
         if row is None:
             problems.append(f"{order_id}: accepted but not in orders.db")
@@ -188,13 +192,25 @@ def view_differences(workdir: Path) -> list[str]:
     orders = orders_by_id(workdir)
     view = {r["order_id"]: r for r in _rows(workdir / "view.db", "SELECT * FROM order_view")}
     charges, refunds, _ = _gateway(Facts(workdir, {}, 0, 0))
-    shipped = {
+    shipments = {
+        r["order_id"]: r["outcome"]
+        for r in _rows(workdir / "shipping.db", "SELECT order_id, outcome FROM shipments")
+    }
+    reservations = {
+        r["order_id"]: r["state"]
+        for r in _rows(workdir / "inventory.db", "SELECT order_id, state FROM reservations")
+    }
+    declined = {
         r["order_id"]
         for r in _rows(
-            workdir / "shipping.db", "SELECT order_id FROM shipments WHERE outcome = 'OrderShipped'"
+            workdir / "payments.db",
+            "SELECT order_id FROM payments WHERE charge_status = 'declined'",
         )
     }
-    out = []
+    out = [
+        f"{order_id}: in the view, unknown to the orders service"
+        for order_id in sorted(set(view) - set(orders))
+    ]
     for order_id, o in orders.items():
         v = view.get(order_id)
         if v is None:
@@ -205,7 +221,14 @@ def view_differences(workdir: Path) -> list[str]:
             "version": o["version"],
             "charged": int(charges[order_id] > 0),
             "refunded": int(refunds[order_id] > 0),
-            "shipped": int(order_id in shipped),
+            "declined": int(order_id in declined),
+            "shipped": int(shipments.get(order_id) == "OrderShipped"),
+            "ship_failed": int(shipments.get(order_id) == "ShipmentFailed"),
+            "released": int(reservations.get(order_id) == "released"),
+            "committed": int(reservations.get(order_id) == "committed"),
+            "rejected": int(reservations.get(order_id) == "rejected"),
+            "customer": o["customer"],
+            "amount_cents": o["amount_cents"],
         }
         wrong = {k: (v[k], want) for k, want in expect.items() if v[k] != want}
         if wrong:

@@ -62,7 +62,12 @@ class Relay:
 
     def _loop(self) -> None:
         while True:
-            sent = self._publish_once()
+            try:
+                sent = self._publish_once()
+            except Exception:  # a dead relay would leave the API accepting orders for nothing
+                log.exception("outbox relay: publishing failed; trying again in 1 s")
+                self._stopping.wait(1.0)
+                sent = 0
             if self._stopping.is_set() and not sent:
                 return
             if not sent:
@@ -99,7 +104,7 @@ class Relay:
                     break
                 except BufferError:  # the local queue is full: let it drain
                     self._producer.poll(0.1)
-        self._producer.flush(30)
+        self._producer.flush(30)  # rows not acknowledged by then are sent again (same rk.id)
         if acked:
             with self._db.transaction() as tx:
                 now = time.time()

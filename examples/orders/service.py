@@ -105,3 +105,38 @@ def run(consumer: ResilientConsumer, handler: Any, **kwargs: Any) -> None:
         logging.shutdown()
         sys.stdout.flush()
         os._exit(70)
+
+
+class NotAcknowledged(Exception):
+    """A record was not acknowledged in time, or its delivery failed: retry the input record
+    (the same record, with the same ``rk.id``, goes again)."""
+
+
+def produce_acknowledged(
+    producer: Any, topic: str, value: bytes, key: str, record_id: str, timeout: float = 10.0
+) -> None:
+    """Produce one record and wait for *its* delivery report. Outside exactly-once mode a
+    handler's own output is not under the commit barrier: the input's offset may commit only
+    once the output is acknowledged. (``flush()`` would wait for every thread's records, and
+    returns 0 for a record whose delivery failed too.)"""
+    import threading
+    import time
+
+    done = threading.Event()
+    failure: list[Any] = []
+
+    def report(err: Any, _msg: Any) -> None:
+        if err is not None:
+            failure.append(err)
+        done.set()
+
+    producer.produce(
+        topic, value, key=key.encode(), headers=reply_headers(record_id), on_delivery=report
+    )
+    deadline = time.monotonic() + timeout
+    while not done.is_set() and time.monotonic() < deadline:
+        producer.poll(0.05)  # serves delivery reports (any thread's: each sets its own event)
+    if not done.is_set():
+        raise NotAcknowledged(f"{record_id} not acknowledged within {timeout:.0f} s")
+    if failure:
+        raise NotAcknowledged(f"{record_id} not delivered: {failure[0]}")

@@ -13,6 +13,7 @@ costs time, never an order stuck for good.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -33,7 +34,7 @@ CREATE TABLE IF NOT EXISTS orders (
     items TEXT NOT NULL, amount_cents INTEGER NOT NULL, card TEXT NOT NULL, state TEXT NOT NULL,
     version INTEGER NOT NULL, pending TEXT NOT NULL, charged INTEGER NOT NULL, reason TEXT,
     attempt INTEGER NOT NULL, deadline REAL, resends INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL, terminal_at REAL);
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, terminal_at REAL, request TEXT);
 CREATE INDEX IF NOT EXISTS orders_deadline ON orders(deadline) WHERE deadline IS NOT NULL;
 CREATE TABLE IF NOT EXISTS inbox (event_id TEXT PRIMARY KEY, ignored TEXT);
 """
@@ -71,8 +72,10 @@ class Orders:
         return 404, {"error": f"no route {method} {path}"}
 
     def place(self, key: str, body: Any) -> tuple[int, dict[str, Any]]:
-        """201 with the new order; 200 with the stored one for a key seen before (a client's
-        retry after a lost answer or a crash of this process creates no second order)."""
+        """201 with the new order; 200 with the stored one for a key seen before with the same
+        request (a client's retry after a lost answer or a crash of this process creates no
+        second order); 422 for a key reused with another request. Keys are one client's: a
+        real API would scope them by the authenticated caller."""
         if not _KEY.fullmatch(key or ""):
             raise BadOrder("an Idempotency-Key header (1-80 of A-Z a-z 0-9 _ . : -) is required")
         customer, items, card = _validated(body)
@@ -81,15 +84,20 @@ class Orders:
         order = saga.Order(
             f"o-{key}", customer, tuple((i["sku"], i["qty"]) for i in items), amount, card
         )
+        request = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         with self.db.transaction() as tx:
-            if tx.one("SELECT 1 FROM orders WHERE idempotency_key = ?", (key,)):
+            seen = tx.one("SELECT request FROM orders WHERE idempotency_key = ?", (key,))
+            if seen is not None and seen["request"] != request:
+                return 422, {"error": f"Idempotency-Key {key} was used for another request"}
+            if seen is not None:
                 existing = True
             else:
                 existing = False
                 tx.execute(
                     "INSERT INTO orders (order_id, idempotency_key, customer, items, "
                     "amount_cents, card, state, version, pending, charged, reason, attempt, "
-                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, '', 0, ?, ?)",
+                    "created_at, updated_at, request) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, '', 0, ?, ?, ?)",
                     (
                         order.order_id,
                         key,
@@ -102,6 +110,7 @@ class Orders:
                         json.dumps(sorted(order.pending)),
                         now,
                         now,
+                        request,
                     ),
                 )
                 self._set_deadline(tx, order, now)
@@ -209,7 +218,11 @@ class Orders:
         self._set_deadline(tx, order, now)
 
     def _set_deadline(self, tx: Tx, order: saga.Order, now: float) -> None:
-        deadline = saga.next_deadline(now, order.attempt, self.profile) if order.pending else None
+        deadline = (
+            saga.next_deadline(now, order.attempt, self.profile, order.order_id)
+            if order.pending
+            else None
+        )
         tx.execute("UPDATE orders SET deadline = ? WHERE order_id = ?", (deadline, order.order_id))
 
     def _emit(

@@ -33,10 +33,6 @@ CREATE TABLE IF NOT EXISTS commands (command_id TEXT PRIMARY KEY, reply BLOB NOT
 """
 
 
-class ReplyNotSent(Exception):
-    """The reply was not acknowledged in time: retry (the stored reply goes again)."""
-
-
 class Payments:
     def __init__(self, db: Database, gateway: GatewayClient, breaker: CircuitBreaker) -> None:
         self.db = db
@@ -129,23 +125,17 @@ def main() -> None:
         "payments",
         delays=p.payment_retry_delays,
         breakers=[breaker],
-        retry_on=(GatewayUnavailable, ReplyNotSent, sqlite3.OperationalError),
+        retry_on=(GatewayUnavailable, service.NotAcknowledged, sqlite3.OperationalError),
     )
     producer = ResilientProducer(service.producer_config(s))
 
     def handle(msg: Any) -> None:
         cmd: schemas.Envelope = msg.value()
         reply = payments.reply_for(cmd)
-        producer.produce(
-            c.PAYMENT_EVENTS,
-            reply,
-            key=cmd.order_id.encode(),
-            headers=service.reply_headers(f"{cmd.command_id}:reply"),
+        # the command's offset commits only once its reply is acknowledged
+        service.produce_acknowledged(
+            producer, c.PAYMENT_EVENTS, reply, cmd.order_id, f"{cmd.command_id}:reply"
         )
-        # the reply is not under the commit barrier: it must be acknowledged before the
-        # command's offset may commit
-        if producer.flush(10) > 0:
-            raise ReplyNotSent(f"reply to {cmd.command_id} not acknowledged within 10 s")
 
     service.ready(s)
     consumer.run(handle, concurrency=8, ordering="key")

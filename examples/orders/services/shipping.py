@@ -32,10 +32,6 @@ class CarrierBusy(Exception):
     """The carrier's API is busy: try again later."""
 
 
-class ReplyNotSent(Exception):
-    """The event was not acknowledged in time: retry (the same event goes again)."""
-
-
 def outcome(order_id: str, seed: int, fail_pct: int) -> tuple[str, dict[str, Any]]:
     digest = int(hashlib.sha256(f"{seed}:{order_id}".encode()).hexdigest(), 16)
     if digest % 100 < fail_pct:
@@ -47,7 +43,7 @@ def main() -> None:
     s = service.settings()
     p = s.profile
     ledger_db = Database(Path(s.workdir) / "shipping.db", SCHEMA)
-    consumer = service.consumer(s, "shipping", retry_on=(CarrierBusy, ReplyNotSent))
+    consumer = service.consumer(s, "shipping", retry_on=(CarrierBusy, service.NotAcknowledged))
     ledger = service.consumer(s, "shipping-ledger", retry_on=(Exception,), metrics=False)
     producer = ResilientProducer(service.producer_config(s))
     busy = random.Random()
@@ -64,16 +60,8 @@ def main() -> None:
             order_id=cmd.order_id,
             command_id=cmd.command_id,
             data=data,
-            at=cmd.at,
         )
-        producer.produce(
-            c.SHIPPING_EVENTS,
-            value,
-            key=cmd.order_id.encode(),
-            headers=service.reply_headers(event_id),
-        )
-        if producer.flush(10) > 0:
-            raise ReplyNotSent(f"{type_} for {cmd.order_id} not acknowledged within 10 s")
+        service.produce_acknowledged(producer, c.SHIPPING_EVENTS, value, cmd.order_id, event_id)
 
     def record(msg: Any) -> None:
         event: schemas.Envelope = msg.value()
