@@ -189,6 +189,7 @@ class Sampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+        self.samples.append(self.sample())  # the end state, for the report's last point
 
     @property
     def latest(self) -> Sample | None:
