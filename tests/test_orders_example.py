@@ -41,14 +41,8 @@ def reply(type_: str, order_id: str = "o-1", step: str | None = None) -> schemas
         "OrderShipped": {"tracking": "TRK1"},
         "ShipmentFailed": {"reason": "no"},
     }.get(type_, {})
-    raw = schemas.encode(
-        type_,
-        id=f"{order_id}:{step}:reply",
-        order_id=order_id,
-        command_id=f"{order_id}:{step}",
-        data=data,
-    )
-    return schemas.parse(raw)
+    cmd = schemas.Envelope("", 1, "", order_id, f"{order_id}:{step}", 0, {})  # its ids
+    return schemas.parse(schemas.reply(cmd, type_, data))
 
 
 def new_order(**changes: Any) -> saga.Order:

@@ -181,6 +181,18 @@ def encode(
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def reply(command: Envelope, type_: str, data: Mapping[str, Any]) -> bytes:
+    """A participant's reply to ``command``: its record id is the command id + ``:reply``, the
+    same on every replay, so the saga and the view skip a second copy."""
+    return encode(
+        type_,
+        id=f"{command.command_id}:reply",
+        order_id=command.order_id,
+        command_id=command.command_id,
+        data=data,
+    )
+
+
 def parse(raw: bytes | None, topic: str | None = None) -> Envelope:
     """Decode, validate and upcast one record's value; raises :class:`SchemaError`."""
     if raw is None:

@@ -55,14 +55,7 @@ class Inventory:
             row = tx.one("SELECT reply FROM commands WHERE command_id = ?", (cmd.command_id,))
             if row is not None:
                 return bytes(row["reply"])
-            type_, data = self._decide(tx, cmd)
-            reply = schemas.encode(
-                type_,
-                id=f"{cmd.command_id}:reply",
-                order_id=cmd.order_id,
-                command_id=cmd.command_id,
-                data=data,
-            )
+            reply = schemas.reply(cmd, *self._decide(tx, cmd))
             tx.execute("INSERT INTO commands VALUES (?, ?)", (cmd.command_id, reply))
             return reply
 
@@ -81,22 +74,12 @@ class Inventory:
                     self._record(tx, cmd.order_id, items, "rejected", cmd.at)
                     why = "unknown sku" if row is None else "insufficient stock"
                     return "StockRejected", {"reason": f"{why}: {sku}"}
-            for sku, qty in items:
-                tx.execute(
-                    "UPDATE stock SET available = available - ?, reserved = reserved + ? "
-                    "WHERE sku = ?",
-                    (qty, qty, sku),
-                )
+            _move(tx, items, "available", "reserved")
             self._record(tx, cmd.order_id, items, "reserved", cmd.at)
             return "StockReserved", {}
         if cmd.type == "ReleaseStock":
             if state == "reserved":
-                for sku, qty in json.loads(res["items"]):  # type: ignore[index]
-                    tx.execute(
-                        "UPDATE stock SET available = available + ?, reserved = reserved - ? "
-                        "WHERE sku = ?",
-                        (qty, qty, sku),
-                    )
+                _move(tx, json.loads(res["items"]), "reserved", "available")  # type: ignore[index]
                 tx.execute(
                     "UPDATE reservations SET state = 'released' WHERE order_id = ?", (cmd.order_id,)
                 )
@@ -108,12 +91,7 @@ class Inventory:
             return "StockReleased", {"noop": True}
         if cmd.type == "CommitStock":
             if state == "reserved":
-                for sku, qty in json.loads(res["items"]):  # type: ignore[index]
-                    tx.execute(
-                        "UPDATE stock SET reserved = reserved - ?, shipped = shipped + ? "
-                        "WHERE sku = ?",
-                        (qty, qty, sku),
-                    )
+                _move(tx, json.loads(res["items"]), "reserved", "shipped")  # type: ignore[index]
                 tx.execute(
                     "UPDATE reservations SET state = 'committed' WHERE order_id = ?",
                     (cmd.order_id,),
@@ -129,6 +107,17 @@ class Inventory:
         tx.execute(
             "INSERT INTO reservations VALUES (?, ?, ?, ?)",
             (order_id, json.dumps(items), state, at),
+        )
+
+
+def _move(tx: Tx, items: list[Any], source: str, target: str) -> None:
+    """Move each item's quantity from one stock column to another (the CHECK constraint fails
+    the transaction rather than let a column go negative)."""
+    assert {source, target} <= {"available", "reserved", "shipped"}  # column names, not input
+    for sku, qty in items:
+        tx.execute(
+            f"UPDATE stock SET {source} = {source} - ?, {target} = {target} + ? WHERE sku = ?",
+            (qty, qty, sku),
         )
 
 

@@ -83,13 +83,7 @@ class Payments:
     def _store(
         self, cmd: schemas.Envelope, type_: str, data: dict[str, Any], row: tuple[Any, ...] | None
     ) -> bytes:
-        reply = schemas.encode(
-            type_,
-            id=f"{cmd.command_id}:reply",
-            order_id=cmd.order_id,
-            command_id=cmd.command_id,
-            data=data,
-        )
+        reply = schemas.reply(cmd, type_, data)
         with self.db.transaction() as tx:
             # two copies of one command may race (a retry copy and a re-send): the first wins
             tx.execute("INSERT OR IGNORE INTO commands VALUES (?, ?)", (cmd.command_id, reply))
