@@ -578,11 +578,19 @@ def test_the_live_view_renders_a_sample() -> None:
         paused_for_breaker=2,
         view_lag_ms_p95=40,
         up={"orders": True, "payments": False},
+        dead_letters={"payments": 1, "order-view": 2, "inventory": 0},
     )
     console = Console(width=150, record=True)
     console.print(dashboard.render(sample, "hello", "up"))
     text = console.export_text()
-    for expected in ("COMPLETED", "re-sends", "open", "view behind by   1 orders", "down"):
+    for expected in (
+        "COMPLETED",
+        "re-sends",
+        "open",
+        "view behind by   1 orders",
+        "down",
+        "3 (order-view 2, payments 1)",
+    ):
         assert expected in text, text
 
 
@@ -707,5 +715,8 @@ def test_the_orders_api_and_view_answered_over_http_during_the_run(
     ended = last.by_state.get("COMPLETED", 0) + last.by_state.get("CANCELLED", 0)
     assert ended == short_run.accepted + 1  # the load's orders and the warm-up order
     assert last.view_by_state == last.by_state and last.divergence == 0
+    # poison records read by groups whose process was not killed (payments' counter restarted)
+    assert last.dead_letters["inventory"] == last.dead_letters["shipping"] == 1
+    assert last.dead_letters["order-view"] == 1
     assert any(s.breaker == "open" for s in short_run.samples)
     assert threading.active_count() < 50

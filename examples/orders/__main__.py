@@ -85,7 +85,8 @@ def _up(args: argparse.Namespace) -> int:
     try:
         console.print(f"orders API  {system.url('orders')}/orders   (POST, GET /orders/<id>)")
         console.print(f"order view  {system.url('view')}/orders/<id>   /stats")
-        console.print(f"metrics     {system.metrics_url} (payments)   Ctrl-C stops everything")
+        console.print(f"metrics     {system.metrics_url('payments')} (payments; each has one)")
+        console.print("Ctrl-C stops everything")
         load = LoadGenerator(
             system.url("orders"),
             rate=args.rate,

@@ -139,6 +139,7 @@ class Sample:
     paused_for_breaker: int
     view_lag_ms_p95: int
     up: dict[str, bool]
+    dead_letters: dict[str, int] = field(default_factory=dict)  # by group, since its start
     orders: dict[str, Any] = field(default_factory=dict, repr=False)  # the raw /stats answers
     view: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -149,25 +150,45 @@ class Sample:
         return sum(abs(self.by_state.get(k, 0) - self.view_by_state.get(k, 0)) for k in keys) // 2
 
 
-def breaker_state(metrics_url: str) -> tuple[str, int]:
-    """The payment gateway breaker's state and the partitions paused for it, from /metrics."""
+def scrape(url: str) -> list[Any]:
+    """The samples of a service's /metrics (none while it is down)."""
+    import urllib.request
+
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        text = __import__("urllib.request").request.urlopen(metrics_url, timeout=1).read()
+        with urllib.request.urlopen(url, timeout=1) as response:
+            text = response.read().decode()
     except OSError:
-        return "?", 0
+        return []
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def breaker_state(samples: list[Any]) -> tuple[str, int]:
+    """The payment gateway breaker's state and the partitions paused for it."""
     state, paused = "?", 0
-    for family in text_string_to_metric_families(text.decode()):
-        for s in family.samples:
-            if s.name == "resilient_kafka_circuitbreaker_state" and s.value == 1:
-                state = s.labels.get("state", "?")
-            if (
-                s.name == "resilient_kafka_consumer_paused_partitions"
-                and s.labels.get("reason") == "circuit_open"
-            ):
-                paused += int(s.value)
+    for s in samples:
+        if s.name == "resilient_kafka_circuitbreaker_state" and s.value == 1:
+            state = s.labels.get("state", "?")
+        if (
+            s.name == "resilient_kafka_consumer_paused_partitions"
+            and s.labels.get("reason") == "circuit_open"
+        ):
+            paused += int(s.value)
     return state, paused
+
+
+def dead_lettered(samples: list[Any]) -> dict[str, int]:
+    """Records each consumer group sent to its DLQs since its process started."""
+    counts: dict[str, int] = {}
+    for s in samples:
+        if (
+            s.name == "resilient_kafka_messages_handled_total"
+            and s.labels.get("outcome") == "dead_lettered"
+        ):
+            group = s.labels.get("messaging_consumer_group_name", "?")
+            counts[group] = counts.get(group, 0) + int(s.value)
+    return counts
 
 
 class Sampler:
@@ -205,7 +226,11 @@ class Sampler:
         last = self.latest
         orders = _get(self.system.url("orders") + "/stats") or (last and last.orders) or {}
         view = _get(self.system.url("view") + "/stats") or (last and last.view) or {}
-        breaker, paused = breaker_state(self.system.metrics_url)
+        scraped = {n: scrape(self.system.metrics_url(n)) for n in c.SERVICES}
+        breaker, paused = breaker_state(scraped["payments"])
+        dead: dict[str, int] = {}
+        for samples in scraped.values():
+            dead.update(dead_lettered(samples))
         return Sample(
             t=time.time() - self.t0,
             accepted=len(self.load.accepted) if self.load else 0,
@@ -220,6 +245,7 @@ class Sampler:
             up={n: p.running for n, p in self.system.processes.items()},
             orders=orders,
             view=view,
+            dead_letters=dead,
         )
 
 

@@ -38,6 +38,8 @@ def render(sample: Sample | None, message: str, title: str) -> Any:
     health.add_row("paused for it", f"{sample.paused_for_breaker} partitions")
     health.add_row("view behind by", f"{sample.divergence} orders")
     health.add_row("view lag p95", f"{sample.view_lag_ms_p95} ms")
+    by_group = ", ".join(f"{g} {n}" for g, n in sorted(sample.dead_letters.items()) if n)
+    health.add_row("dead letters", f"{sum(sample.dead_letters.values())} ({by_group or 'none'})")
     for name, up in sample.up.items():
         health.add_row(name, "[green]up[/]" if up else "[red]down[/]")
     return Panel(

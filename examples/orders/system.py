@@ -180,7 +180,8 @@ class System:
             self.bootstrap = f"127.0.0.1:{kafka_port}"
             self.broker.create_topics(dict.fromkeys(c.TOPICS, self.profile.partitions))
             self.ports = {
-                name: free_port() for name in (*HTTP, "gateway-proxy", "payments-metrics")
+                name: free_port()
+                for name in (*HTTP, "gateway-proxy", *(f"{s}-metrics" for s in c.SERVICES))
             }
             self.toxiproxy.create_proxy(
                 GATEWAY_PROXY,
@@ -204,7 +205,7 @@ class System:
             workdir=str(self.workdir),
             profile=self.profile,
             http_port=self.ports.get(name, 0),
-            metrics_port=self.ports["payments-metrics"] if name == "payments" else 0,
+            metrics_port=self.ports.get(f"{name}-metrics", 0),
             gateway_url=f"http://127.0.0.1:{self.ports['gateway-proxy']}",
             seed=self.seed,
         )
@@ -257,9 +258,8 @@ class System:
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.ports[name]}"
 
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['payments-metrics']}/metrics"
+    def metrics_url(self, service: str = "payments") -> str:
+        return f"http://127.0.0.1:{self.ports[f'{service}-metrics']}/metrics"
 
     def client_config(self) -> dict[str, Any]:
         return {"bootstrap.servers": self.bootstrap}
