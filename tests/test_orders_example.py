@@ -563,6 +563,21 @@ def test_the_built_in_plans_parse_and_the_full_one_has_every_fault_the_issue_nam
         chaos.load_plan("nope")
 
 
+def test_a_chaos_run_starts_from_an_empty_workdir_but_keeps_other_files(tmp_path: Path) -> None:
+    for name in (
+        "orders.db",
+        "orders.db-wal",
+        "view.log",
+        "report.md",
+        "timeline.png",
+        "notes.txt",
+    ):
+        (tmp_path / name).write_text("x")
+    removed = chaos.clear_previous_run(tmp_path)
+    assert len(removed) == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_the_live_view_renders_a_sample() -> None:
     from rich.console import Console
 

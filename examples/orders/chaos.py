@@ -384,6 +384,7 @@ def run(
     from examples.orders import report
 
     workdir = Path(workdir)
+    clear_previous_run(workdir)
     run_id = f"s{seed}"  # every run has a broker of its own: the same ids, the same outcomes
     system = System(workdir, plan.profile, durable=plan.durable, seed=seed)
     started = time.monotonic()
@@ -463,6 +464,18 @@ def run(
         system.stop()
     report.write(result)
     return result
+
+
+RUN_FILES = ("*.db", "*.db-wal", "*.db-shm", "*.log", "report.json", "report.md", "timeline.png")
+
+
+def clear_previous_run(workdir: Path) -> list[Path]:
+    """Remove a previous run's databases, logs and report from ``workdir`` (and nothing else):
+    a fresh broker with old dedup stores and orders would make the run meaningless."""
+    removed = [p for pattern in RUN_FILES for p in workdir.glob(pattern) if p.is_file()]
+    for path in removed:
+        path.unlink()
+    return removed
 
 
 def _warm_up(system: System, run_id: str, timeout: float) -> dict[str, float]:
