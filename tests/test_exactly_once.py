@@ -180,7 +180,9 @@ def test_output_forwards_and_offsets_commit_together(
         lambda: all(handler.calls[v] >= (2 if v in {"v3", "v12"} else 1) for v in values),
     )
 
-    assert handler.calls["v3"] == 2 and handler.calls["v12"] == 2  # failed once, retried once
+    # failed once, then retried: at least twice. More when a retry call shares a transaction
+    # with the other failure (a slow machine): that transaction aborts and is replayed too
+    assert handler.calls["v3"] >= 2 and handler.calls["v12"] >= 2
     assert _transactions(reg, group, "aborted") >= 2  # each failure aborted its transaction
     # what the aborted transaction held came again: v1 was handled before v3, in its partition
     assert handler.calls["v1"] >= 2
