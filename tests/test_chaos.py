@@ -503,16 +503,20 @@ def test_maybe_stored_produce_errors_on_the_mock_lose_no_acknowledged_record(
         "errors = ['NOT_LEADER_FOR_PARTITION', 'REQUEST_TIMED_OUT', 'NOT_ENOUGH_REPLICAS']",
         "my.toml",
     )
-    stack = Stack.mock_stack()
-    try:
-        result = run_scenario(
-            stack, scenario, messages=400, seed=1, drain_timeout=30, workdir=tmp_path
-        )
-    finally:
-        stack.close()
+    result = _run_400(Stack.mock_stack(), scenario, seed=1, workdir=tmp_path)
     assert result.failures == []
     assert (result.acknowledged, result.processed, result.lost) == (400, 400, 0)
     assert result.passed
+
+
+def _run_400(stack: Stack, scenario: Any, *, seed: int, workdir: Path) -> Any:
+    """``scenario`` with 400 messages on ``stack``, which is closed afterwards."""
+    try:
+        return run_scenario(
+            stack, scenario, messages=400, seed=seed, drain_timeout=30, workdir=workdir
+        )
+    finally:
+        stack.close()
 
 
 def _partitions(stack: Stack) -> dict[tuple[str, int], Any]:
@@ -526,13 +530,7 @@ def _partitions(stack: Stack) -> dict[tuple[str, int], Any]:
 @pytest.mark.parametrize("name", ["consumer-crash", "consumer-crash-concurrent"])
 def test_a_worker_sigkilled_mid_batch_loses_nothing(tmp_path: Path, name: str) -> None:
     scenario = next(s for s in builtin() if s.name == name).scaled(6.0)
-    stack = Stack.embedded_stack(seed=3)
-    try:
-        result = run_scenario(
-            stack, scenario, messages=400, seed=3, drain_timeout=30, workdir=tmp_path
-        )
-    finally:
-        stack.close()
+    result = _run_400(Stack.embedded_stack(seed=3), scenario, seed=3, workdir=tmp_path)
     assert result.failures == []
     assert (result.acknowledged, result.processed, result.lost, result.duplicates) == (
         400,
