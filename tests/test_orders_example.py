@@ -735,3 +735,55 @@ def test_the_orders_api_and_view_answered_over_http_during_the_run(
     assert last.dead_letters["order-view"] == 1
     assert any(s.breaker == "open" for s in short_run.samples)
     assert threading.active_count() < 50
+
+
+# -- publishing: the outbox relay and a reply's own acknowledgement ----------------------------
+
+
+def test_the_outbox_relay_survives_an_error_and_goes_on_publishing(tmp_path: Path) -> None:
+    from examples.orders import outbox
+    from examples.orders.services.orders import SCHEMA as ORDERS_SCHEMA
+    from tests.helpers import wait_for
+
+    relay = outbox.Relay(
+        Database(tmp_path / "orders.db", ORDERS_SCHEMA), {"bootstrap.servers": "127.0.0.1:1"}
+    )
+    calls: list[int] = []
+
+    def publish_once() -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return 0
+
+    relay._publish_once = publish_once  # type: ignore[method-assign]
+    relay.start()
+    try:
+        wait_for(lambda: len(calls) >= 2, 10, "the relay to try again after the error")
+    finally:
+        relay.stop(timeout=5)
+
+
+class _Reports:
+    """A producer stand-in whose delivery report says ``error`` (or never comes)."""
+
+    def __init__(self, error: Any = None, report: bool = True) -> None:
+        self.error, self.report, self.pending = error, report, []
+
+    def produce(self, topic: str, value: bytes, key: bytes, headers: Any, on_delivery: Any) -> None:
+        self.pending.append(on_delivery)
+
+    def poll(self, timeout: float) -> int:
+        while self.report and self.pending:
+            self.pending.pop()(self.error, None)
+        return 0
+
+
+def test_a_reply_counts_as_sent_only_once_its_own_delivery_report_says_so() -> None:
+    from examples.orders import service
+
+    service.produce_acknowledged(_Reports(), "t", b"v", "o-1", "o-1:charge:reply")
+    with pytest.raises(service.NotAcknowledged, match="o-1:charge:reply not delivered: boom"):
+        service.produce_acknowledged(_Reports(error="boom"), "t", b"v", "o-1", "o-1:charge:reply")
+    with pytest.raises(service.NotAcknowledged, match="not acknowledged within 0 s"):
+        service.produce_acknowledged(_Reports(report=False), "t", b"v", "o-1", "r", timeout=0.2)
