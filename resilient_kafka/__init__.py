@@ -10,6 +10,7 @@ from resilient_kafka import dlq, headers
 from resilient_kafka.breaker import CircuitBreaker, CircuitBreakerError
 from resilient_kafka.consumer import ResilientConsumer
 from resilient_kafka.errors import (
+    BatchFailed,
     ConfigurationError,
     DeadLetterFloodError,
     DedupKeyError,
@@ -29,6 +30,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "BatchFailed",
     "CircuitBreaker",
     "CircuitBreakerError",
     "ConfigurationError",

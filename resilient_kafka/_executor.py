@@ -32,6 +32,8 @@ class Executor:
     busy = False  # outcomes pending elsewhere
     claims_itself = False  # dedup claims are made by the executor (else by the loop, before)
     room = 1 << 30  # how many more records may be fetched (no bound: nothing held elsewhere)
+    batch_records = 0  # records per fetch (0: sized to the handler's speed)
+    batch_wait = 0.0  # how long a fetch waits for batch_records to be there
 
     submit: Callable[[Record], None]  # hand a record over (settled here, or later)
 

@@ -461,11 +461,14 @@ class Loop:
             # records wait in librdkafka's queue); one record a second keeps the group's poll
             return
         self._fetched_at = time.monotonic()
-        batch = Consumer.consume(native, max(1, min(self._batch_size, room)), 0)
+        size = max(1, min(executor.batch_records or self._batch_size, room))
+        batch = Consumer.consume(native, size, 0)
         if not batch:
             if executor.wait(wait):  # concurrent handlers: their outcomes may free work first
                 return
             batch = Consumer.consume(native, 1, wait)
+        if executor.batch_wait and batch and len(batch) < size:  # a batch handler's batch fills
+            batch += Consumer.consume(native, size - len(batch), min(executor.batch_wait, wait))
         if committer.generation != generation:
             batch = [m for m in batch if not committer.replayed_since(generation, m)]
         if not batch:
@@ -518,7 +521,7 @@ class Loop:
             handled += 1
         executor.collect()
         self._rewind_skipped(skipped)
-        if handled:  # size the next batch to take about _BATCH_SECONDS
+        if handled and not executor.batch_records:  # the next fetch takes about _BATCH_SECONDS
             per_record = max((time.monotonic() - fetched) / handled, 1e-7)
             self._batch_size = max(1, min(_BATCH_MAX, int(_BATCH_SECONDS / per_record)))
 

@@ -85,6 +85,18 @@ class Unclaimed(Exception):
         self.verdict = verdict
 
 
+def identified(claims: Any, settle: Settlement, record: Record) -> bool:
+    """Read ``record``'s dedup identity (on the polling thread) unless known; False if it has
+    none (``dedup_key`` raised): then it cannot be processed once and went to the DLQ."""
+    if record.identity is None:
+        try:
+            record.identity = claims.identity(record)
+        except DedupKeyError as exc:
+            settle.refused(record, exc, headers.NON_RETRYABLE)
+            return False
+    return True
+
+
 def check_options(
     concurrency: object,
     ordering: object,
@@ -177,6 +189,8 @@ class WorkManager:
         self._given_back: dict[Key, int] = {}
 
     claims_itself = True  # a worker claims its record, before the handler
+    batch_records = 0  # records per fetch: sized to the handlers' speed (see the loop)
+    batch_wait = 0.0
 
     # -- the executor interface (polling thread) ---------------------------------------------
 
@@ -192,12 +206,8 @@ class WorkManager:
 
     def submit(self, record: Record) -> None:
         """Queue ``record`` behind its shard, and start it if it may run now."""
-        if self._claims is not None and record.identity is None:
-            try:
-                record.identity = self._claims.identity(record)
-            except DedupKeyError as exc:  # no identity: it cannot be processed once
-                self._settle.refused(record, exc, headers.NON_RETRYABLE)
-                return
+        if self._claims is not None and not identified(self._claims, self._settle, record):
+            return
         key = record.key
         if self._given_back:
             mark = self._given_back.get(key)

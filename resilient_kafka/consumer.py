@@ -34,6 +34,14 @@ from confluent_kafka.serialization import SerializationContext
 
 from resilient_kafka import _config, _offset_metadata, _transaction
 from resilient_kafka._admission import Admission
+from resilient_kafka._batch import (
+    AsyncBatchRunner,
+    BatchCalls,
+    BatchExecutor,
+    InlineBatchRunner,
+    ThreadBatchRunner,
+    check_batch_options,
+)
 from resilient_kafka._claims import Claims
 from resilient_kafka._committer import OffsetCommitter
 from resilient_kafka._executor import InlineExecutor
@@ -57,11 +65,19 @@ from resilient_kafka.metrics import ConsumerMetrics, NoMetrics, families
 from resilient_kafka.policies import DeadLetterPolicy, RetryPolicy
 from resilient_kafka.producer import ResilientProducer, client_config
 
-__all__ = ["DedupKeyError", "DeserializationError", "Deserializer", "Handler", "ResilientConsumer"]
+__all__ = [
+    "BatchHandler",
+    "DedupKeyError",
+    "DeserializationError",
+    "Deserializer",
+    "Handler",
+    "ResilientConsumer",
+]
 
 log = logging.getLogger("resilient_kafka.consumer")
 
 Handler = Callable[[Message], object]
+BatchHandler = Callable[[list[Message]], object]
 Deserializer = Callable[[bytes | None, SerializationContext], Any]
 
 
@@ -666,8 +682,8 @@ class ResilientConsumer(Consumer):
                 "run_async() needs an async def handler; give a plain function to run()"
             )
         loop = asyncio.get_running_loop()
-        polling = loop.run_in_executor(
-            None,
+        await self._run_in(
+            loop,
             functools.partial(
                 self._run,
                 handler,
@@ -680,6 +696,86 @@ class ResilientConsumer(Consumer):
                 loop=loop,
             ),
         )
+
+    def run_batches(
+        self,
+        handler: BatchHandler,
+        *,
+        max_records: int = 500,
+        max_wait: float = 0.0,
+        concurrency: int = 1,
+        ordering: str = "partition",
+        max_buffered: int | None = None,
+        drain_timeout: float = 30.0,
+        poll_timeout: float = 0.5,
+    ) -> None:
+        """Process messages ``max_records`` at a time with ``handler(list_of_messages)`` until
+        :meth:`stop`, SIGINT or SIGTERM: bulk writes to a database or a search index.
+
+        Returning means every message is done. Raising :class:`~resilient_kafka.BatchFailed`
+        names the ones that failed (and why): they follow the retry policy one by one, the
+        others are done. Any other exception: the batch is handed over again in halves until
+        the failing messages are found alone, so a good message is never retried or
+        dead-lettered for a bad one. ``max_wait``: how long to wait for a batch to fill once
+        a message is there (0: take what has been fetched). An ``async def`` handler runs on
+        an event loop of its own.
+
+        With one handler at a time a batch is what one fetch brought, across partitions.
+        ``concurrency`` > 1 runs that many batches at once: ``ordering="partition"`` gives
+        each partition a batch at a time, ``"key"`` splits each partition by key (a key's
+        messages stay in order), ``"unordered"`` any. ``max_buffered`` (default 4 x
+        max_records x concurrency) bounds the messages held. See docs/batches.md.
+        """
+        self._run(
+            handler,
+            concurrency=concurrency,
+            ordering=ordering,
+            max_buffered=max_buffered,
+            max_buffered_per_partition=None,
+            drain_timeout=drain_timeout,
+            poll_timeout=poll_timeout,
+            loop=None,
+            batch=check_batch_options(max_records, max_wait),
+        )
+
+    async def run_batches_async(
+        self,
+        handler: Callable[[list[Message]], Awaitable[object]],
+        *,
+        max_records: int = 500,
+        max_wait: float = 0.0,
+        concurrency: int = 1,
+        ordering: str = "partition",
+        max_buffered: int | None = None,
+        drain_timeout: float = 30.0,
+        poll_timeout: float = 0.5,
+    ) -> None:
+        """:meth:`run_batches` for an ``async def`` handler inside the application's event
+        loop (see :meth:`run_async`)."""
+        if not inspect.iscoroutinefunction(handler):
+            raise ConfigurationError(
+                "run_batches_async() needs an async def handler; give a plain function to "
+                "run_batches()"
+            )
+        await self._run_in(
+            asyncio.get_running_loop(),
+            functools.partial(
+                self._run,
+                handler,
+                concurrency=concurrency,
+                ordering=ordering,
+                max_buffered=max_buffered,
+                max_buffered_per_partition=None,
+                drain_timeout=drain_timeout,
+                poll_timeout=poll_timeout,
+                loop=asyncio.get_running_loop(),
+                batch=check_batch_options(max_records, max_wait),
+            ),
+        )
+
+    async def _run_in(self, loop: asyncio.AbstractEventLoop, run: Callable[[], None]) -> None:
+        """Poll on a thread of its own; cancelling the awaiting task stops the consumer."""
+        polling = loop.run_in_executor(None, run)
         try:
             await asyncio.shield(polling)
         except asyncio.CancelledError:
@@ -698,7 +794,10 @@ class ResilientConsumer(Consumer):
         drain_timeout: float,
         poll_timeout: float,
         loop: asyncio.AbstractEventLoop | None,
+        batch: tuple[int, float] | None = None,
     ) -> None:
+        if batch is not None and max_buffered is None:
+            max_buffered = 4 * batch[0] * concurrency
         total, per_partition = check_options(
             concurrency, ordering, max_buffered, max_buffered_per_partition
         )
@@ -707,10 +806,22 @@ class ResilientConsumer(Consumer):
             self._settings.check_blocking_fits()
         elif self._txn is not None:
             self._settings.check_blocking_fits_transaction()
-        executor = self._executor(
-            handler, asynchronous, concurrency, ordering, total, per_partition, drain_timeout, loop
-        )
-        if isinstance(executor, WorkManager):
+        if batch is not None:
+            executor: Any = self._batch_executor(
+                handler, asynchronous, concurrency, ordering, total, drain_timeout, loop, batch
+            )
+        else:
+            executor = self._executor(
+                handler,
+                asynchronous,
+                concurrency,
+                ordering,
+                total,
+                per_partition,
+                drain_timeout,
+                loop,
+            )
+        if isinstance(executor, WorkManager | BatchExecutor):
             if self._txn is not None:
                 self._committer.quiesce_with(executor)
             else:
@@ -782,6 +893,56 @@ class ResilientConsumer(Consumer):
             ordering=ordering,
             max_buffered=total,
             max_buffered_per_partition=per_partition,
+            drain_timeout=drain_timeout,
+        )
+
+    def _batch_executor(
+        self,
+        handler: Any,
+        asynchronous: bool,
+        concurrency: int,
+        ordering: str,
+        total: int,
+        drain_timeout: float,
+        loop: asyncio.AbstractEventLoop | None,
+        batch: tuple[int, float],
+    ) -> BatchExecutor:
+        settings = self._settings
+
+        def calls(cancelled: set[int]) -> BatchCalls:
+            return BatchCalls(
+                settings.retry,
+                self._outage,
+                self._stop,
+                self._metrics,
+                self._claims,
+                transactional=self._txn is not None and (concurrency > 1 or asynchronous),
+                cancelled=cancelled,
+                wrote=self._committer.wrote_for,
+            )
+
+        cancelled: set[int] = set()
+        runner: Any
+        if asynchronous:
+            runner = AsyncBatchRunner(handler, calls(cancelled), loop)
+        elif concurrency == 1:
+            runner = InlineBatchRunner(handler, calls(cancelled))
+        else:
+            runner = ThreadBatchRunner(handler, lambda: calls(cancelled), concurrency)
+        runner.cancelled = cancelled
+        max_records, max_wait = batch
+        return BatchExecutor(
+            runner,
+            self._settle,
+            self._control,
+            self._outage,
+            self._claims,
+            self._metrics,
+            max_records=max_records,
+            max_wait=max_wait,
+            concurrency=concurrency,
+            ordering=ordering,
+            max_buffered=total,
             drain_timeout=drain_timeout,
         )
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 
 class ResilientKafkaError(Exception):
     """Base class of every error raised by resilient-kafka."""
@@ -83,3 +86,27 @@ class DedupKeyError(ResilientKafkaError):
     """``dedup_key`` raised for a record: it has no identity, so it went to the DLQ unprocessed."""
 
     __module__ = "resilient_kafka.consumer"  # as DeserializationError
+
+
+class BatchFailed(ResilientKafkaError):
+    """Raised by a batch handler (``run_batches()``): these records of the batch failed.
+
+    ``failures``: ``(record, exception)`` pairs, where the record is the ``Message`` handed
+    over or its index in the batch (confluent's ``Message`` is not hashable: a dict can only
+    be keyed by index). Those records follow the
+    retry policy one by one (``failures[msg]`` decides retryable or not, and is what their retry
+    and DLQ copies carry); every other record of the batch is done. Naming a record that is not
+    in the batch makes this an exception like any other: the batch is split to find the failing
+    records.
+    """
+
+    def __init__(
+        self,
+        failures: Mapping[Any, BaseException] | Iterable[tuple[Any, BaseException]],
+        message: str | None = None,
+    ) -> None:
+        pairs = list(failures.items() if isinstance(failures, Mapping) else failures)
+        if not pairs:
+            raise ValueError("BatchFailed needs at least one failed record")
+        super().__init__(message or f"{len(pairs)} record(s) of the batch failed")
+        self.failures: list[tuple[Any, BaseException]] = pairs

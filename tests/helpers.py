@@ -138,3 +138,53 @@ def metric_total(registry: Any, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+def fresh_consumer(kafka: Any, **kwargs: Any) -> Any:
+    """A ResilientConsumer in a group of its own, from the earliest offset, committing only
+    what it settles (no auto-commit), with a registry of its own unless given one."""
+    import uuid
+
+    from prometheus_client import CollectorRegistry
+
+    from resilient_kafka import ResilientConsumer
+
+    kwargs.setdefault("registry", CollectorRegistry())
+    return ResilientConsumer(
+        kafka.client_config(
+            group_id=f"group-{uuid.uuid4().hex[:8]}",
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        ),
+        **kwargs,
+    )
+
+
+def serve(
+    run: Callable[..., None], handler: Any, done: Any, timeout: float = 60, **options: Any
+) -> None:
+    """``run(handler, **options)`` (a consumer's run or run_batches) on a thread until
+    ``done()``; then stop it and wait for it to end."""
+    import threading
+
+    consumer = run.__self__  # type: ignore[attr-defined]
+    thread = threading.Thread(target=run, args=(handler,), kwargs=options, daemon=True)
+    thread.start()
+    try:
+        wait_for(done, timeout, "the records to be handled")
+    finally:
+        consumer.stop()
+        thread.join(60)
+    assert not thread.is_alive()
+
+
+def committed_offsets(kafka: Any, group: str, topic: str, partitions: int) -> list[int]:
+    """The group's committed offsets of ``topic``'s partitions."""
+    from confluent_kafka import TopicPartition
+
+    reader = Consumer(kafka.client_config(group_id=group))
+    try:
+        tps = reader.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return [tp.offset for tp in tps]
+    finally:
+        reader.close()

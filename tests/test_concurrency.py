@@ -12,12 +12,20 @@ from typing import Any
 
 import pytest
 import tenacity
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Message
 from prometheus_client import CollectorRegistry
 
 from resilient_kafka import ConfigurationError, ResilientConsumer, RetryPolicy, headers
 from resilient_kafka.testing import KafkaCluster
-from tests.helpers import metric_total, produce, read_all, wait_for
+from tests.helpers import (
+    committed_offsets,
+    fresh_consumer,
+    metric_total,
+    produce,
+    read_all,
+    serve,
+    wait_for,
+)
 
 
 class Tally:
@@ -67,37 +75,16 @@ def _records(keys: list[str | None], per_key: int) -> list[tuple[Any, str]]:
 
 
 def _consumer(kafka: KafkaCluster, **kwargs: Any) -> ResilientConsumer:
-    kwargs.setdefault("registry", CollectorRegistry())
-    return ResilientConsumer(
-        kafka.client_config(
-            group_id=f"conc-{uuid.uuid4().hex[:8]}",
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-        ),
-        **kwargs,
-    )
+    return fresh_consumer(kafka, **kwargs)  # type: ignore[no-any-return]
 
 
 def _run(
     consumer: ResilientConsumer, handler: Any, done: Any, timeout: float = 60, **run: Any
 ) -> None:
-    thread = threading.Thread(target=consumer.run, args=(handler,), kwargs=run, daemon=True)
-    thread.start()
-    try:
-        wait_for(done, timeout, "the records to be handled")
-    finally:
-        consumer.stop()
-        thread.join(60)
-    assert not thread.is_alive()
+    serve(consumer.run, handler, done, timeout, **run)
 
 
-def _committed(kafka: KafkaCluster, group: str, topic: str, partitions: int) -> list[int]:
-    reader = Consumer(kafka.client_config(group_id=group))
-    try:
-        tps = reader.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
-        return [tp.offset for tp in tps]
-    finally:
-        reader.close()
+_committed = committed_offsets
 
 
 def _group_of(consumer: ResilientConsumer) -> str:

@@ -1,0 +1,778 @@
+"""Batch handlers: ``run_batches(handler)`` hands the handler a list of records at a time.
+
+The handler returning means every record is done. :class:`~resilient_kafka.BatchFailed`
+names the records that failed (and why): those follow the retry policy one by one, the others
+are done. Any other exception says only that something failed: the batch is split in halves
+and each half handed over again (left first, so order holds), down to the single records that
+fail on their own, which then follow the retry policy. Good records are never retried or
+dead-lettered for a bad neighbour, and one poison record in a batch of 500 costs about 18
+extra calls, not 500. A breaker that refuses (or opens meanwhile) and a batch whose output is
+already in the open transaction are not split: every record still unresolved gets the
+exception (an outage holds them, exactly-once aborts and replays).
+
+The polling thread owns the batches: records wait in *lanes* (``ordering``): with one handler
+at a time a single lane, so a batch is whatever one fetch brought, across partitions; with
+``concurrency`` > 1, ``"partition"`` gives each partition its own lane, ``"key"`` splits each
+partition in ``concurrency`` lanes by key (a key's records stay in order), ``"unordered"`` is
+one lane any number of batches take from at once. A lane runs one batch at a time. Workers call
+the handler and put each batch's outcomes in a mailbox; the polling thread settles them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import tenacity
+
+from resilient_kafka import headers
+from resilient_kafka._claims import Verdict
+from resilient_kafka._outage import DEDUP_STORE, OutageControl
+from resilient_kafka._partitions import Key, PartitionControl
+from resilient_kafka._record import Record
+from resilient_kafka._settle import Settlement
+from resilient_kafka._work import NotStarted, Unclaimed, identified
+from resilient_kafka.breaker import CircuitBreakerError
+from resilient_kafka.errors import BatchFailed, ConfigurationError
+from resilient_kafka.policies import RetryPolicy
+from resilient_kafka.producer import WRITES
+
+log = logging.getLogger("resilient_kafka.consumer")
+
+# what a record of a batch came to: None (done), the exception it failed with, Unclaimed (its
+# dedup claim kept it from the handler) or NotStarted (stopping or revoked before its turn)
+Outcome = BaseException | None
+# (records, their partitions' epochs, outcomes, seconds in the handler)
+Report = tuple[list[Record], list[int], list[Outcome], float]
+
+_NOT_STARTED = NotStarted()
+
+
+def check_batch_options(max_records: object, max_wait: object) -> tuple[int, float]:
+    if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
+        raise ConfigurationError(f"max_records must be an integer >= 1, got {max_records!r}")
+    if (
+        isinstance(max_wait, bool)
+        or not isinstance(max_wait, int | float)
+        or not 0 <= max_wait <= 60
+    ):
+        raise ConfigurationError(f"max_wait must be seconds between 0 and 60, got {max_wait!r}")
+    return max_records, float(max_wait)
+
+
+# -- finding the failing records ----------------------------------------------------------------
+
+
+def _named(exc: BatchFailed, part: Sequence[Record]) -> list[Outcome] | None:
+    """The outcomes ``exc`` names for ``part`` (by message or by index), or None when it names
+    something that is not in it (then it says no more than any other exception)."""
+    outcomes: list[Outcome] = [None] * len(part)
+    where = {id(record.msg): i for i, record in enumerate(part)}
+    for which, error in exc.failures:
+        if isinstance(which, int) and not isinstance(which, bool):
+            i = which if 0 <= which < len(part) else None
+        else:
+            i = where.get(id(which))
+        if i is None or not isinstance(error, BaseException):
+            log.error(
+                "BatchFailed names a record that is not in the batch (%r); finding the "
+                "failing ones by handing the batch over again in halves",
+                which,
+            )
+            return None
+        outcomes[i] = error
+    return outcomes
+
+
+class FailureSearch:
+    """Which records of a batch failed: :meth:`after` is told what handing over the last part
+    raised (None: it returned) and answers the next part to hand over, None once every
+    record's outcome (in :attr:`outcomes`) is known. The first part is the whole batch.
+    ``systemic(exc)``: an exception that splitting cannot help (every record still unresolved
+    gets it)."""
+
+    def __init__(self, records: list[Record], systemic: Callable[[BaseException], bool]) -> None:
+        self.records = records
+        self.outcomes: list[Outcome] = [None] * len(records)
+        self._systemic = systemic
+        self._todo: list[tuple[int, int]] = []  # ranges still to hand over, the leftmost last
+        self._part = (0, len(records))
+
+    def first(self) -> list[Record]:
+        return self.records
+
+    def after(self, exc: BaseException | None) -> list[Record] | None:
+        lo, hi = self._part
+        outcomes, todo = self.outcomes, self._todo
+        if exc is not None:
+            named = _named(exc, self.records[lo:hi]) if isinstance(exc, BatchFailed) else None
+            if named is not None:
+                outcomes[lo:hi] = named
+            elif hi - lo == 1:
+                outcomes[lo] = exc
+            elif self._systemic(exc):
+                outcomes[lo:hi] = [exc] * (hi - lo)
+                for left, right in todo:
+                    outcomes[left:right] = [exc] * (right - left)
+                todo.clear()
+            else:
+                middle = (lo + hi) // 2
+                todo.append((middle, hi))
+                todo.append((lo, middle))
+        if not todo:
+            return None
+        lo, hi = self._part = todo.pop()
+        return self.records[lo:hi]
+
+
+class BatchCalls:
+    """How a batch is handled on a worker (or the polling thread): dedup claims first, then
+    the handler, split as :func:`settle_batch` says, each call retried in place when the retry
+    policy has blocking retries. One per worker (tenacity keeps per-call state)."""
+
+    def __init__(
+        self,
+        retry: RetryPolicy,
+        outage: OutageControl,
+        stop: threading.Event,
+        metrics: Any,
+        claims: Any,
+        transactional: bool,
+        cancelled: set[int],
+        wrote: Callable[[Record], bool],
+    ) -> None:
+        self._wrote = wrote  # exactly-once: the open transaction holds the record's output
+        self._retry = retry
+        self._outage = outage
+        self._stop = stop
+        self._metrics = metrics
+        self._claims = claims
+        self._transactional = transactional
+        self._cancelled = cancelled
+
+    def claim(self, records: list[Record], epochs: list[int]) -> list[Outcome | bool]:
+        """True for each record claimed (or without identity), else its outcome."""
+        claims = self._claims
+        out: list[Outcome | bool] = []
+        for record, epoch in zip(records, epochs, strict=True):
+            if record.identity is None or record.claim is not None:
+                out.append(True)
+                continue
+            try:
+                verdict = claims.claim(record, record.identity)
+            except Exception as exc:  # a custom store's bug: the record fails, is not lost
+                out.append(exc)
+                continue
+            if verdict is not Verdict.RUN:
+                out.append(Unclaimed(verdict))
+            elif self._stop.is_set() or epoch in self._cancelled:
+                out.append(_NOT_STARTED)  # revoked while it waited for its claim
+            else:
+                out.append(True)
+        return out
+
+    def systemic(self, records: list[Record]) -> Callable[[BaseException], bool]:
+        first = records[0]
+        watch = self._outage.watch
+        wrote = self._wrote
+
+        def systemic(exc: BaseException) -> bool:
+            return (
+                isinstance(exc, CircuitBreakerError)
+                or watch.opens != first.opens
+                or self._stop.is_set()
+                or wrote(first)
+            )
+
+        return systemic
+
+    def in_place(self, records: list[Record], exc: BaseException) -> bool:
+        return (
+            not isinstance(exc, BatchFailed | CircuitBreakerError)
+            and not self._stop.is_set()
+            and self._outage.watch.opens == records[0].opens
+            and not self._wrote(records[0])
+            and self._retry.is_retryable(exc)
+        )
+
+    def noted(self, records: list[Record], state: Any) -> None:
+        if state.outcome is not None:
+            exc = state.outcome.exception()
+            error_type = headers.exception_type(exc) if exc is not None else ""
+            self._metrics.retry(records[0].topic, "blocking", error_type)
+
+    def prepare(
+        self, records: list[Record], epochs: list[int]
+    ) -> tuple[list[Outcome], list[int], Any]:
+        """Claims and the exactly-once output counter: the outcomes so far (None where the
+        handler is to run), the indexes it runs for, the counter (reset it after)."""
+        outcomes: list[Outcome] = [None] * len(records)
+        run = list(range(len(records)))
+        if self._claims is not None:
+            claimed = self.claim(records, epochs)
+            run = []
+            for i, verdict in enumerate(claimed):
+                if verdict is True:
+                    run.append(i)
+                else:
+                    outcomes[i] = verdict  # type: ignore[assignment]
+        token = None
+        if self._transactional:
+            counter = [0]
+            for record in records:
+                record.writes = counter
+            token = WRITES.set(counter)
+        return outcomes, run, token
+
+    def handle(
+        self, handler: Callable[[list[Any]], object], records: list[Record]
+    ) -> list[Outcome]:
+        """Each record's outcome, calling ``handler`` as often as it takes to know them."""
+        retry = self._retry
+        call: Callable[[list[Any]], object] = handler
+        if retry.blocking:
+            current: list[list[Record]] = []
+            blocking = tenacity.Retrying(
+                stop=retry.blocking_stop,
+                wait=retry.blocking_wait or tenacity.wait_none(),
+                retry=tenacity.retry_if_exception(lambda e: self.in_place(current[0], e)),
+                sleep=self._stop.wait,  # type: ignore[arg-type]
+                reraise=True,
+                before_sleep=lambda state: self.noted(current[0], state),
+            )
+
+            def call(msgs: list[Any]) -> object:
+                return blocking(handler, msgs)
+
+        search = FailureSearch(records, self.systemic(records))
+        part: list[Record] | None = search.first()
+        while part is not None:
+            if retry.blocking:
+                current[:] = [part]
+            try:
+                call([record.msg for record in part])
+            except Exception as exc:
+                part = search.after(exc)
+            else:
+                part = search.after(None)
+        return search.outcomes
+
+    async def handle_async(
+        self, handler: Callable[[list[Any]], Any], records: list[Record]
+    ) -> list[Outcome]:
+        """:meth:`handle` for an ``async def`` handler."""
+        search = FailureSearch(records, self.systemic(records))
+        part: list[Record] | None = search.first()
+        while part is not None:
+            try:
+                await self._call_async(handler, part)
+            except Exception as exc:
+                part = search.after(exc)
+            else:
+                part = search.after(None)
+        return search.outcomes
+
+    async def _call_async(self, handler: Callable[[list[Any]], Any], part: list[Record]) -> None:
+        retry = self._retry
+        msgs = [record.msg for record in part]
+        if not retry.blocking:
+            await handler(msgs)
+            return
+        async for attempt in tenacity.AsyncRetrying(
+            stop=retry.blocking_stop,
+            wait=retry.blocking_wait or tenacity.wait_none(),
+            retry=tenacity.retry_if_exception(lambda e: self.in_place(part, e)),
+            reraise=True,
+            before_sleep=lambda state: self.noted(part, state),
+        ):
+            with attempt:
+                await handler(msgs)
+
+
+def _merge(outcomes: list[Outcome], run: list[int], handled: list[Outcome]) -> None:
+    for i, outcome in zip(run, handled, strict=True):
+        outcomes[i] = outcome
+
+
+# -- runners: where batches are handled ----------------------------------------------------------
+
+
+class InlineBatchRunner:
+    """Handles a batch on the polling thread, at once (one plain handler at a time)."""
+
+    def __init__(self, handler: Callable[[list[Any]], object], calls: BatchCalls) -> None:
+        self.mailbox: queue.SimpleQueue[Report] = queue.SimpleQueue()
+        self.cancelled: set[int] = set()
+        self.stopping = False
+        self._handler = handler
+        self._calls = calls
+
+    def start(self, records: list[Record], epochs: list[int]) -> None:
+        calls = self._calls
+        outcomes, run, token = calls.prepare(records, epochs)
+        started = time.monotonic()
+        try:
+            if run:
+                part = records if len(run) == len(records) else [records[i] for i in run]
+                _merge(outcomes, run, calls.handle(self._handler, part))
+        finally:
+            if token is not None:
+                WRITES.reset(token)
+        self.mailbox.put((records, epochs, outcomes, time.monotonic() - started))
+
+    def close(self) -> None:
+        """Nothing runs elsewhere."""
+
+
+class ThreadBatchRunner:
+    """``size`` daemon threads taking batches from a queue."""
+
+    def __init__(
+        self, handler: Callable[[list[Any]], object], calls: Callable[[], BatchCalls], size: int
+    ) -> None:
+        self.mailbox: queue.SimpleQueue[Report] = queue.SimpleQueue()
+        self.cancelled: set[int] = set()
+        self.stopping = False
+        self._jobs: queue.SimpleQueue[tuple[list[Record], list[int]] | None] = queue.SimpleQueue()
+        self._handler = handler
+        self._threads = [
+            threading.Thread(
+                target=self._work, args=(calls(),), name=f"resilient-kafka-batch-{i}", daemon=True
+            )
+            for i in range(size)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def start(self, records: list[Record], epochs: list[int]) -> None:
+        self._jobs.put((records, epochs))
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def _work(self, calls: BatchCalls) -> None:
+        jobs, mailbox, handler = self._jobs, self.mailbox, self._handler
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            records, epochs = job
+            if self.stopping or any(epoch in self.cancelled for epoch in epochs):
+                mailbox.put((records, epochs, [_NOT_STARTED] * len(records), 0.0))
+                continue
+            started = time.monotonic()
+            outcomes: list[Outcome] = [None] * len(records)
+            token = None
+            try:
+                outcomes, run, token = calls.prepare(records, epochs)
+                if run:
+                    _merge(outcomes, run, calls.handle(handler, [records[i] for i in run]))
+            except BaseException as exc:  # SystemExit too: every record must report back
+                outcomes = [exc if o is None else o for o in outcomes]
+            finally:
+                if token is not None:
+                    WRITES.reset(token)
+            mailbox.put((records, epochs, outcomes, time.monotonic() - started))
+
+
+class AsyncBatchRunner:
+    """Batches as tasks on an event loop: the application's or one of its own on a thread."""
+
+    def __init__(
+        self,
+        handler: Callable[[list[Any]], Any],
+        calls: BatchCalls,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.mailbox: queue.SimpleQueue[Report] = queue.SimpleQueue()
+        self.cancelled: set[int] = set()
+        self.stopping = False
+        self._handler = handler
+        self._calls = calls
+        self._thread: threading.Thread | None = None
+        if loop is None:
+            loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(
+                target=loop.run_forever, name="resilient-kafka-event-loop", daemon=True
+            )
+            self._thread.start()
+        self._loop = loop
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, records: list[Record], epochs: list[int]) -> None:
+        self._loop.call_soon_threadsafe(self._create, records, epochs)
+
+    def _create(self, records: list[Record], epochs: list[int]) -> None:
+        task = self._loop.create_task(self._one(records, epochs))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _one(self, records: list[Record], epochs: list[int]) -> None:
+        calls = self._calls
+        if self.stopping or any(epoch in self.cancelled for epoch in epochs):
+            self.mailbox.put((records, epochs, [_NOT_STARTED] * len(records), 0.0))
+            return
+        started = time.monotonic()
+        outcomes: list[Outcome] = [None] * len(records)
+        token = None
+        try:
+            # the dedup store is blocking I/O: off the event loop
+            loop = asyncio.get_running_loop()
+            outcomes, run, token = await loop.run_in_executor(None, calls.prepare, records, epochs)
+            if token is not None:  # set in the executor's thread: set again in this task
+                WRITES.set(records[0].writes)
+            if run:
+                part = [records[i] for i in run]
+                _merge(outcomes, run, await calls.handle_async(self._handler, part))
+        except BaseException as exc:  # cancelled too: every record must report back
+            outcomes = [exc if o is None else o for o in outcomes]
+        self.mailbox.put((records, epochs, outcomes, time.monotonic() - started))
+
+    def close(self) -> None:
+        if self._thread is not None:
+            loop = self._loop
+            loop.call_soon_threadsafe(loop.stop)
+            self._thread.join(5)
+            if not loop.is_running():
+                loop.close()
+
+
+# -- the executor: lanes and outcomes, on the polling thread ---------------------------------------
+
+
+class BatchExecutor:
+    """The executor of ``run_batches()``: records wait in lanes, a lane's next batch starts
+    when the one before it settled, up to ``concurrency`` batches at once."""
+
+    claims_itself = True  # a batch's records are claimed together, before the handler
+
+    def __init__(
+        self,
+        runner: Any,
+        settle: Settlement,
+        control: PartitionControl,
+        outage: OutageControl,
+        claims: Any,
+        metrics: Any,
+        *,
+        max_records: int,
+        max_wait: float,
+        concurrency: int,
+        ordering: str,
+        max_buffered: int,
+        drain_timeout: float,
+    ) -> None:
+        self._runner = runner
+        self._mailbox: queue.SimpleQueue[Report] = runner.mailbox
+        self._settle = settle
+        self._control = control
+        self._outage = outage
+        self._claims = claims
+        self._metrics = metrics
+        self.batch_records = max_records  # the loop fetches this many at a time
+        self.batch_wait = max_wait  # and waits this long for a batch to fill
+        self._concurrency = concurrency
+        self._ordering = ordering if concurrency > 1 else "one"
+        self._max_total = max(max_buffered, max_records)
+        self.drain_timeout = drain_timeout
+        self._lanes: dict[Any, deque[Record]] = {}  # lane -> records waiting, in order
+        self._busy: set[Any] = set()  # lanes with a batch running
+        self._epochs: dict[Key, int] = {}  # partition -> the epoch of its assignment
+        self._next_epoch = itertools.count(1)
+        self._claiming: set[str] = set()  # dedup identities in a batch started or waiting
+        self._inflight: dict[Key, int] = {}  # partition -> its records in running batches
+        self.running = 0  # batches
+        self.held = 0  # records waiting or running
+        self._quiet = False  # exactly-once: nothing starts until the transaction commits
+        self._stopping = False
+
+    # -- the executor interface --------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self.held > 0
+
+    @property
+    def room(self) -> int:
+        return self._max_total - self.held
+
+    def submit(self, record: Record) -> None:
+        """Queue ``record`` in its lane (batches start in :meth:`collect`)."""
+        if self._claims is not None and not identified(self._claims, self._settle, record):
+            return
+        key = record.key
+        if key not in self._epochs:
+            self._epochs[key] = next(self._next_epoch)
+        lane = self._lane_of(record)
+        waiting = self._lanes.get(lane)
+        if waiting is None:
+            waiting = self._lanes[lane] = deque()
+        waiting.append(record)
+        self.held += 1
+
+    def collect(self, timeout: float = 0.0) -> None:
+        """Apply the outcomes that arrived (waiting up to ``timeout`` for the first), start
+        the batches that may start, and apply what an inline runner settled at once."""
+        self._apply_all(timeout)
+        if self._outage.current is not None:
+            self._refuse_waiting()
+        while self._start():  # an inline runner settles at once: what that frees starts
+            self._apply_all(0.0)
+
+    def wait(self, timeout: float) -> bool:
+        if not self.running:
+            return False
+        self.collect(timeout)
+        return True
+
+    def gauges(self) -> tuple[int, dict[Key, int], int]:
+        held: dict[Key, int] = {}
+        for waiting in self._lanes.values():
+            for record in waiting:
+                held[record.key] = held.get(record.key, 0) + 1
+        backlog = max((len(waiting) for waiting in self._lanes.values()), default=0)
+        return self.running, held, backlog
+
+    # -- starting batches --------------------------------------------------------------------
+
+    def _lane_of(self, record: Record) -> Any:
+        ordering = self._ordering
+        if ordering == "partition":
+            return record.key
+        if ordering == "key":
+            raw = record.raw
+            key = raw[0] if raw is not None else record.msg.key()
+            return (record.topic, record.partition, hash(key) % self._concurrency)
+        return None  # one lane: "unordered", or one handler at a time
+
+    def _start(self) -> bool:
+        """Start a batch from every lane that may start one; True if any started."""
+        if self._quiet or self._stopping:
+            return False
+        started = False
+        parallel = self._ordering == "unordered"
+        outage = self._outage.current
+        for lane, waiting in list(self._lanes.items()):
+            while (
+                waiting
+                and self.running < self._concurrency
+                and (parallel or lane not in self._busy)
+            ):
+                batch = self._take(waiting, outage)
+                if not batch:
+                    break
+                if not waiting:
+                    del self._lanes[lane]
+                self._busy.add(lane)
+                self.running += 1
+                inflight = self._inflight
+                for record in batch:
+                    inflight[record.key] = inflight.get(record.key, 0) + 1
+                started = True
+                self._runner.start(batch, [self._epochs[r.key] for r in batch])
+                if not parallel:
+                    break
+            if self.running >= self._concurrency:
+                break
+        return started
+
+    def _take(self, waiting: deque[Record], outage: Any) -> list[Record]:
+        """The next batch of a lane: up to ``max_records``, ending before a record whose
+        dedup identity is already claimed (its twin settles first); during an outage only
+        its probe."""
+        batch: list[Record] = []
+        claiming = self._claiming
+        limit = self.batch_records
+        while waiting and len(batch) < limit:
+            record = waiting[0]
+            if (
+                outage is not None
+                and record.key in outage.partitions
+                and not self._outage.is_probe(record)
+            ):
+                break
+            identity = record.identity
+            if identity is not None:
+                if identity in claiming:
+                    break
+                claiming.add(identity)
+            batch.append(waiting.popleft())
+        return batch
+
+    # -- outcomes ----------------------------------------------------------------------------
+
+    def _apply_all(self, timeout: float) -> None:
+        mailbox = self._mailbox
+        try:
+            report = mailbox.get(timeout=timeout) if timeout > 0 else mailbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(report)
+            try:
+                report = mailbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, report: Report) -> None:
+        records, epochs, outcomes, seconds = report
+        self.running -= 1
+        self._busy.discard(self._lane_of(records[0]))
+        settle = self._settle
+        metrics = self._metrics
+        per_record = seconds / len(records)
+        for record, epoch, outcome in zip(records, epochs, outcomes, strict=True):
+            if record.identity is not None:
+                self._claiming.discard(record.identity)
+            if self._epochs.get(record.key) != epoch:  # revoked meanwhile: not ours to settle
+                if record.claim is not None:
+                    if outcome is None:  # its side effect happened: never again
+                        self._claims.complete(record)
+                    else:
+                        self._claims.release(record)
+                continue
+            self.held -= 1
+            self._inflight[record.key] -= 1
+            if outcome is None:
+                metrics.process(record.topic, per_record, "")
+                settle.done(record)
+            elif isinstance(outcome, NotStarted) or (
+                isinstance(outcome, asyncio.CancelledError) and self._stopping
+            ):
+                if record.claim is not None:
+                    self._claims.release(record)
+                self._rewind(record)
+            elif isinstance(outcome, Unclaimed):
+                self._unclaimed(record, outcome.verdict)
+            else:
+                metrics.process(record.topic, per_record, headers.exception_type(outcome))
+                settle.failed(record, outcome)
+
+    def _rewind(self, record: Record) -> None:
+        """Not handled and not failed (not started): its partition goes back to it, with what
+        waits behind it."""
+        key = record.key
+        if key in self._control.assigned and not self._stopping:
+            lowest = self._drop_waiting([key]).get(key, record.offset)
+            self._control.rewind(key, min(lowest, record.offset))
+
+    def _unclaimed(self, record: Record, verdict: Verdict) -> None:
+        settle = self._settle
+        if verdict is Verdict.DUPLICATE:
+            settle.duplicate(record)
+        elif verdict is Verdict.HOLD:
+            settle.held(record, DEDUP_STORE)
+        else:  # claimed elsewhere past the wait: the partition rewinds to it
+            key = record.key
+            lowest = self._drop_waiting([key]).get(key, record.offset)
+            self._control.rewind(key, min(lowest, record.offset))
+            settle.later(record)
+
+    # -- giving records back -----------------------------------------------------------------
+
+    def _refuse_waiting(self) -> None:
+        """An outage holds these partitions: what waits there (but the probe) is given back."""
+        current = self._outage.current
+        assert current is not None
+        lowest = self._drop_waiting(current.partitions, keep_probe=True)
+        for key, offset in lowest.items():
+            self._outage.refused(key, offset)
+
+    def _drop_waiting(self, keys: Iterable[Key], *, keep_probe: bool = False) -> dict[Key, int]:
+        """Forget the waiting records of ``keys``; returns each partition's lowest offset."""
+        keys = set(keys)
+        lowest: dict[Key, int] = {}
+        is_probe = self._outage.is_probe
+        for lane in list(self._lanes):
+            waiting = self._lanes[lane]
+            kept: deque[Record] = deque()
+            for record in waiting:
+                key = record.key
+                if key not in keys or (keep_probe and is_probe(record)):
+                    kept.append(record)
+                    continue
+                self.held -= 1
+                if record.claim is not None:
+                    self._claims.release(record)
+                if key not in lowest or record.offset < lowest[key]:
+                    lowest[key] = record.offset
+            if kept:
+                self._lanes[lane] = kept
+            else:
+                del self._lanes[lane]
+        return lowest
+
+    def revoke(self, keys: Iterable[Key], *, lost: bool) -> None:
+        """As :meth:`WorkManager.revoke`: what waits is dropped, running batches are awaited
+        (bounded; not when lost), later outcomes of these partitions are ignored."""
+        keys = set(keys) & set(self._epochs)
+        if not keys:
+            return
+        self._drop_waiting(keys)
+        self._runner.cancelled.update(self._epochs[key] for key in keys)
+        if not lost:
+            deadline = time.monotonic() + self.drain_timeout
+            while self.running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning(
+                        "%d batch(es) still running after %.0fs at a revocation: their offsets "
+                        "are not committed (delivered again to the next owner)",
+                        self.running,
+                        self.drain_timeout,
+                    )
+                    break
+                self._apply_all(min(left, 0.1))
+        for key in keys:
+            del self._epochs[key]
+            self.held -= self._inflight.pop(key, 0)  # their outcomes will be ignored
+
+    # -- exactly-once: transactions commit with no handler running -----------------------------
+
+    def quiesce(self) -> bool:
+        self._quiet = True
+        return self.running == 0
+
+    def drain(self) -> bool:
+        self._quiet = True
+        deadline = time.monotonic() + self.drain_timeout
+        while self.running:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._apply_all(min(left, 0.1))
+        return True
+
+    def resume(self) -> None:
+        self._quiet = False
+
+    def replayed(self) -> None:
+        """The aborted transaction is replayed from the last commit: nothing held is kept."""
+        self.revoke(list(self._epochs), lost=True)
+
+    def shutdown(self) -> None:
+        """Stop starting batches; await the running ones (bounded); drop what waits."""
+        self._stopping = True
+        self._runner.stopping = True
+        self._drop_waiting(list(self._epochs))
+        deadline = time.monotonic() + self.drain_timeout
+        while self.running:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning(
+                    "%d batch(es) still running after %.0fs at shutdown: their offsets are not "
+                    "committed (delivered again after a restart)",
+                    self.running,
+                    self.drain_timeout,
+                )
+                break
+            self._apply_all(min(left, 0.1))
+        self._runner.close()
