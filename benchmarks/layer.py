@@ -20,7 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-CASES = ("poll_metrics_off", "poll_metrics_on", "run_metrics_off", "run_metrics_on")
+CASES = (
+    "poll_metrics_off",
+    "poll_metrics_on",
+    "run_metrics_off",
+    "run_metrics_on",
+    "batches_metrics_on",
+)
 
 
 def _measure(case: str, count: int) -> float:
@@ -76,6 +82,18 @@ def _measure(case: str, count: int) -> float:
         consumer.close()
         return elapsed / count
     seen = [0]
+    if case.startswith("batches"):
+
+        def batch_handler(msgs: list[Message]) -> None:
+            for msg in msgs:
+                msg.value()
+            seen[0] += len(msgs)
+            if seen[0] >= count:
+                consumer.stop()
+
+        started = time.perf_counter()
+        consumer.run_batches(batch_handler)
+        return (time.perf_counter() - started) / count
 
     def handler(msg: Message) -> None:
         seen[0] += 1

@@ -83,6 +83,12 @@ class Admission:
             self._warned_due.discard(key)
         self._replan()
 
+    @property
+    def plain(self) -> bool:
+        """Nothing to check for a record of a main topic: no deserializer, no transaction
+        replays, no records an earlier owner completed."""
+        return self._plain
+
     def _replan(self) -> None:
         self._plain = not self._deserializing and not self._replays and not self._completed
 

@@ -44,6 +44,19 @@ class CommitBarrier:
         state.outstanding.append(offset)
         return state
 
+    def done_range(self, topic: str, partition: int, first: int, last: int) -> bool:
+        """The records from ``first`` to ``last`` were handed out and are done (a batch
+        handled whole, nothing run in between): the partition moves past them at once. False
+        (nothing changed) when records before them are outstanding: track them one by one."""
+        state = self._partitions.get((topic, partition))
+        if state is None:
+            state = self._partitions[(topic, partition)] = _Partition(first)
+        elif state.outstanding:
+            return False
+        if last >= state.safe:
+            state.safe = last + 1
+        return True
+
     def complete(self, topic: str, partition: int, offset: int) -> None:
         """The record at ``offset`` is done."""
         state = self._partitions.get((topic, partition))

@@ -21,6 +21,7 @@ the handler and put each batch's outcomes in a mailbox; the polling thread settl
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import queue
@@ -134,11 +135,12 @@ class FailureSearch:
 
 class BatchCalls:
     """How a batch is handled on a worker (or the polling thread): dedup claims first, then
-    the handler, split as :func:`settle_batch` says, each call retried in place when the retry
-    policy has blocking retries. One per worker (tenacity keeps per-call state)."""
+    the handler, split as :class:`FailureSearch` says, each call retried in place when the
+    retry policy has blocking retries. One per worker (tenacity keeps per-call state)."""
 
     def __init__(
         self,
+        handler: Callable[[list[Any]], Any],
         retry: RetryPolicy,
         outage: OutageControl,
         stop: threading.Event,
@@ -148,6 +150,7 @@ class BatchCalls:
         cancelled: set[int],
         wrote: Callable[[Record], bool],
     ) -> None:
+        self._handler = handler
         self._wrote = wrote  # exactly-once: the open transaction holds the record's output
         self._retry = retry
         self._outage = outage
@@ -156,6 +159,19 @@ class BatchCalls:
         self._claims = claims
         self._transactional = transactional
         self._cancelled = cancelled
+        # what the call in progress was handed: (breaker openings before it, its first record)
+        self._current: tuple[int, Record | None] = (0, None)
+        self._call: Callable[[list[Any]], Any] = handler
+        if retry.blocking and not asyncio.iscoroutinefunction(handler):
+            blocking = tenacity.Retrying(
+                stop=retry.blocking_stop,
+                wait=retry.blocking_wait or tenacity.wait_none(),
+                retry=tenacity.retry_if_exception(self._in_place),
+                sleep=stop.wait,  # type: ignore[arg-type]
+                reraise=True,
+                before_sleep=self._noted,
+            )
+            self._call = functools.partial(blocking, handler)
 
     def claim(self, records: list[Record], epochs: list[int]) -> list[Outcome | bool]:
         """True for each record claimed (or without identity), else its outcome."""
@@ -178,35 +194,32 @@ class BatchCalls:
                 out.append(True)
         return out
 
-    def systemic(self, records: list[Record]) -> Callable[[BaseException], bool]:
-        first = records[0]
-        watch = self._outage.watch
-        wrote = self._wrote
+    def _systemic(self, exc: BaseException) -> bool:
+        """Splitting cannot help: a breaker refused or opened, stopping, or output written."""
+        opens, first = self._current
+        return (
+            isinstance(exc, CircuitBreakerError)
+            or self._outage.watch.opens != opens
+            or self._stop.is_set()
+            or (first is not None and self._wrote(first))
+        )
 
-        def systemic(exc: BaseException) -> bool:
-            return (
-                isinstance(exc, CircuitBreakerError)
-                or watch.opens != first.opens
-                or self._stop.is_set()
-                or wrote(first)
-            )
-
-        return systemic
-
-    def in_place(self, records: list[Record], exc: BaseException) -> bool:
+    def _in_place(self, exc: BaseException) -> bool:
+        opens, first = self._current
         return (
             not isinstance(exc, BatchFailed | CircuitBreakerError)
             and not self._stop.is_set()
-            and self._outage.watch.opens == records[0].opens
-            and not self._wrote(records[0])
+            and self._outage.watch.opens == opens
+            and not (first is not None and self._wrote(first))
             and self._retry.is_retryable(exc)
         )
 
-    def noted(self, records: list[Record], state: Any) -> None:
-        if state.outcome is not None:
+    def _noted(self, state: Any) -> None:
+        first = self._current[1]
+        if state.outcome is not None and first is not None:
             exc = state.outcome.exception()
             error_type = headers.exception_type(exc) if exc is not None else ""
-            self._metrics.retry(records[0].topic, "blocking", error_type)
+            self._metrics.retry(first.topic, "blocking", error_type)
 
     def prepare(
         self, records: list[Record], epochs: list[int]
@@ -231,69 +244,59 @@ class BatchCalls:
             token = WRITES.set(counter)
         return outcomes, run, token
 
-    def handle(
-        self, handler: Callable[[list[Any]], object], records: list[Record]
-    ) -> list[Outcome]:
-        """Each record's outcome, calling ``handler`` as often as it takes to know them."""
-        retry = self._retry
-        call: Callable[[list[Any]], object] = handler
-        if retry.blocking:
-            current: list[list[Record]] = []
-            blocking = tenacity.Retrying(
-                stop=retry.blocking_stop,
-                wait=retry.blocking_wait or tenacity.wait_none(),
-                retry=tenacity.retry_if_exception(lambda e: self.in_place(current[0], e)),
-                sleep=self._stop.wait,  # type: ignore[arg-type]
-                reraise=True,
-                before_sleep=lambda state: self.noted(current[0], state),
-            )
+    def call(self, msgs: list[Any], opens: int, first: Record | None) -> BaseException | None:
+        """Hand ``msgs`` over (retried in place as the policy says); what it raised."""
+        self._current = (opens, first)
+        try:
+            self._call(msgs)
+        except Exception as exc:
+            return exc
+        return None
 
-            def call(msgs: list[Any]) -> object:
-                return blocking(handler, msgs)
-
-        search = FailureSearch(records, self.systemic(records))
-        part: list[Record] | None = search.first()
+    def handle(self, records: list[Record], error: BaseException | None = None) -> list[Outcome]:
+        """Each record's outcome, calling the handler as often as it takes to know them;
+        ``error``: what handing over all of ``records`` already raised."""
+        search = FailureSearch(records, self._systemic)
+        opens = records[0].opens
+        if error is None:
+            error = self.call([record.msg for record in records], opens, records[0])
+        else:
+            self._current = (opens, records[0])
+        part = search.after(error)
         while part is not None:
-            if retry.blocking:
-                current[:] = [part]
-            try:
-                call([record.msg for record in part])
-            except Exception as exc:
-                part = search.after(exc)
-            else:
-                part = search.after(None)
+            part = search.after(self.call([record.msg for record in part], opens, part[0]))
         return search.outcomes
 
-    async def handle_async(
-        self, handler: Callable[[list[Any]], Any], records: list[Record]
-    ) -> list[Outcome]:
+    async def handle_async(self, records: list[Record]) -> list[Outcome]:
         """:meth:`handle` for an ``async def`` handler."""
-        search = FailureSearch(records, self.systemic(records))
-        part: list[Record] | None = search.first()
+        search = FailureSearch(records, self._systemic)
+        opens = records[0].opens
+        part: list[Record] | None = records
         while part is not None:
+            self._current = (opens, part[0])
             try:
-                await self._call_async(handler, part)
+                await self._call_async(part)
             except Exception as exc:
                 part = search.after(exc)
             else:
                 part = search.after(None)
         return search.outcomes
 
-    async def _call_async(self, handler: Callable[[list[Any]], Any], part: list[Record]) -> None:
+    async def _call_async(self, part: list[Record]) -> None:
         retry = self._retry
         msgs = [record.msg for record in part]
         if not retry.blocking:
-            await handler(msgs)
+            await self._handler(msgs)
             return
         async for attempt in tenacity.AsyncRetrying(
             stop=retry.blocking_stop,
             wait=retry.blocking_wait or tenacity.wait_none(),
-            retry=tenacity.retry_if_exception(lambda e: self.in_place(part, e)),
+            retry=tenacity.retry_if_exception(self._in_place),
             reraise=True,
-            before_sleep=lambda state: self.noted(part, state),
+            before_sleep=self._noted,
         ):
             with attempt:
-                await handler(msgs)
+                await self._handler(msgs)
 
 
 def _merge(outcomes: list[Outcome], run: list[int], handled: list[Outcome]) -> None:
@@ -307,21 +310,20 @@ def _merge(outcomes: list[Outcome], run: list[int], handled: list[Outcome]) -> N
 class InlineBatchRunner:
     """Handles a batch on the polling thread, at once (one plain handler at a time)."""
 
-    def __init__(self, handler: Callable[[list[Any]], object], calls: BatchCalls) -> None:
+    def __init__(self, calls: BatchCalls) -> None:
         self.mailbox: queue.SimpleQueue[Report] = queue.SimpleQueue()
         self.cancelled: set[int] = set()
         self.stopping = False
-        self._handler = handler
-        self._calls = calls
+        self.calls = calls  # the executor's lean path calls the handler through it too
 
     def start(self, records: list[Record], epochs: list[int]) -> None:
-        calls = self._calls
+        calls = self.calls
         outcomes, run, token = calls.prepare(records, epochs)
         started = time.monotonic()
         try:
             if run:
                 part = records if len(run) == len(records) else [records[i] for i in run]
-                _merge(outcomes, run, calls.handle(self._handler, part))
+                _merge(outcomes, run, calls.handle(part))
         finally:
             if token is not None:
                 WRITES.reset(token)
@@ -334,14 +336,11 @@ class InlineBatchRunner:
 class ThreadBatchRunner:
     """``size`` daemon threads taking batches from a queue."""
 
-    def __init__(
-        self, handler: Callable[[list[Any]], object], calls: Callable[[], BatchCalls], size: int
-    ) -> None:
+    def __init__(self, calls: Callable[[], BatchCalls], size: int) -> None:
         self.mailbox: queue.SimpleQueue[Report] = queue.SimpleQueue()
         self.cancelled: set[int] = set()
         self.stopping = False
         self._jobs: queue.SimpleQueue[tuple[list[Record], list[int]] | None] = queue.SimpleQueue()
-        self._handler = handler
         self._threads = [
             threading.Thread(
                 target=self._work, args=(calls(),), name=f"resilient-kafka-batch-{i}", daemon=True
@@ -359,7 +358,7 @@ class ThreadBatchRunner:
             self._jobs.put(None)
 
     def _work(self, calls: BatchCalls) -> None:
-        jobs, mailbox, handler = self._jobs, self.mailbox, self._handler
+        jobs, mailbox = self._jobs, self.mailbox
         while True:
             job = jobs.get()
             if job is None:
@@ -374,7 +373,7 @@ class ThreadBatchRunner:
             try:
                 outcomes, run, token = calls.prepare(records, epochs)
                 if run:
-                    _merge(outcomes, run, calls.handle(handler, [records[i] for i in run]))
+                    _merge(outcomes, run, calls.handle([records[i] for i in run]))
             except BaseException as exc:  # SystemExit too: every record must report back
                 outcomes = [exc if o is None else o for o in outcomes]
             finally:
@@ -386,16 +385,10 @@ class ThreadBatchRunner:
 class AsyncBatchRunner:
     """Batches as tasks on an event loop: the application's or one of its own on a thread."""
 
-    def __init__(
-        self,
-        handler: Callable[[list[Any]], Any],
-        calls: BatchCalls,
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
+    def __init__(self, calls: BatchCalls, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.mailbox: queue.SimpleQueue[Report] = queue.SimpleQueue()
         self.cancelled: set[int] = set()
         self.stopping = False
-        self._handler = handler
         self._calls = calls
         self._thread: threading.Thread | None = None
         if loop is None:
@@ -431,7 +424,7 @@ class AsyncBatchRunner:
                 WRITES.set(records[0].writes)
             if run:
                 part = [records[i] for i in run]
-                _merge(outcomes, run, await calls.handle_async(self._handler, part))
+                _merge(outcomes, run, await calls.handle_async(part))
         except BaseException as exc:  # cancelled too: every record must report back
             outcomes = [exc if o is None else o for o in outcomes]
         self.mailbox.put((records, epochs, outcomes, time.monotonic() - started))
@@ -471,6 +464,8 @@ class BatchExecutor:
         drain_timeout: float,
     ) -> None:
         self._runner = runner
+        self._inline = isinstance(runner, InlineBatchRunner) and claims is None
+        self._calls: BatchCalls = getattr(runner, "calls", None)  # type: ignore[assignment]
         self._mailbox: queue.SimpleQueue[Report] = runner.mailbox
         self._settle = settle
         self._control = control
@@ -493,6 +488,34 @@ class BatchExecutor:
         self.held = 0  # records waiting or running
         self._quiet = False  # exactly-once: nothing starts until the transaction commits
         self._stopping = False
+
+    # -- the lean path: one plain handler, nothing to check per record --------------------------
+
+    @property
+    def lean(self) -> bool:
+        """Batches may be handed over straight from the fetch (see :meth:`Loop._lean_batch`):
+        one plain handler on this thread, no dedup claims, nothing waiting here."""
+        return self._inline and not self.held
+
+    def handle_now(self, msgs: list[Any], opens: int) -> BaseException | None:
+        """Hand a fetched batch to the handler at once; what it raised."""
+        started = time.monotonic()
+        error = self._calls.call(msgs, opens, None)
+        if error is None:
+            self._metrics.process(msgs[0].topic(), time.monotonic() - started, "")
+        return error
+
+    def failed_now(self, records: list[Record], error: BaseException) -> None:
+        """:meth:`handle_now` raised ``error`` for ``records`` (admitted since): find the
+        failing ones and settle every record."""
+        outcomes = self._calls.handle(records, error)
+        settle = self._settle
+        self._metrics.process(records[0].topic, 0.0, headers.exception_type(error))
+        for record, outcome in zip(records, outcomes, strict=True):
+            if outcome is None:
+                settle.done(record)
+            else:
+                settle.failed(record, outcome)
 
     # -- the executor interface --------------------------------------------------------------
 
@@ -627,8 +650,10 @@ class BatchExecutor:
         self.running -= 1
         self._busy.discard(self._lane_of(records[0]))
         settle = self._settle
-        metrics = self._metrics
-        per_record = seconds / len(records)
+        failure = next((o for o in outcomes if o is not None), None)
+        self._metrics.process(  # one observation per batch handed over
+            records[0].topic, seconds, "" if failure is None else headers.exception_type(failure)
+        )
         for record, epoch, outcome in zip(records, epochs, outcomes, strict=True):
             if record.identity is not None:
                 self._claiming.discard(record.identity)
@@ -642,7 +667,6 @@ class BatchExecutor:
             self.held -= 1
             self._inflight[record.key] -= 1
             if outcome is None:
-                metrics.process(record.topic, per_record, "")
                 settle.done(record)
             elif isinstance(outcome, NotStarted) or (
                 isinstance(outcome, asyncio.CancelledError) and self._stopping
@@ -653,7 +677,6 @@ class BatchExecutor:
             elif isinstance(outcome, Unclaimed):
                 self._unclaimed(record, outcome.verdict)
             else:
-                metrics.process(record.topic, per_record, headers.exception_type(outcome))
                 settle.failed(record, outcome)
 
     def _rewind(self, record: Record) -> None:

@@ -5,6 +5,7 @@ succeeds. Plus the DLQ flood counter."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -92,6 +93,16 @@ class FloodGuard:
             self.consecutive += 1
         else:
             self.consecutive = 0
+
+    def succeeded(self, count: int) -> None:
+        """``count`` records were handled (a batch): :meth:`record` ``False`` that often."""
+        window = self._window
+        leaving = min(len(window), len(window) + count - (window.maxlen or 0))
+        for _ in range(max(0, leaving)):
+            if window.popleft():
+                self.dead -= 1
+        window.extend(itertools.repeat(False, min(count, window.maxlen or count)))
+        self.consecutive = 0
 
     def would_flood(self) -> bool:
         """Whether one more dead letter would exceed a limit."""

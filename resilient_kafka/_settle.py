@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from confluent_kafka import Message
+
 from resilient_kafka._forwarding import Forwarder
 from resilient_kafka._outage import BREAKER, DLQ_FLOOD, OutageControl
 from resilient_kafka._partitions import PartitionControl
@@ -30,6 +32,7 @@ class Settlement:
     ) -> None:
         self._committer = committer
         self._done = committer.barrier.done  # bound once: the hot path
+        self._barrier = committer.barrier
         self._claims = claims
         self._outage = outage
         self._flood = outage.flood
@@ -37,6 +40,7 @@ class Settlement:
         self._forwarder = forwarder
         self._control = control
         self._success = metrics.success
+        self._metrics = metrics
 
     def done(self, record: Record) -> None:
         """Handled: its offset may commit, its claim becomes a done entry, a probe ends the
@@ -49,6 +53,25 @@ class Settlement:
             self._claims.complete(record)
         if self._outage.current is not None and self._outage.is_probe(record):
             self._outage.end(seek_past=record)
+
+    def done_batch(self, msgs: list[Message], topics: set[str]) -> None:
+        """A batch was handled whole, with nothing to settle per record (no dedup claim, no
+        outage, no probe): each partition's range moves past at once."""
+        barrier = self._barrier
+        for (topic, partition), (first, last) in _ranges(msgs, topics).items():
+            if not barrier.done_range(topic, partition, first, last):
+                track, done = barrier.track, barrier.done
+                for msg in msgs:  # records before them are outstanding: one by one
+                    if msg.partition() == partition and msg.topic() == topic:
+                        offset: int = msg.offset()  # type: ignore[assignment]
+                        done(track(topic, partition, offset), offset)
+        if len(topics) == 1:
+            self._metrics.handled(msgs[0].topic(), len(msgs))
+        else:
+            for msg in msgs:
+                self._metrics.handled(msg.topic(), 1)
+        if self._flood is not None:
+            self._flood.succeeded(len(msgs))
 
     def failed(self, record: Record, exc: BaseException) -> None:
         """The handler raised: hold it (an outage: not the record's fault), or route it to its
@@ -101,3 +124,26 @@ class Settlement:
         self._control.rewind(record.key, record.offset)
         if self._outage.is_probe(record):
             self._outage.end(seek_past=None)  # the store answered
+
+
+_partition_of = Message.partition
+_topic_of = Message.topic
+_offset_of = Message.offset
+
+
+def _ranges(msgs: list[Message], topics: set[str]) -> dict[tuple[str, int], tuple[int, int]]:
+    """(topic, partition) -> (first offset, last offset) of a batch's records (in fetch
+    order, so ascending within a partition); mapped in C, not looped in Python."""
+    keys: list[Any]
+    if len(topics) == 1:
+        topic = next(iter(topics))
+        keys = list(map(_partition_of, msgs))
+        if keys.count(keys[0]) == len(keys):
+            return {(topic, keys[0]): (msgs[0].offset(), msgs[-1].offset())}  # type: ignore[dict-item]
+    else:
+        keys = list(zip(map(_topic_of, msgs), map(_partition_of, msgs), strict=True))
+    last = dict(zip(keys, map(_offset_of, msgs), strict=True))
+    first = dict(zip(reversed(keys), map(_offset_of, reversed(msgs)), strict=True))
+    if len(topics) == 1:
+        return {(topic, key): (first[key], offset) for key, offset in last.items()}
+    return {key: (first[key], offset) for key, offset in last.items()}

@@ -911,6 +911,7 @@ class ResilientConsumer(Consumer):
 
         def calls(cancelled: set[int]) -> BatchCalls:
             return BatchCalls(
+                handler,
                 settings.retry,
                 self._outage,
                 self._stop,
@@ -924,11 +925,11 @@ class ResilientConsumer(Consumer):
         cancelled: set[int] = set()
         runner: Any
         if asynchronous:
-            runner = AsyncBatchRunner(handler, calls(cancelled), loop)
+            runner = AsyncBatchRunner(calls(cancelled), loop)
         elif concurrency == 1:
-            runner = InlineBatchRunner(handler, calls(cancelled))
+            runner = InlineBatchRunner(calls(cancelled))
         else:
-            runner = ThreadBatchRunner(handler, lambda: calls(cancelled), concurrency)
+            runner = ThreadBatchRunner(lambda: calls(cancelled), concurrency)
         runner.cancelled = cancelled
         max_records, max_wait = batch
         return BatchExecutor(

@@ -463,6 +463,12 @@ class ConsumerMetrics:
         counts[0] += 1
         self._poll[topic](seconds)
 
+    def handled(self, topic: str, count: int) -> None:
+        """``count`` records handed out and handled at once (a batch)."""
+        counts = self._counts.get(topic) or self._totals(topic)
+        counts[0] += count
+        counts[1] += count
+
     def success(self, topic: str) -> None:
         counts = self._counts.get(topic) or self._totals(topic)
         counts[1] += 1
@@ -608,7 +614,7 @@ class NoMetrics:
     consumed = success = staticmethod(id)
     outcome = dedup = retry = retry_delay = process = poll = commit = _nothing
     transaction = rebalance = paused = stats = work = _nothing
-    completed_skipped = completed_overflow = key_wait = due_clamped = _nothing
+    completed_skipped = completed_overflow = key_wait = due_clamped = handled = _nothing
 
 
 class BreakerMetrics:

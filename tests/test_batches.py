@@ -488,3 +488,54 @@ def test_batch_options_are_checked(kafka: KafkaCluster) -> None:
             asyncio.run(main())
     finally:
         consumer.close()
+
+
+# -- the lean path's bookkeeping, without a broker ------------------------------------------------
+
+
+def test_a_batchs_ranges_are_found_per_partition_and_topic() -> None:
+    from resilient_kafka._settle import _ranges
+
+    def m(topic: str, partition: int, offset: int) -> Message:
+        return Message(topic=topic, partition=partition, offset=offset)
+
+    one = [m("a", 0, o) for o in (5, 6, 9)]
+    assert _ranges(one, {"a"}) == {("a", 0): (5, 9)}
+    mixed = [m("a", 0, 5), m("a", 1, 2), m("a", 0, 6), m("a", 1, 3), m("a", 1, 4)]
+    assert _ranges(mixed, {"a"}) == {("a", 0): (5, 6), ("a", 1): (2, 4)}
+    topics = [m("a", 0, 5), m("b", 0, 7), m("a", 0, 6), m("b", 0, 8)]
+    assert _ranges(topics, {"a", "b"}) == {("a", 0): (5, 6), ("b", 0): (7, 8)}
+
+
+def test_a_range_moves_a_partition_only_when_nothing_before_it_is_outstanding() -> None:
+    from resilient_kafka._barrier import CommitBarrier
+
+    barrier = CommitBarrier()
+    assert barrier.done_range("t", 0, 10, 19)
+    assert barrier.safe_offset("t", 0) == 20
+    assert barrier.done_range("t", 0, 3, 5)  # a re-delivery never moves it back
+    assert barrier.safe_offset("t", 0) == 20
+    progress = barrier.track("t", 0, 20)  # a forward waits for its acknowledgement
+    assert not barrier.done_range("t", 0, 21, 30)
+    assert barrier.safe_offset("t", 0) == 20
+    barrier.done(progress, 20)
+    assert barrier.safe_offset("t", 0) == 21
+
+
+def test_a_batch_of_successes_counts_in_the_flood_guard_as_that_many_records() -> None:
+    from resilient_kafka._outage import FloodGuard
+    from resilient_kafka.policies import DeadLetterPolicy
+
+    for before, count in ((3, 5), (15, 7), (0, 40), (19, 1)):
+        one, many = (FloodGuard(DeadLetterPolicy(ratio_window=20)) for _ in range(2))
+        for guard in (one, many):
+            for i in range(before):
+                guard.record(i % 3 != 0)
+        for _ in range(count):
+            one.record(False)
+        many.succeeded(count)
+        assert (list(many._window), many.dead, many.consecutive) == (
+            list(one._window),
+            one.dead,
+            one.consecutive,
+        ), (before, count)
