@@ -98,6 +98,31 @@ class Counter:
         return self.ended - self.started
 
 
+class BatchCounter(Counter):
+    """:class:`Counter` for a batch handler: times the records after the first batch."""
+
+    __slots__ = ("first",)
+
+    def __init__(self, target: int, warmup: float = 0.0) -> None:
+        super().__init__(target, warmup)
+        self.first = 0
+
+    def __call__(self, msgs: Any) -> None:
+        for msg in msgs:
+            msg.value()
+        if not self.count:
+            self.started = warm_up(self.warmup)
+            self.first = len(msgs)
+        count = self.count = self.count + len(msgs)
+        if count >= self.target and not self.ended:
+            self.ended = time.perf_counter()
+            self.stop()
+
+    @property
+    def timed(self) -> int:
+        return self.count - self.first
+
+
 def rss_bytes() -> int:
     """Resident set size of this process (Linux)."""
     with open("/proc/self/statm") as statm:

@@ -17,7 +17,14 @@ from typing import Any
 from confluent_kafka import Consumer, Producer
 from prometheus_client import CollectorRegistry
 
-from benchmarks._workload import VALUE_BYTES, WARMUP, Counter, consumer_config, warm_up
+from benchmarks._workload import (
+    VALUE_BYTES,
+    WARMUP,
+    BatchCounter,
+    Counter,
+    consumer_config,
+    warm_up,
+)
 from resilient_kafka import ResilientConsumer, ResilientProducer, RetryPolicy
 
 
@@ -114,6 +121,17 @@ def resilient_run_metrics_on(s: Setup) -> Result:
     )
 
 
+def resilient_run_batches(s: Setup) -> Result:
+    consumer = ResilientConsumer(consumer_config(s.config), registry=CollectorRegistry())
+    counter = BatchCounter(s.count, s.warmup)
+    counter.stop = consumer.stop
+    consumer.subscribe([s.topic])
+    consumer.run_batches(counter, max_records=1000)
+    return Result(
+        "resilient_run_batches", counter.timed, counter.elapsed, "run_batches(handler), 1000"
+    )
+
+
 def _dedup_run(s: Setup, name: str, store: Any) -> Result:
     try:
         return _run(
@@ -203,9 +221,35 @@ def _tracer_provider(ratio: float) -> Any:
 def _traced_run(s: Setup, name: str, note: str, ratio: float) -> Result:
     provider = _tracer_provider(ratio)
     try:
-        return _run(s, name, note, registry=CollectorRegistry(), tracer_provider=provider)
+        result = _run(s, name, note, registry=CollectorRegistry(), tracer_provider=provider)
+        result.extra["floor_us"] = span_floor_us(provider)
+        return result
     finally:
         provider.shutdown()
+
+
+def span_floor_us(provider: Any, count: int = 50_000) -> float:
+    """µs for the least a traced record needs from the OpenTelemetry API: a bare span started,
+    made current around the handler (its children and forwards join its trace) and ended;
+    best of 3."""
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace as otel_trace
+
+    tracer = provider.get_tracer("floor")
+    attach, detach, current = (
+        otel_context.attach,
+        otel_context.detach,
+        otel_trace.set_span_in_context,
+    )
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(count):
+            span = tracer.start_span("process t")
+            detach(attach(current(span)))
+            span.end()
+        best = min(best, (time.perf_counter() - started) / count * 1e6)
+    return best
 
 
 def resilient_run_tracing_on(s: Setup) -> Result:

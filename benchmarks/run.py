@@ -73,6 +73,7 @@ THROUGHPUT: dict[str, Callable[[Setup], Result]] = {
     "raw_poll": cases.raw_poll,
     "resilient_run_metrics_off": cases.resilient_run_metrics_off,
     "resilient_run_metrics_on": cases.resilient_run_metrics_on,
+    "resilient_run_batches": cases.resilient_run_batches,
     "resilient_run_tracing_on": cases.resilient_run_tracing_on,
     "resilient_run_tracing_unsampled": cases.resilient_run_tracing_unsampled,
     "resilient_poll_loop": cases.resilient_poll_loop,

@@ -102,10 +102,14 @@ class Tracing:
 
     def __init__(self, provider: Any) -> None:
         self.tracer = provider.get_tracer("resilient_kafka", __version__, schema_url=SCHEMA_URL)
+        # (topic, group) -> the process span's name and creation attributes (the SDK copies them)
+        self._process_attrs: dict[tuple[Any, str], tuple[str, dict[str, Any]]] = {}
 
     @staticmethod
     def creation_context(headers: Any) -> Any:
         """The context a record was sent in (from its ``traceparent``), or None."""
+        if not headers:
+            return None
         carrier = _text_headers(_header_list(headers))
         if "traceparent" not in carrier:
             return None
@@ -167,18 +171,25 @@ class Tracing:
         """
         creation = self.creation_context(msg.headers())
         topic = msg.topic()
+        known = self._process_attrs.get((topic, group))
+        if known is None:
+            known = self._process_attrs[(topic, group)] = (
+                f"process {topic}",
+                {
+                    "messaging.system": "kafka",
+                    "messaging.operation.name": "process",
+                    "messaging.operation.type": "process",
+                    "messaging.destination.name": topic,
+                    "messaging.consumer.group.name": group,
+                },
+            )
+        name, sampled_on = known
         span = self.tracer.start_span(
-            f"process {topic}",
+            name,
             context=creation if parent_on_creation else None,
             kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.operation.name": "process",
-                "messaging.operation.type": "process",
-                "messaging.destination.name": topic,
-                "messaging.consumer.group.name": group,
-            },
-            links=_links(creation),
+            attributes=sampled_on,
+            links=_links(creation) if creation is not None else (),
         )
         if span.is_recording():
             attrs: dict[str, Any] = {
