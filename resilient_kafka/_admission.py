@@ -84,6 +84,10 @@ class Admission:
         self._replan()
 
     @property
+    def deserializing(self) -> bool:
+        return self._deserializing
+
+    @property
     def plain(self) -> bool:
         """Nothing to check for a record of a main topic: no deserializer, no transaction
         replays, no records an earlier owner completed."""

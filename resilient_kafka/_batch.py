@@ -177,15 +177,16 @@ class BatchCalls:
         """True for each record claimed (or without identity), else its outcome."""
         claims = self._claims
         out: list[Outcome | bool] = []
+        todo = [r for r in records if r.identity is not None and r.claim is None]
+        try:  # (a batch never holds two records of one identity)
+            verdicts = iter(claims.claim_many(todo, [r.identity for r in todo]))
+        except Exception as exc:  # a custom store's bug: the records fail, are not lost
+            return [exc if r.identity is not None and r.claim is None else True for r in records]
         for record, epoch in zip(records, epochs, strict=True):
             if record.identity is None or record.claim is not None:
                 out.append(True)
                 continue
-            try:
-                verdict = claims.claim(record, record.identity)
-            except Exception as exc:  # a custom store's bug: the record fails, is not lost
-                out.append(exc)
-                continue
+            verdict = next(verdicts)
             if verdict is not Verdict.RUN:
                 out.append(Unclaimed(verdict))
             elif self._stop.is_set() or epoch in self._cancelled:
@@ -646,6 +647,17 @@ class BatchExecutor:
                 return
 
     def _apply(self, report: Report) -> None:
+        claims = self._claims
+        if claims is None:
+            self._settled(report)
+            return
+        claims.defer()  # the batch's completions in one round trip
+        try:
+            self._settled(report)
+        finally:
+            claims.flush()
+
+    def _settled(self, report: Report) -> None:
         records, epochs, outcomes, seconds = report
         self.running -= 1
         self._busy.discard(self._lane_of(records[0]))

@@ -46,6 +46,11 @@ class Claims:
         self._owner = _owner_name()
         self._leases = LeaseKeeper(store, self._owner, settings.dedup_lease)
         self._in_hand: set[str] = set()  # the drop-in loop's claims not settled yet
+        self._claim_many = _batched(store, "claim_many", "claim")
+        self._complete_many = _batched(store, "complete_many", "complete")
+        self._deferred: list[Record] | None = None  # completions kept for one round trip
+        self._ahead: dict[str, str] = {}  # key -> the store's answer, claimed for a batch
+        self._deferring = 0  # the thread that keeps completions (it alone flushes them)
 
     def identity(self, record: Record) -> str:
         """``record``'s dedup key in this group; DedupKeyError if ``dedup_key`` raised (then
@@ -67,6 +72,12 @@ class Claims:
         records are in hand at once) a key already claimed by a record in hand is LATER."""
         if twins and key in self._in_hand:
             return Verdict.LATER
+        if self._ahead:
+            answer = self._ahead.pop(key, None)
+            if answer is not None and answer != BUSY:
+                return self._answered(record, key, answer)
+        if self._deferred and threading.get_ident() == self._deferring:
+            self.flush()  # a twin of a record done in this batch must find it done
         metrics = self._metrics
         waited_until = time.monotonic() + self._lease + 1
         while True:
@@ -96,13 +107,112 @@ class Claims:
                 return Verdict.LATER  # not done: delivered again, never committed
             self._stop.wait(0.05)
 
+    def claim_many(self, records: list[Record], keys: list[str]) -> list[Verdict]:
+        """:meth:`claim` for a fetched batch's records (distinct keys), in one round trip when
+        the store can; a key another consumer holds is waited for one by one."""
+        if self._claim_many is None or len(records) < 2:
+            return [self.claim(r, k) for r, k in zip(records, keys, strict=True)]
+        try:
+            answers = self._claim_many(keys, self._owner, self._lease)
+        except DedupStoreError:
+            return [self.claim(r, k) for r, k in zip(records, keys, strict=True)]  # each decides
+        return [
+            self._answered(record, key, answer)
+            if answer != BUSY
+            else self.claim(record, key)  # another consumer's live claim: wait it out
+            for record, key, answer in zip(records, keys, answers, strict=True)
+        ]
+
+    def _answered(self, record: Record, key: str, answer: str) -> Verdict:
+        """The verdict for a NEW or DONE answer of the store."""
+        metrics = self._metrics
+        if answer == NEW:
+            metrics.dedup(record.topic, "miss")
+            self._leases.hold(key)  # (again, for a claim made ahead: a set)
+            record.claim = key
+            return Verdict.RUN
+        metrics.dedup(record.topic, "hit")
+        metrics.outcome(record.topic, "duplicate_skipped", "")
+        log.info("skipping %s: already processed", key)
+        return Verdict.DUPLICATE
+
+    def claim_ahead(self, msgs: list[Any]) -> None:
+        """Claim a fetched batch's messages in one round trip (up to the first twin: what
+        follows is claimed one by one); :meth:`claim` then answers from what the store said.
+        End with :meth:`release_ahead`. A store failure here changes nothing: each record's
+        own claim decides."""
+        if self._claim_many is None or len(msgs) < 2:
+            return
+        keys: list[str] = []
+        seen: set[str] = set()
+        group, key_of = self._group, self._key_of
+        for msg in msgs:
+            if msg.error() is not None:
+                continue
+            try:
+                key = f"{group}|{key_of(msg)}"
+            except Exception:
+                continue  # its own claim raises DedupKeyError
+            if key in seen:
+                break
+            seen.add(key)
+            keys.append(key)
+        try:
+            answers = self._claim_many(keys, self._owner, self._lease)
+        except DedupStoreError:
+            return
+        self._ahead = dict(zip(keys, answers, strict=True))
+        for key, answer in self._ahead.items():
+            if answer == NEW:  # renewed while they wait for their turn, as claims in hand are
+                self._leases.hold(key)
+
+    def release_ahead(self) -> None:
+        """Give back what was claimed ahead for records that were not handed out (rewound,
+        skipped, or the batch cut short)."""
+        ahead, self._ahead = self._ahead, {}
+        for key, answer in ahead.items():
+            if answer == NEW:
+                self._leases.drop(key)
+                try:
+                    self._store.release(key, self._owner)
+                except DedupStoreError as exc:  # the lease runs out on its own
+                    log.warning("dedup store failed to release %s: %s", key, exc)
+
+    def defer(self) -> None:
+        """Keep completions until :meth:`flush` (one round trip for a fetched batch)."""
+        if self._complete_many is not None:
+            self._deferred = []
+            self._deferring = threading.get_ident()
+
+    def flush(self) -> None:
+        """Write the kept completions."""
+        deferred = self._deferred
+        self._deferred = None
+        if not deferred:
+            return
+        claims = [record.claim for record in deferred]
+        for record in deferred:
+            record.claim = None
+        try:
+            answers = self._complete_many(claims, self._owner)  # type: ignore[misc]
+        except DedupStoreError as exc:  # the side effects happened: nothing to undo
+            self._metrics.dedup(deferred[0].topic, "error")
+            log.error("dedup store failed to record %d messages as processed: %s", len(claims), exc)
+            return
+        for record, claim, ours in zip(deferred, claims, answers, strict=True):
+            self._completed(record, claim, self._leases.drop(claim), ours)  # type: ignore[arg-type]
+
     def complete(self, record: Record) -> None:
-        """``record`` was processed: its claim becomes a done entry."""
+        """``record`` was processed: its claim becomes a done entry (now, or at
+        :meth:`flush`)."""
         claim = record.claim
         if claim is None:
             return
-        record.claim = None
         self._in_hand.discard(claim)
+        if self._deferred is not None:
+            self._deferred.append(record)
+            return
+        record.claim = None
         kept = self._leases.drop(claim)
         try:
             ours = self._store.complete(claim, self._owner)
@@ -110,6 +220,9 @@ class Claims:
             self._metrics.dedup(record.topic, "error")
             log.error("dedup store failed to record %s as processed: %s", claim, exc)
             return
+        self._completed(record, claim, kept, ours)
+
+    def _completed(self, record: Record, claim: str, kept: bool, ours: bool | None) -> None:
         if not kept or ours is False:
             self._metrics.dedup(record.topic, "lease_lost")
             log.warning(
@@ -134,6 +247,19 @@ class Claims:
 
     def close(self) -> None:
         self._leases.close()
+
+
+def _batched(store: Any, name: str, single: str) -> Any:
+    """The store's batch method ``name``, unless it has none or ``single`` is overridden below
+    the class that defines it (a subclass changing ``claim`` must not be bypassed)."""
+    if getattr(store, name, None) is None:
+        return None
+    mro = type(store).__mro__
+
+    def depth(attr: str) -> int:
+        return next((i for i, cls in enumerate(mro) if attr in vars(cls)), len(mro))
+
+    return getattr(store, name) if depth(name) <= depth(single) else None
 
 
 def _owner_name() -> str:

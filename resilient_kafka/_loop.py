@@ -477,7 +477,6 @@ class Loop:
         control.mark()
         version = control.version
         fetched = time.monotonic()
-        metrics = self._metrics
         if (
             executor.batch_records
             and executor.lean
@@ -488,17 +487,46 @@ class Loop:
             and self._lean_batch(executor, batch, fetched - started)
         ):
             return
-        polled = False  # the poll duration is recorded once a record is handed out
-        admit = self._admit
-        stop = self._stop
-        watch = self._watch
-        producer = self._producer
-        consumed = metrics.consumed
         submit = (
             executor.submit
             if self._claims is None or executor.claims_itself
             else self._claiming(executor)
         )
+        claims = self._claims
+        if claims is not None and not executor.claims_itself and not self._admission.deserializing:
+            # claims in one round trip for the batch; each completion is written when its
+            # handler returns (a crash right after a side effect must find it marked done)
+            claims.claim_ahead(batch)
+            try:
+                handled = self._hand_over(executor, batch, submit, version, fetched, started)
+            finally:
+                claims.release_ahead()
+        else:
+            handled = self._hand_over(executor, batch, submit, version, fetched, started)
+        if handled and not executor.batch_records:  # the next fetch takes about _BATCH_SECONDS
+            per_record = max((time.monotonic() - fetched) / handled, 1e-7)
+            self._batch_size = max(1, min(_BATCH_MAX, int(_BATCH_SECONDS / per_record)))
+
+    def _hand_over(
+        self,
+        executor: Any,
+        batch: list[Message],
+        submit: Any,
+        version: int,
+        fetched: float,
+        started: float,
+    ) -> int:
+        """Admit a fetched batch's records one by one and submit them; how many were."""
+        control = self._control
+        stop = self._stop
+        committer = self._committer
+        outage = self._outage
+        admit = self._admit
+        watch = self._watch
+        producer = self._producer
+        metrics = self._metrics
+        consumed = metrics.consumed
+        polled = False  # the poll duration is recorded once a record is handed out
         skipped: dict[Key, int] = {}
         handled = 0
         for i, msg in enumerate(batch):
@@ -531,9 +559,7 @@ class Loop:
             handled += 1
         executor.collect()
         self._rewind_skipped(skipped)
-        if handled and not executor.batch_records:  # the next fetch takes about _BATCH_SECONDS
-            per_record = max((time.monotonic() - fetched) / handled, 1e-7)
-            self._batch_size = max(1, min(_BATCH_MAX, int(_BATCH_SECONDS / per_record)))
+        return handled
 
     def _lean_batch(self, executor: Any, batch: list[Message], polled: float) -> bool:
         """run_batches() with one plain handler, when nothing is to be checked per record

@@ -55,6 +55,15 @@ class DedupStore(Protocol):
     def close(self) -> None: ...
 
 
+class BatchDedupStore(DedupStore, Protocol):
+    """A store that can claim and complete many keys in one round trip (all built-in stores
+    do; the consumer uses these per fetched batch when a store has them)."""
+
+    def claim_many(self, keys: list[str], owner: str, lease: float) -> list[str]: ...
+
+    def complete_many(self, keys: list[str], owner: str) -> list[bool]: ...
+
+
 def _check(ttl: float, max_entries: int) -> None:
     if ttl <= 0:
         raise ConfigurationError(f"ttl must be positive seconds, got {ttl}")
@@ -98,6 +107,49 @@ class MemoryStore:
             self._entries.move_to_end(key)
             self._bound()
             return ours
+
+    def claim_many(self, keys: list[str], owner: str, lease: float) -> list[str]:
+        """:meth:`claim` for each key, under one lock."""
+        now = time.time()
+        entries = self._entries
+        get, move = entries.get, entries.move_to_end
+        claimed = ("claimed", owner, now + lease)
+        out = []
+        with self._lock:
+            for key in keys:
+                entry = get(key)
+                if entry is not None and entry[2] > now:
+                    if entry[0] == DONE:
+                        out.append(DONE)
+                        continue
+                    if entry[1] != owner:
+                        out.append(BUSY)
+                        continue
+                entries[key] = claimed
+                move(key)
+                out.append(NEW)
+            if len(entries) > self.max_entries:
+                self._bound()
+        return out
+
+    def complete_many(self, keys: list[str], owner: str) -> list[bool]:
+        """:meth:`complete` for each key, under one lock."""
+        now = time.time()
+        entries = self._entries
+        get, move = entries.get, entries.move_to_end
+        done = (DONE, owner, now + self.ttl)
+        out = []
+        with self._lock:
+            for key in keys:
+                entry = get(key)
+                out.append(
+                    entry is None or entry[0] == DONE or entry[1] == owner or entry[2] <= now
+                )
+                entries[key] = done
+                move(key)
+            if len(entries) > self.max_entries:
+                self._bound()
+        return out
 
     def release(self, key: str, owner: str) -> None:
         with self._lock:
@@ -221,6 +273,64 @@ class SQLiteStore:
 
     def complete(self, key: str, owner: str) -> bool:
         return self._transaction(lambda: self._mark_done(key, owner))
+
+    def claim_many(self, keys: list[str], owner: str, lease: float) -> list[str]:
+        """:meth:`claim` for each key, in one transaction."""
+
+        def body() -> list[str]:
+            now = time.time()
+            known = self._rows(keys)
+            out, writes = [], []
+            for key in keys:
+                row = known.get(key)
+                if row is not None and row[2] > now:
+                    if row[0] == DONE:
+                        out.append(DONE)
+                        continue
+                    if row[1] != owner:
+                        out.append(BUSY)
+                        continue
+                writes.append((key, owner, now + lease))
+                out.append(NEW)
+            self._db.executemany(
+                "INSERT OR REPLACE INTO rk_dedup VALUES (?, 'claimed', ?, ?)", writes
+            )
+            return out
+
+        return self._transaction(body)
+
+    def complete_many(self, keys: list[str], owner: str) -> list[bool]:
+        """:meth:`complete` for each key, in one transaction (a subclass that writes a side
+        effect in :meth:`_mark_done` gets it called per key)."""
+        if type(self)._mark_done is not SQLiteStore._mark_done:
+            return self._transaction(lambda: [self._mark_done(key, owner) for key in keys])
+
+        def body() -> list[bool]:
+            now = time.time()
+            known = self._rows(keys)
+            out = []
+            for key in keys:
+                row = known.get(key)
+                out.append(row is None or row[0] == DONE or row[1] == owner or row[2] <= now)
+            self._db.executemany(
+                "INSERT OR REPLACE INTO rk_dedup VALUES (?, 'done', ?, ?)",
+                [(key, owner, now + self.ttl) for key in keys],
+            )
+            return out
+
+        return self._transaction(body)
+
+    def _rows(self, keys: list[str]) -> dict[str, tuple[str, str, float]]:
+        """key -> (state, owner, expires) of those of ``keys`` with a row."""
+        found: dict[str, tuple[str, str, float]] = {}
+        for i in range(0, len(keys), 500):  # under SQLite's limit of bound parameters
+            chunk = keys[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, state, holder, expires in self._db.execute(
+                f"SELECT key, state, owner, expires FROM rk_dedup WHERE key IN ({marks})", chunk
+            ):
+                found[key] = (state, holder, expires)
+        return found
 
     def _mark_done(self, key: str, owner: str) -> bool:
         """The done entry, inside a transaction (a subclass can write its side effect in the
@@ -352,6 +462,28 @@ class RedisStore:
         except self._errors as exc:
             raise DedupStoreError(f"dedup store redis://{self._where}: {exc}") from exc
         return bool(ours)
+
+    def claim_many(self, keys: list[str], owner: str, lease: float) -> list[str]:
+        """:meth:`claim` for each key, in one round trip (a pipeline)."""
+        args = [f"c:{owner}", max(1, int(lease * 1000))]
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                self._claim(keys=[self._key(key)], args=args, client=pipe)
+            return [_VERDICTS[verdict] for verdict in pipe.execute()]
+        except self._errors as exc:
+            raise DedupStoreError(f"dedup store redis://{self._where}: {exc}") from exc
+
+    def complete_many(self, keys: list[str], owner: str) -> list[bool]:
+        """:meth:`complete` for each key, in one round trip (a pipeline)."""
+        args = [f"c:{owner}", max(1, int(self.ttl * 1000))]
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                self._complete(keys=[self._key(key)], args=args, client=pipe)
+            return [bool(ours) for ours in pipe.execute()]
+        except self._errors as exc:
+            raise DedupStoreError(f"dedup store redis://{self._where}: {exc}") from exc
 
     def release(self, key: str, owner: str) -> None:
         try:

@@ -62,6 +62,78 @@ def test_claim_complete_release_contract(store) -> None:
     assert store.claim("m2", "a", lease=30) == DONE
 
 
+def test_many_at_once_answer_as_one_at_a_time(store) -> None:
+    """claim_many/complete_many (one lock, one SQLite transaction, one Redis round trip)."""
+    store.claim("m1", "a", lease=30)
+    store.complete("m1", "a")
+    store.claim("m2", "b", lease=30)  # another consumer's live claim
+    store.claim("m4", "a", lease=30)  # ours already: a renewal
+    assert store.claim_many(["m1", "m2", "m3", "m4"], "a", 30) == [DONE, BUSY, NEW, NEW]
+    assert store.complete_many(["m3", "m2"], "a") == [True, False]  # m2 was b's
+    assert [store.claim(k, "b", lease=30) for k in ("m3", "m2", "m4")] == [DONE, DONE, BUSY]
+    assert store.claim_many([], "a", 30) == [] and store.complete_many([], "a") == []
+
+
+def test_a_store_that_changes_claim_is_never_bypassed_by_an_inherited_claim_many() -> None:
+    from resilient_kafka._claims import _batched
+
+    class Counting(MemoryStore):
+        def claim(self, key: str, owner: str, lease: float) -> str:
+            return super().claim(key, owner, lease)
+
+    class CountingMany(Counting):
+        def claim_many(self, keys: list[str], owner: str, lease: float) -> list[str]:
+            return super().claim_many(keys, owner, lease)
+
+    assert _batched(Counting(), "claim_many", "claim") is None
+    assert _batched(CountingMany(), "claim_many", "claim") is not None
+    assert _batched(MemoryStore(), "complete_many", "complete") is not None
+
+
+def test_run_claims_a_fetched_batch_at_once_and_gives_back_what_it_did_not_hand_out(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    topic, group = topic_factory(1), f"g{uuid.uuid4().hex[:8]}"
+    _produce(kafka.producer_config(), topic, [(f"v{i}", None, 0) for i in range(200)])
+
+    class Counted(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__(ttl=60)
+            self.singles = 0
+            self.batches: list[int] = []
+
+        def claim(self, key: str, owner: str, lease: float) -> str:
+            self.singles += 1
+            return super().claim(key, owner, lease)
+
+        def claim_many(self, keys: list[str], owner: str, lease: float) -> list[str]:
+            self.batches.append(len(keys))
+            return super().claim_many(keys, owner, lease)
+
+    store = Counted()
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"), dedup=store, metrics=False
+    )
+    handled: list[str] = []
+
+    def handler(msg: Message) -> None:
+        handled.append(msg.value().decode())
+        if len(handled) == 150:
+            consumer.stop()  # mid-batch: the rest of it was claimed ahead
+
+    consumer.subscribe([topic])
+    thread = threading.Thread(target=consumer.run, args=(handler,), daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert handled == [f"v{i}" for i in range(150)]
+    assert max(store.batches) > 1, store.batches
+    assert store.singles < 150 / 2, f"{store.singles} claims one at a time"
+    states = [entry[0] for entry in store._entries.values()]
+    assert states.count(DONE) == 150
+    assert "claimed" not in states, "a claim made ahead was not given back"
+
+
 def test_an_expired_lease_can_be_taken_over(store) -> None:
     assert store.claim("m", "crashed", lease=0.2) == NEW
     assert store.claim("m", "other", lease=30) == BUSY
