@@ -112,7 +112,9 @@ def test_run_claims_a_fetched_batch_at_once_and_gives_back_what_it_did_not_hand_
 
     store = Counted()
     consumer = ResilientConsumer(
-        kafka.client_config(group_id=group, auto_offset_reset="earliest"), dedup=store, metrics=False
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        dedup=store,
+        metrics=False,
     )
     handled: list[str] = []
 
