@@ -17,8 +17,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 CASES = (
     "poll_metrics_off",
@@ -26,6 +28,8 @@ CASES = (
     "run_metrics_off",
     "run_metrics_on",
     "batches_metrics_on",
+    "run_dedup_memory_on",
+    "run_fail_10pct_on",
 )
 
 
@@ -69,11 +73,24 @@ def _measure(case: str, count: int) -> float:
 
     from resilient_kafka import ResilientConsumer
 
+    options: dict[str, Any] = {}
+    if "dedup_memory" in case:
+        from resilient_kafka.dedup import MemoryStore
+
+        options["dedup"] = MemoryStore(max_entries=count + 10)
+    if "fail_10pct" in case:
+        from resilient_kafka import RetryPolicy
+
+        options["retry"] = RetryPolicy(delays=(1.0,))
+        options["forward_timeout"] = 0.1  # the close does not wait for a broker
     consumer = ResilientConsumer(
         {"bootstrap.servers": "127.0.0.1:9", "group.id": "layer", "log_level": 0},
         metrics=case.endswith("_on"),
         registry=CollectorRegistry(),
+        **options,
     )
+    if "fail_10pct" in case:  # no broker: the tier topics are taken to exist
+        consumer._topics._prepared.add("t")
     if case.startswith("poll"):
         started = time.perf_counter()
         for _ in range(count):
@@ -95,14 +112,24 @@ def _measure(case: str, count: int) -> float:
         consumer.run_batches(batch_handler)
         return (time.perf_counter() - started) / count
 
+    failing = "fail_10pct" in case
+
+    ended = [0.0]
+    done = threading.Event()
+
     def handler(msg: Message) -> None:
         seen[0] += 1
         if seen[0] == count:
+            ended[0] = time.perf_counter()  # not the close: forwards wait for a broker there
             consumer.stop()
+            done.set()
+        elif failing and seen[0] % 10 == 0:
+            raise TimeoutError("downstream timed out")
 
     started = time.perf_counter()
-    consumer.run(handler)
-    return (time.perf_counter() - started) / count
+    threading.Thread(target=consumer.run, args=(handler,), daemon=True).start()
+    done.wait()
+    return (ended[0] - started) / count
 
 
 def _child(tree: str, case: str, count: int, callgrind: bool) -> float:
@@ -132,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         import resilient_kafka
 
         assert resilient_kafka.__file__.startswith(tree), resilient_kafka.__file__
-        print(per_record)
-        return 0
+        print(per_record, flush=True)
+        os._exit(0)  # not waiting for the consumer's close (no broker to flush forwards to)
     if args.instructions and shutil.which("valgrind") is None:
         parser.error("--instructions needs valgrind (Debian package valgrind)")
     trees = [str(Path(t).resolve()) for t in args.tree]

@@ -194,7 +194,7 @@ class Claims:
         for record in deferred:
             record.claim = None
         try:
-            answers = self._complete_many(claims, self._owner)  # type: ignore[misc]
+            answers = self._complete_many(claims, self._owner)
         except DedupStoreError as exc:  # the side effects happened: nothing to undo
             self._metrics.dedup(deferred[0].topic, "error")
             log.error("dedup store failed to record %d messages as processed: %s", len(claims), exc)

@@ -34,6 +34,9 @@ class Router:
         self._flood = flood
         self._metrics = metrics
         self._tracing = tracing
+        self._traced = getattr(tracing, "tracer", None) is not None  # not NoTracing
+        # headers never take more than this: the size check is skipped below it
+        self._headers_bound = 4096 + 2 * self._dead_letter.max_text_bytes
 
     def route(
         self, record: Record, exc: BaseException, reason: str | None = None
@@ -74,20 +77,22 @@ class Router:
             target = self._topics.target(source, None)
         key, value = record.raw_key_value()
         hdrs = self._sized_headers(msg, prev, exc, attempt, first, key, value, due_ms, reason)
-        span, hdrs = self._tracing.start_forward(
-            target,
-            hdrs,
-            key,
-            record_span=record.span,
-            record_headers=msg.headers(),
-            parent_on_creation=self._settings.parent_on_creation,
-            attributes={
-                "resilient_kafka.forward.reason": "retry" if reason is None else "dlq",
-                "resilient_kafka.retry.attempt": attempt,
-                "resilient_kafka.original.destination": source,
-            },
-        )
-        self._tracing.routed(record.span, target, attempt, due_ms, reason)
+        span = None
+        if self._traced:
+            span, hdrs = self._tracing.start_forward(
+                target,
+                hdrs,
+                key,
+                record_span=record.span,
+                record_headers=msg.headers(),
+                parent_on_creation=self._settings.parent_on_creation,
+                attributes={
+                    "resilient_kafka.forward.reason": "retry" if reason is None else "dlq",
+                    "resilient_kafka.retry.attempt": attempt,
+                    "resilient_kafka.original.destination": source,
+                },
+            )
+            self._tracing.routed(record.span, target, attempt, due_ms, reason)
         kind, ts = msg.timestamp()
         error_type = headers.exception_type(exc)
         if reason is None:
@@ -134,7 +139,11 @@ class Router:
             reason=reason,
         )
         limit = self._settings.max_bytes
-        hdrs = build()
+        stacktrace = reason is not None or self._dead_letter.stacktrace_on_retry
+        hdrs = build(include_stacktrace=stacktrace)
+        prev_bytes = sum(len(name) + len(data or b"") for name, data in msg.headers() or ())
+        if len(key or b"") + len(value or b"") + prev_bytes + self._headers_bound <= limit:
+            return hdrs  # far below the limit: no need to add up what was built
         if headers.size_of(key, value, hdrs) <= limit:
             return hdrs
         hdrs = build(include_stacktrace=False)

@@ -526,8 +526,13 @@ class ConsumerMetrics:
                 observe = self._process_ok[topic]
             observe(seconds)
             return
-        self.fam.process_duration.labels(
-            _SYSTEM, "process", topic, self.group, self.fam.error_type(error_type)
+        self._child(
+            self.fam.process_duration,
+            _SYSTEM,
+            "process",
+            topic,
+            self.group,
+            self.fam.error_type(error_type),
         ).observe(seconds)
 
     def poll(self, topic: str, seconds: float) -> None:

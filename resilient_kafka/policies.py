@@ -187,6 +187,8 @@ class DeadLetterPolicy:
     """Where messages that will not be retried go, and how their diagnostics are bounded.
 
     ``max_text_bytes`` bounds each of the exception message and stack trace headers (UTF-8).
+    The stack trace goes on the DLQ copy; ``stacktrace_on_retry=True`` puts it on every retry
+    copy too (formatting it is most of what a failure costs).
 
     Flood guard: when more than ``max_consecutive`` records in a row, or more than ``max_ratio``
     of the last ``ratio_window`` outcomes, would be dead-lettered, the downstream is taken to be
@@ -203,8 +205,13 @@ class DeadLetterPolicy:
     ratio_window: int = 100
     on_flood: Literal["pause", "raise"] = "pause"
     flood_backoff: tuple[float, float] = (1.0, 60.0)
+    stacktrace_on_retry: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.stacktrace_on_retry, bool):
+            raise ConfigurationError(
+                f"stacktrace_on_retry must be True or False, got {self.stacktrace_on_retry!r}"
+            )
         if not (_integer(self.max_text_bytes) and self.max_text_bytes >= 64):
             raise ConfigurationError(f"max_text_bytes must be >= 64, got {self.max_text_bytes}")
         if self.max_consecutive is not None and not (

@@ -253,6 +253,37 @@ def test_undeserializable_records_go_to_the_dlq_with_raw_bytes(
     assert _committed(kafka, group, topic, 1) == [3]
 
 
+@pytest.mark.parametrize("on_retry", [False, True])
+def test_the_stack_trace_goes_on_retry_copies_only_when_asked(
+    kafka: KafkaCluster, topic_factory, on_retry: bool
+) -> None:
+    topic, group = topic_factory(1), _group()
+    produce(kafka.producer_config(), topic, [("k", "v")])
+
+    def handler(msg: Message) -> None:
+        raise ValueError("still down")
+
+    consumer = ResilientConsumer(
+        kafka.client_config(group_id=group, auto_offset_reset="earliest"),
+        retry=RetryPolicy(delays=(0.2,)),
+        dead_letter=DeadLetterPolicy(stacktrace_on_retry=on_retry),
+    )
+    consumer.subscribe([topic])
+    thread = _run(consumer, handler)
+    try:
+        (dead,) = read_all(kafka, f"{topic}.{group}.dlq", 1)
+        (hop,) = read_all(kafka, f"{topic}.{group}.retry.1", 1)
+    finally:
+        consumer.stop()
+        thread.join(30)
+    assert b"still down" in headers.header_dict(dead)["rk.exception.stacktrace"]
+    hop_headers = headers.header_dict(hop)
+    assert hop_headers["rk.exception.message"] == b"still down"
+    assert ("rk.exception.stacktrace" in hop_headers) is on_retry
+    with pytest.raises(ConfigurationError, match="stacktrace_on_retry"):
+        DeadLetterPolicy(stacktrace_on_retry="yes")  # type: ignore[arg-type]
+
+
 def test_oversized_dead_letter_drops_diagnostics_instead_of_failing(
     kafka: KafkaCluster, topic_factory
 ) -> None:
