@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instructions", action="store_true", help="count under callgrind")
     parser.add_argument("--repeat", type=int, default=7, help="wall clock: best of this many")
     parser.add_argument("--records", type=int, default=200_000, help="wall clock: per run")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     trees = [str(Path(t).resolve()) for t in args.tree]
     print("| case | " + " | ".join(trees) + " |")
     print("|---|" + "---:|" * len(trees))
-    for case in CASES:
+    for case in args.cases:
         cells = []
         if args.instructions:  # per record: the difference between two record counts
             for tree in trees:

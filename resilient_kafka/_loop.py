@@ -527,6 +527,7 @@ class Loop:
         metrics = self._metrics
         consumed = metrics.consumed
         polled = False  # the poll duration is recorded once a record is handed out
+        replays = committer.replays
         skipped: dict[Key, int] = {}
         handled = 0
         for i, msg in enumerate(batch):
@@ -550,7 +551,8 @@ class Loop:
             if record is None:
                 continue
             record.opens = watch.opens
-            record.produced = producer.produced
+            if replays:  # exactly-once: output written since it was handed out
+                record.produced = producer.produced
             if not polled:
                 polled = True
                 metrics.poll(record.topic, fetched - started)
