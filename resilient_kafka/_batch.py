@@ -39,7 +39,7 @@ from resilient_kafka._outage import DEDUP_STORE, OutageControl
 from resilient_kafka._partitions import Key, PartitionControl
 from resilient_kafka._record import Record
 from resilient_kafka._settle import Settlement
-from resilient_kafka._work import NotStarted, Unclaimed, identified
+from resilient_kafka._work import NotStarted, Unclaimed, await_running, identified
 from resilient_kafka.breaker import CircuitBreakerError
 from resilient_kafka.errors import BatchFailed, ConfigurationError
 from resilient_kafka.policies import RetryPolicy
@@ -753,19 +753,15 @@ class BatchExecutor:
             return
         self._drop_waiting(keys)
         self._runner.cancelled.update(self._epochs[key] for key in keys)
-        if not lost:
-            deadline = time.monotonic() + self.drain_timeout
-            while self.running:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.warning(
-                        "%d batch(es) still running after %.0fs at a revocation: their offsets "
-                        "are not committed (delivered again to the next owner)",
-                        self.running,
-                        self.drain_timeout,
-                    )
-                    break
-                self._apply_all(min(left, 0.1))
+        if not lost and not await_running(
+            lambda: self.running, self._apply_all, self.drain_timeout
+        ):
+            log.warning(
+                "%d batch(es) still running after %.0fs at a revocation: their offsets are "
+                "not committed (delivered again to the next owner)",
+                self.running,
+                self.drain_timeout,
+            )
         for key in keys:
             del self._epochs[key]
             self.held -= self._inflight.pop(key, 0)  # their outcomes will be ignored
@@ -778,13 +774,7 @@ class BatchExecutor:
 
     def drain(self) -> bool:
         self._quiet = True
-        deadline = time.monotonic() + self.drain_timeout
-        while self.running:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            self._apply_all(min(left, 0.1))
-        return True
+        return await_running(lambda: self.running, self._apply_all, self.drain_timeout)
 
     def resume(self) -> None:
         self._quiet = False
@@ -798,16 +788,11 @@ class BatchExecutor:
         self._stopping = True
         self._runner.stopping = True
         self._drop_waiting(list(self._epochs))
-        deadline = time.monotonic() + self.drain_timeout
-        while self.running:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                log.warning(
-                    "%d batch(es) still running after %.0fs at shutdown: their offsets are not "
-                    "committed (delivered again after a restart)",
-                    self.running,
-                    self.drain_timeout,
-                )
-                break
-            self._apply_all(min(left, 0.1))
+        if not await_running(lambda: self.running, self._apply_all, self.drain_timeout):
+            log.warning(
+                "%d batch(es) still running after %.0fs at shutdown: their offsets are not "
+                "committed (delivered again after a restart)",
+                self.running,
+                self.drain_timeout,
+            )
         self._runner.close()

@@ -85,6 +85,19 @@ class Unclaimed(Exception):
         self.verdict = verdict
 
 
+def await_running(
+    running: Callable[[], int], collect: Callable[[float], None], timeout: float
+) -> bool:
+    """Apply outcomes (``collect``) until nothing runs: True, or False once ``timeout`` passed."""
+    deadline = time.monotonic() + timeout
+    while running():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        collect(min(left, 0.1))
+    return True
+
+
 def identified(claims: Any, settle: Settlement, record: Record) -> bool:
     """Read ``record``'s dedup identity (on the polling thread) unless known; False if it has
     none (``dedup_key`` raised): then it cannot be processed once and went to the DLQ."""
@@ -518,13 +531,7 @@ class WorkManager:
     def drain(self) -> bool:
         """:meth:`quiesce`, waiting up to ``drain_timeout`` for the running handlers."""
         self._quiet = True
-        deadline = time.monotonic() + self.drain_timeout
-        while self.running:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            self.collect(min(left, 0.1))
-        return True
+        return await_running(lambda: self.running, self.collect, self.drain_timeout)
 
     def resume(self) -> None:
         self._quiet = False
@@ -545,18 +552,13 @@ class WorkManager:
         self._stopping = True
         self._runner.stopping = True  # what the runner holds but has not started is skipped
         self._drop_waiting(list(self._partitions))
-        deadline = time.monotonic() + timeout
-        while self.running:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                log.warning(
-                    "%d record(s) still running after %.0fs at shutdown: their offsets are not "
-                    "committed (delivered again after a restart)",
-                    self.running,
-                    timeout,
-                )
-                break
-            self.collect(min(left, 0.1))
+        if not await_running(lambda: self.running, self.collect, timeout):
+            log.warning(
+                "%d record(s) still running after %.0fs at shutdown: their offsets are not "
+                "committed (delivered again after a restart)",
+                self.running,
+                timeout,
+            )
         self._runner.close()
 
 
