@@ -50,12 +50,20 @@ class Claims:
         self._complete_many = _batched(store, "complete_many", "complete")
         self._deferred: list[Record] | None = None  # completions kept for one round trip
         self._ahead: dict[str, str] = {}  # key -> the store's answer, claimed for a batch
+        self._ahead_ids: dict[int, str] = {}  # id(msg) -> its key, read by claim_ahead
+        # a store gone with the process (MemoryStore): completions of a batch are written
+        # together, since a crash loses its entries anyway
+        self.volatile = getattr(store, "durable", True) is False
         self._deferring = 0  # the thread that keeps completions (it alone flushes them)
 
     def identity(self, record: Record) -> str:
         """``record``'s dedup key in this group; DedupKeyError if ``dedup_key`` raised (then
         the record has no identity and cannot be processed once: it is dead-lettered)."""
         msg = record.msg
+        if self._ahead_ids:
+            key = self._ahead_ids.pop(id(msg), None)
+            if key is not None:  # read by claim_ahead already
+                return key
         try:
             return f"{self._group}|{self._key_of(msg)}"
         except Exception as exc:
@@ -75,7 +83,7 @@ class Claims:
         if self._ahead:
             answer = self._ahead.pop(key, None)
             if answer is not None and answer != BUSY:
-                return self._answered(record, key, answer)
+                return self._answered(record, key, answer, held=True)
         if self._deferred and threading.get_ident() == self._deferring:
             self.flush()  # a twin of a record done in this batch must find it done
         metrics = self._metrics
@@ -123,12 +131,14 @@ class Claims:
             for record, key, answer in zip(records, keys, answers, strict=True)
         ]
 
-    def _answered(self, record: Record, key: str, answer: str) -> Verdict:
-        """The verdict for a NEW or DONE answer of the store."""
+    def _answered(self, record: Record, key: str, answer: str, held: bool = False) -> Verdict:
+        """The verdict for a NEW or DONE answer of the store (``held``: its lease is renewed
+        already)."""
         metrics = self._metrics
         if answer == NEW:
-            metrics.dedup(record.topic, "miss")
-            self._leases.hold(key)  # (again, for a claim made ahead: a set)
+            if not held:  # (a claim made ahead was counted and is renewed already)
+                metrics.dedup(record.topic, "miss")
+                self._leases.hold(key)
             record.claim = key
             return Verdict.RUN
         metrics.dedup(record.topic, "hit")
@@ -145,6 +155,7 @@ class Claims:
             return
         keys: list[str] = []
         seen: set[str] = set()
+        ids = self._ahead_ids
         group, key_of = self._group, self._key_of
         for msg in msgs:
             if msg.error() is not None:
@@ -156,20 +167,28 @@ class Claims:
             if key in seen:
                 break
             seen.add(key)
+            ids[id(msg)] = key
             keys.append(key)
         try:
             answers = self._claim_many(keys, self._owner, self._lease)
         except DedupStoreError:
             return
-        self._ahead = dict(zip(keys, answers, strict=True))
-        for key, answer in self._ahead.items():
-            if answer == NEW:  # renewed while they wait for their turn, as claims in hand are
-                self._leases.hold(key)
+        self._ahead = ahead = dict(zip(keys, answers, strict=True))
+        claimed = [key for key, answer in ahead.items() if answer == NEW]
+        self._leases.hold_many(claimed)  # renewed while they wait for their turn
+        if claimed:  # the store's misses, counted once per topic for the batch
+            misses: dict[str, int] = {}
+            for msg in msgs:
+                if ahead.get(ids.get(id(msg), "")) == NEW:
+                    misses[msg.topic()] = misses.get(msg.topic(), 0) + 1
+            for topic, count in misses.items():
+                self._metrics.dedup(topic, "miss", count)
 
     def release_ahead(self) -> None:
         """Give back what was claimed ahead for records that were not handed out (rewound,
         skipped, or the batch cut short)."""
         ahead, self._ahead = self._ahead, {}
+        self._ahead_ids.clear()
         for key, answer in ahead.items():
             if answer == NEW:
                 self._leases.drop(key)
@@ -199,8 +218,10 @@ class Claims:
             self._metrics.dedup(deferred[0].topic, "error")
             log.error("dedup store failed to record %d messages as processed: %s", len(claims), exc)
             return
+        lost = self._leases.drop_many(claims)  # type: ignore[arg-type]
         for record, claim, ours in zip(deferred, claims, answers, strict=True):
-            self._completed(record, claim, self._leases.drop(claim), ours)  # type: ignore[arg-type]
+            if ours is False or claim in lost:
+                self._completed(record, claim, claim not in lost, ours)  # type: ignore[arg-type]
 
     def complete(self, record: Record) -> None:
         """``record`` was processed: its claim becomes a done entry (now, or at

@@ -40,6 +40,22 @@ class LeaseKeeper:
                 )
                 self._thread.start()
 
+    def hold_many(self, keys: list[str]) -> None:
+        """:meth:`hold` for each of ``keys``."""
+        if not keys:
+            return
+        with self._lock:
+            self._keys.update(keys)
+        self.hold(keys[0])  # (starts the renewing thread)
+
+    def drop_many(self, keys: list[str]) -> set[str]:
+        """:meth:`drop` for each of ``keys``; returns those found lost."""
+        with self._lock:
+            self._keys.difference_update(keys)
+            lost = self.lost.intersection(keys) if self.lost else set()
+            self.lost -= lost
+            return lost
+
     def drop(self, key: str) -> bool:
         """Stop renewing ``key``; False if the claim was found lost while renewing it."""
         with self._lock:

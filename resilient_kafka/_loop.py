@@ -497,10 +497,13 @@ class Loop:
             # claims in one round trip for the batch; each completion is written when its
             # handler returns (a crash right after a side effect must find it marked done)
             claims.claim_ahead(batch)
+            if claims.volatile:  # nothing survives a crash: completions of the batch at once
+                claims.defer()
             try:
                 handled = self._hand_over(executor, batch, submit, version, fetched, started)
             finally:
                 claims.release_ahead()
+                claims.flush()
         else:
             handled = self._hand_over(executor, batch, submit, version, fetched, started)
         if handled and not executor.batch_records:  # the next fetch takes about _BATCH_SECONDS

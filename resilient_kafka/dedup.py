@@ -75,6 +75,8 @@ class MemoryStore:
     """In-process store: fast, bounded, gone with the process (protects against producer retries
     and replays within one run, not against crashes)."""
 
+    durable = False  # gone with the process: the consumer may write a batch's completions late
+
     def __init__(self, *, ttl: float = DEFAULT_TTL, max_entries: int = 100_000) -> None:
         _check(ttl, max_entries)
         self.ttl = ttl

@@ -101,6 +101,8 @@ def message_id(msg: Any) -> str:
     """The identity of the logical message: its ``rk.id`` when it has one, else its original
     coordinates (the same on every retry hop, redelivery and restart)."""
     found = header_dict(msg)
+    if not found:  # no headers: its own coordinates
+        return f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
     value = found.get(ID)
     if value:
         return "id:" + value.decode("utf-8", "replace")

@@ -404,6 +404,7 @@ class ConsumerMetrics:
         # topic -> [consumed, succeeded]: running totals (written by the consumer's thread only)
         # and how much of them the Prometheus counters already hold
         self._counts: dict[str, list[int]] = {}
+        self._dedup_counts: dict[tuple[str, str], int] = {}  # (topic, result) -> not flushed
         self._flushed: dict[str, list[int]] = {}
         self._flush_lock = threading.Lock()
         # this consumer's own histogram cells: (family, cell, label values)
@@ -485,6 +486,10 @@ class ConsumerMetrics:
     def flush(self) -> None:
         """Add the counts batched since the last flush to the Prometheus counters."""
         with self._flush_lock:
+            if self._dedup_counts:
+                for (topic, result), count in self._dedup_counts.items():
+                    self._child(self.fam.dedup_lookups, topic, self.group, result).inc(count)
+                self._dedup_counts.clear()
             for topic, counts in self._counts.items():
                 flushed = self._flushed[topic]
                 consumed, succeeded = counts[0], counts[1]
@@ -507,9 +512,12 @@ class ConsumerMetrics:
         error_type = self.fam.error_type(error_type)
         self._child(self.fam.handled, topic, self.group, outcome, error_type).inc()
 
-    def dedup(self, topic: str, result: str) -> None:
-        """A dedup store lookup: hit (a duplicate), miss, or error."""
-        self._child(self.fam.dedup_lookups, topic, self.group, result).inc()
+    def dedup(self, topic: str, result: str, count: int = 1) -> None:
+        """``count`` dedup store lookups: hit (a duplicate), miss, or error (counted here,
+        added to Prometheus at the next flush: a counter's inc() takes a lock and ~1 µs)."""
+        key = (topic, result)
+        with self._flush_lock:  # workers count too (run() with concurrency)
+            self._dedup_counts[key] = self._dedup_counts.get(key, 0) + count
 
     def retry(self, topic: str, mode: str, error_type: str) -> None:
         error_type = self.fam.error_type(error_type)

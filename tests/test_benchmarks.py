@@ -17,7 +17,9 @@ REQUIRED = {
     "raw_poll",
     "resilient_run_metrics_off",
     "resilient_run_metrics_on",
+    "resilient_run_batches",
     "resilient_run_tracing_on",
+    "resilient_run_tracing_unsampled",
     "resilient_poll_loop",
     "retry_10pct_main_topic",
     "retry_10pct_retry_path",
@@ -65,7 +67,14 @@ def test_smoke_run_writes_the_json_document_table_and_plot(
     assert by_name["resilient_run_latency"]["p50_ms"] > 0
     targets = {t["target"]: t for t in doc["targets"]}
     assert len(targets) >= 6 and all("measured" in t for t in targets.values())
-    assert "dedup (sqlite): cost per record (reported, no target)" in targets
+    for name in (
+        "batch handler ≥ 0.8 x raw consume(1000)",
+        "dedup (sqlite) added ≤ 8.3 µs/record",
+        "run(), metrics on, over raw consume(1000) ≤ 1.5 µs/record",
+    ):
+        assert targets[name]["value"] is not None, name
+    floor = targets["tracing, a provider sampling nothing: added cost near the API's floor"]
+    assert "floor: a bare unsampled span" in floor["measured"]
     report = (out / "report.md").read_text()
     assert "| `resilient_run_metrics_on` |" in report and "| target |" in report
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -105,6 +114,14 @@ def test_layer_profile_measures_each_case_in_the_tree_it_is_given() -> None:
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "µs" in line]
     cases = [row.split("|")[1].strip() for row in rows]
-    assert cases == ["poll_metrics_off", "poll_metrics_on", "run_metrics_off", "run_metrics_on"]
+    assert cases == [
+        "poll_metrics_off",
+        "poll_metrics_on",
+        "run_metrics_off",
+        "run_metrics_on",
+        "batches_metrics_on",
+        "run_dedup_memory_on",
+        "run_fail_10pct_on",
+    ]
     for row in rows:
         assert 0 < float(row.split("|")[2].split()[0]) < 1000, row
