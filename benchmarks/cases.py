@@ -121,15 +121,44 @@ def resilient_run_metrics_on(s: Setup) -> Result:
     )
 
 
-def resilient_run_batches(s: Setup) -> Result:
-    consumer = ResilientConsumer(consumer_config(s.config), registry=CollectorRegistry())
+def resilient_run_batches(
+    s: Setup, name: str = "resilient_run_batches", note: str = "", **options: Any
+) -> Result:
+    consumer = ResilientConsumer(consumer_config(s.config), registry=CollectorRegistry(), **options)
     counter = BatchCounter(s.count, s.warmup)
     counter.stop = consumer.stop
     consumer.subscribe([s.topic])
     consumer.run_batches(counter, max_records=1000)
-    return Result(
-        "resilient_run_batches", counter.timed, counter.elapsed, "run_batches(handler), 1000"
-    )
+    return Result(name, counter.timed, counter.elapsed, f"run_batches(handler), 1000{note}")
+
+
+def resilient_run_batches_dedup_sqlite(s: Setup) -> Result:
+    import tempfile
+
+    from resilient_kafka.dedup import SQLiteStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLiteStore(f"{tmp}/dedup.db")
+        try:
+            return resilient_run_batches(
+                s, "resilient_run_batches_dedup_sqlite", ", dedup=SQLiteStore", dedup=store
+            )
+        finally:
+            store.close()
+
+
+def resilient_run_batches_dedup_redis(s: Setup) -> Result:
+    from resilient_kafka.dedup import RedisStore
+    from resilient_kafka.testing._redis import redis_server
+
+    with redis_server() as url:
+        store = RedisStore(url)
+        try:
+            return resilient_run_batches(
+                s, "resilient_run_batches_dedup_redis", ", dedup=RedisStore", dedup=store
+            )
+        finally:
+            store.close()
 
 
 def _dedup_run(s: Setup, name: str, store: Any) -> Result:

@@ -80,9 +80,12 @@ THROUGHPUT: dict[str, Callable[[Setup], Result]] = {
     "resilient_run_dedup_memory": cases.resilient_run_dedup_memory,
     "resilient_run_dedup_sqlite": cases.resilient_run_dedup_sqlite,
     "resilient_run_dedup_redis": cases.resilient_run_dedup_redis,
+    "resilient_run_batches_dedup_sqlite": cases.resilient_run_batches_dedup_sqlite,
+    "resilient_run_batches_dedup_redis": cases.resilient_run_batches_dedup_redis,
     "resilient_run_with_output": cases.resilient_run_with_output,
     "resilient_run_exactly_once": cases.resilient_run_exactly_once,
 }
+REDIS_CASES = {"resilient_run_dedup_redis", "resilient_run_batches_dedup_redis"}
 OTHER = ("retry_10pct", "dlq_publish", "produce", "latency", "rss_growth")
 PEERS = ("quixstreams", "faststream_confluent", "faststream_aiokafka")
 # the concurrent-handler cases, named "concurrency_<case>" here; "--only concurrency" picks the
@@ -421,5 +424,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nplot: {plot}")
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
-    broken = set(doc["skipped"]) - {"resilient_run_dedup_redis"}  # needs redis-server
+    broken = set(doc["skipped"]) - REDIS_CASES  # need redis-server
     return 1 if broken and args.profile == "smoke" else 0

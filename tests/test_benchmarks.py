@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.run import REDIS_CASES
 from resilient_kafka.testing import KafkaCluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +55,7 @@ def test_smoke_run_writes_the_json_document_table_and_plot(
     )
     assert done.returncode == 0, done.stderr[-2000:]
     doc = json.loads((tmp_path / "bench.json").read_text())
-    allowed = set() if os.environ.get("RK_REQUIRE_REDIS") else {"resilient_run_dedup_redis"}
+    allowed = set() if os.environ.get("RK_REQUIRE_REDIS") else REDIS_CASES
     assert set(doc["skipped"]) <= allowed, doc["skipped"]
     by_name = {case["name"]: case for case in doc["cases"]}
     assert set(by_name) >= REQUIRED, REQUIRED - set(by_name)
