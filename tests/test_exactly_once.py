@@ -622,3 +622,48 @@ def test_a_transactional_call_blocked_past_its_deadline_is_abandoned(
     finally:
         producer.release.set()
         _transaction._ABANDONED.remove(producer)
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_batch_handlers_keep_output_and_offsets_exactly_once(
+    kafka: KafkaCluster, topic_factory, concurrency: int
+) -> None:
+    """A batch whose named failure follows output written in the transaction: the
+    transaction aborts, the batch's other records come again, the failed one is routed."""
+    from resilient_kafka import BatchFailed
+    from tests.helpers import serve
+
+    source, out = topic_factory(2), topic_factory(1, suffix="out")
+    group = f"g{uuid.uuid4().hex[:8]}"
+    values = [f"v{i}" for i in range(20)]
+    _produce(kafka, source, values, partitions=2)
+    reg = CollectorRegistry()
+    consumer = _eos_consumer(kafka, group, reg, transaction_interval=1.0)
+    calls: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def handler(msgs: list[Message]) -> None:
+        failures = []
+        for msg in msgs:
+            value = msg.value().decode()  # type: ignore[union-attr]
+            with lock:
+                calls[value] += 1
+                call = calls[value]
+            consumer.producer.produce(out, value=f"{value}:{call}")
+            if value == "v3" and call == 1:
+                failures.append((msg, RuntimeError("v3 failed after writing its output")))
+        if failures:
+            raise BatchFailed(failures)
+
+    consumer.subscribe([source])
+    serve(
+        consumer.run_batches,
+        handler,
+        lambda: calls["v3"] >= 2 and all(calls[v] for v in values),
+        120,  # a replay waits for a rejoin on Tansu, slow on a loaded machine
+        concurrency=concurrency,
+    )
+    assert _transactions(reg, group, "aborted") >= 1
+    outputs = _read(kafka, out, "read_committed", expect=len(values))
+    assert _outputs_of_last_calls(outputs, calls) == Counter(values)
+    assert _committed(kafka, group, source, 2) == [10, 10]
