@@ -84,7 +84,9 @@ def _loop_over(native: _Native, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, A
         ),
         settle=None,  # type: ignore[arg-type]
         claims=None,
-        committer=types.SimpleNamespace(generation=0, abort_pending=False, maintain=lambda n: 1),
+        committer=types.SimpleNamespace(
+            generation=0, abort_pending=False, replays=False, maintain=lambda n: 1
+        ),
         forwarder=types.SimpleNamespace(  # type: ignore[arg-type]
             send=lambda: None, take_error=lambda: None, busy=False
         ),
