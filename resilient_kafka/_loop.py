@@ -584,11 +584,12 @@ class Loop:
             self._settle.done_batch(batch, topics)
             return True
         records = []
-        admit = self._admit
+        admit, consumed = self._admit, self._metrics.consumed
         for msg in batch:
             record = admit(msg)
             if record is not None:  # (always, while nothing is checked per record)
                 record.opens = opens
+                consumed(record.topic)
                 records.append(record)
         executor.failed_now(records, error)
         return True

@@ -539,3 +539,32 @@ def test_a_batch_of_successes_counts_in_the_flood_guard_as_that_many_records() -
             one.dead,
             one.consecutive,
         ), (before, count)
+
+
+def test_every_record_of_a_failing_batch_counts_as_consumed(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    topic = topic_factory(1)
+    records = _records(40)
+    produce(kafka.client_config(), topic, records)
+    registry = CollectorRegistry()
+    consumer = _consumer(kafka, registry=registry, retry=RetryPolicy(delays=()))
+    seen = Seen()
+
+    def handler(msgs: list[Message]) -> None:
+        seen.enter(msgs)
+        seen.leave(msgs)
+        raise BatchFailed([(0, Poison("the first of every batch"))])
+
+    consumer.subscribe([topic])
+    name = "messaging_client_consumed_messages_total"
+    _serve(
+        consumer,
+        handler,
+        lambda: metric_total(registry, name, messaging_destination_name=topic) >= len(records),
+        max_records=10,
+    )
+    handled = "resilient_kafka_messages_handled_total"
+    success = metric_total(registry, handled, outcome="success")
+    dead = metric_total(registry, handled, outcome="dead_lettered")
+    assert success + dead == len(records) and dead >= 4
