@@ -109,6 +109,15 @@ class FailureSearch:
     def first(self) -> list[Record]:
         return self.records
 
+    def abandon(self, outcome: Outcome) -> None:
+        """Give every record not known yet (the last part handed out, and what waits) this
+        outcome."""
+        lo, hi = self._part
+        self.outcomes[lo:hi] = [outcome] * (hi - lo)
+        for left, right in self._todo:
+            self.outcomes[left:right] = [outcome] * (right - left)
+        self._todo.clear()
+
     def after(self, exc: BaseException | None) -> list[Record] | None:
         lo, hi = self._part
         outcomes, todo = self.outcomes, self._todo
@@ -201,7 +210,6 @@ class BatchCalls:
         return (
             isinstance(exc, CircuitBreakerError)
             or self._outage.watch.opens != opens
-            or self._stop.is_set()
             or (first is not None and self._wrote(first))
         )
 
@@ -265,6 +273,9 @@ class BatchCalls:
             self._current = (opens, records[0])
         part = search.after(error)
         while part is not None:
+            if self._stop.is_set():  # stopping: what is not known yet comes again after
+                search.abandon(_NOT_STARTED)
+                break
             part = search.after(self.call([record.msg for record in part], opens, part[0]))
         return search.outcomes
 
@@ -386,11 +397,13 @@ class ThreadBatchRunner:
 class AsyncBatchRunner:
     """Batches as tasks on an event loop: the application's or one of its own on a thread."""
 
-    def __init__(self, calls: BatchCalls, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self, calls: Callable[[], BatchCalls], loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
         self.mailbox: queue.SimpleQueue[Report] = queue.SimpleQueue()
         self.cancelled: set[int] = set()
         self.stopping = False
-        self._calls = calls
+        self._calls = calls  # one per batch: tasks interleave, each call keeps its own state
         self._thread: threading.Thread | None = None
         if loop is None:
             loop = asyncio.new_event_loop()
@@ -410,7 +423,7 @@ class AsyncBatchRunner:
         task.add_done_callback(self._tasks.discard)
 
     async def _one(self, records: list[Record], epochs: list[int]) -> None:
-        calls = self._calls
+        calls = self._calls()
         if self.stopping or any(epoch in self.cancelled for epoch in epochs):
             self.mailbox.put((records, epochs, [_NOT_STARTED] * len(records), 0.0))
             return
@@ -465,7 +478,8 @@ class BatchExecutor:
         drain_timeout: float,
     ) -> None:
         self._runner = runner
-        self._inline = isinstance(runner, InlineBatchRunner) and claims is None
+        self._inline_runner = isinstance(runner, InlineBatchRunner)
+        self._inline = self._inline_runner and claims is None
         self._calls: BatchCalls = getattr(runner, "calls", None)  # type: ignore[assignment]
         self._mailbox: queue.SimpleQueue[Report] = runner.mailbox
         self._settle = settle
@@ -515,7 +529,7 @@ class BatchExecutor:
         for record, outcome in zip(records, outcomes, strict=True):
             if outcome is None:
                 settle.done(record)
-            else:
+            elif not isinstance(outcome, NotStarted):  # (stopping: not committed, comes again)
                 settle.failed(record, outcome)
 
     # -- the executor interface --------------------------------------------------------------
@@ -778,6 +792,8 @@ class BatchExecutor:
 
     def resume(self) -> None:
         self._quiet = False
+        if not self._inline_runner:  # what waited for the commit starts now, not at a fetch
+            self.collect()
 
     def replayed(self) -> None:
         """The aborted transaction is replayed from the last commit: nothing held is kept."""

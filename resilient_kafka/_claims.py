@@ -212,13 +212,13 @@ class Claims:
         claims = [record.claim for record in deferred]
         for record in deferred:
             record.claim = None
+        lost = self._leases.drop_many(claims)  # type: ignore[arg-type]
         try:
             answers = self._complete_many(claims, self._owner)
         except DedupStoreError as exc:  # the side effects happened: nothing to undo
             self._metrics.dedup(deferred[0].topic, "error")
             log.error("dedup store failed to record %d messages as processed: %s", len(claims), exc)
             return
-        lost = self._leases.drop_many(claims)  # type: ignore[arg-type]
         for record, claim, ours in zip(deferred, claims, answers, strict=True):
             if ours is False or claim in lost:
                 self._completed(record, claim, claim not in lost, ours)  # type: ignore[arg-type]

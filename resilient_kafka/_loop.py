@@ -467,18 +467,22 @@ class Loop:
             if executor.wait(wait):  # concurrent handlers: their outcomes may free work first
                 return
             batch = Consumer.consume(native, 1, wait)
+        control = self._control
+        before = None
         if executor.batch_wait and batch and len(batch) < size:  # a batch handler's batch fills
+            control.mark()
+            before = control.version  # (a rebalance during the second fetch changes it)
             batch += Consumer.consume(native, size - len(batch), min(executor.batch_wait, wait))
         if committer.generation != generation:
             batch = [m for m in batch if not committer.replayed_since(generation, m)]
         if not batch:
             return
-        control = self._control
         control.mark()
-        version = control.version
+        version = control.version if before is None else before  # else: checked per record
         fetched = time.monotonic()
         if (
             executor.batch_records
+            and control.version == version
             and executor.lean
             and self._admission.plain
             and not self._stop.is_set()

@@ -925,7 +925,7 @@ class ResilientConsumer(Consumer):
         cancelled: set[int] = set()
         runner: Any
         if asynchronous:
-            runner = AsyncBatchRunner(calls(cancelled), loop)
+            runner = AsyncBatchRunner(lambda: calls(cancelled), loop)
         elif concurrency == 1:
             runner = InlineBatchRunner(calls(cancelled))
         else:
