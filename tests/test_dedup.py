@@ -747,3 +747,33 @@ def test_a_record_another_consumer_holds_comes_again_after_the_wait(
     run_until(consumer, handler, lambda: len(handled) == 5)
     assert handled == [b"first", b"held", b"v0", b"v1", b"v2"]  # in order, each once
     assert _committed(kafka, group, topic) == 5
+
+
+def test_a_failed_batched_completion_stops_renewing_its_claims() -> None:
+    """A store error on complete_many must not leave the claims renewed for ever (another
+    consumer would find them busy, again and again)."""
+    from confluent_kafka import Message as Msg
+
+    from resilient_kafka._claims import Verdict
+    from resilient_kafka._record import Record
+
+    class Failing(MemoryStore):
+        def complete_many(self, keys: list[str], owner: str) -> list[bool]:
+            raise DedupStoreError("connection reset")
+
+    consumer = ResilientConsumer(
+        {"bootstrap.servers": "127.0.0.1:1", "group.id": "g"}, dedup=Failing(), metrics=False
+    )
+    try:
+        claims = consumer._claims
+        assert claims is not None
+        records = [Record(Msg(topic="t", partition=0, offset=i), "t", 0, i) for i in range(3)]
+        keys = [claims.identity(record) for record in records]
+        assert claims.claim_many(records, keys) == [Verdict.RUN] * 3
+        claims.defer()
+        for record in records:
+            claims.complete(record)
+        claims.flush()
+        assert not set(keys) & claims._leases._keys, "claims still renewed"
+    finally:
+        consumer.close()
