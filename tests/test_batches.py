@@ -11,7 +11,7 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Message
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from resilient_kafka import (
@@ -418,10 +418,10 @@ def test_an_open_breaker_holds_the_batch_and_nothing_is_lost(
 
 
 def _readable(kafka: KafkaCluster, topic: str) -> list[Message]:
-    reader = Consumer(
-        kafka.client_config(group_id=f"r-{uuid.uuid4().hex[:6]}", auto_offset_reset="earliest")
-    )
-    reader.subscribe([topic])
+    """What ``topic`` holds, read for 3 s from its start (assigned: no group join to wait for)."""
+    reader = Consumer(kafka.client_config(group_id=f"r-{uuid.uuid4().hex[:6]}"))
+    partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
+    reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     try:
         return [m for m in reader.consume(100, 3) if m.error() is None]
     finally:
@@ -568,3 +568,53 @@ def test_every_record_of_a_failing_batch_counts_as_consumed(
     success = metric_total(registry, handled, outcome="success")
     dead = metric_total(registry, handled, outcome="dead_lettered")
     assert success + dead == len(records) and dead >= 4
+
+
+def test_stopping_while_a_failing_batch_is_searched_leaves_its_records_to_come_again(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    """The bulk write fails and the consumer is stopped (a SIGTERM) before the failing records
+    are found: what is not known yet is neither retried nor dead-lettered. It stays
+    uncommitted, and the group's next consumer gets every record."""
+    topic = topic_factory(1)
+    records = _records(40)
+    produce(kafka.client_config(), topic, records)
+    calls: list[int] = []
+    consumer = _consumer(kafka, retry=RetryPolicy(delays=()))
+    group = consumer._group
+    dlq = consumer.dead_letter_topic(topic)
+
+    def failing(msgs: list[Message]) -> None:
+        calls.append(len(msgs))
+        consumer.stop()
+        raise Poison("the bulk write failed")
+
+    consumer.subscribe([topic])
+    thread = threading.Thread(
+        target=consumer.run_batches,
+        args=(failing,),
+        kwargs={"max_records": len(records), "max_wait": 5.0},  # one batch of all of them
+        daemon=True,
+    )
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "run_batches did not return after stop()"
+    consumer.close()
+    assert calls == [len(records)], f"handed over again while stopping: {calls}"
+    assert dlq not in kafka.list_topics() or not _readable(kafka, dlq), "a record was routed"
+    assert _committed(kafka, group, topic, 1) <= 0, "records not known to be done committed"
+
+    seen = Seen()
+
+    def handler(msgs: list[Message]) -> None:
+        seen.enter(msgs)
+        seen.leave(msgs)
+
+    again_config = kafka.client_config(
+        group_id=group, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    again = ResilientConsumer(again_config, registry=CollectorRegistry())
+    again.subscribe([topic])
+    _serve(again, handler, lambda: len(seen.values) >= len(records))
+    again.close()
+    assert sorted(seen.values) == sorted(v for _, v in records)

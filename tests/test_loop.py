@@ -140,3 +140,36 @@ def test_a_seek_mid_batch_keeps_its_position(monkeypatch: pytest.MonkeyPatch) ->
     loop._run_batch(Executor(), 0.1)
     assert handled == [("c", 5), ("a", 1), ("a", 2)]
     assert native.seeks == [("c", 100)]
+
+
+def test_a_partition_revoked_during_a_batch_handlers_fill_up_fetch_is_not_handed_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """run_batches(max_wait=...) fetches a second time to fill the batch; a rebalance served
+    inside that fetch revokes c. c's records from the first fetch belong to another consumer
+    now: they must not reach the handler. a's records, from both fetches, do."""
+
+    class _Filling(_Native):
+        @staticmethod
+        def consume(native: Any, num: int, timeout: float) -> list[_Msg]:
+            batch, native.batch = native.batch, []
+            if batch:
+                return batch
+            control.revoked([("c", 0)])  # the rebalance callback runs inside the fetch
+            return [_Msg("a", 2)]
+
+    native = _Filling([_Msg("c", 5), _Msg("a", 1), _Msg("c", 6)])
+    loop, control, _ = _loop_over(native, monkeypatch)
+    monkeypatch.setattr(_loop, "Consumer", _Filling)
+    handled: list[tuple[str, int]] = []
+
+    class Executor(executor.Executor):
+        batch_records = 10  # a batch handler's max_records
+        batch_wait = 0.5  # and max_wait: a short first fetch is filled up
+        lean = False  # (the lean path is refused anyway once the version moved)
+
+        def submit(self, record: Record) -> None:
+            handled.append((record.topic, record.offset))
+
+    loop._run_batch(Executor(), 1.0)
+    assert handled == [("a", 1), ("a", 2)]
