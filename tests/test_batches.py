@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
+import tenacity
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from prometheus_client import CollectorRegistry
 
@@ -618,3 +619,46 @@ def test_stopping_while_a_failing_batch_is_searched_leaves_its_records_to_come_a
     _serve(again, handler, lambda: len(seen.values) >= len(records))
     again.close()
     assert sorted(seen.values) == sorted(v for _, v in records)
+
+
+def test_async_batches_in_flight_together_each_keep_their_own_call(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    """Two async batches, of two topics, are awaited at once; the first fails once and is
+    retried in place. What its retry is counted under is its own topic, not that of the batch
+    handed over while it was awaited."""
+    first_topic, second_topic = topic_factory(1), topic_factory(1, suffix="other")
+    produce(kafka.client_config(), first_topic, _records(20))
+    produce(kafka.client_config(), second_topic, _records(20))
+    registry = CollectorRegistry()
+    state: dict[str, Any] = {"first": None, "other_started": False, "failed": False}
+    seen = Seen()
+
+    async def handler(msgs: list[Message]) -> None:
+        topic = msgs[0].topic()
+        if state["first"] is None:
+            state["first"] = topic
+        if topic == state["first"] and not state["failed"]:
+            deadline = time.monotonic() + 30  # until the other topic's batch is handed over
+            while not state["other_started"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            state["failed"] = True
+            raise Poison("the first call fails")
+        if topic != state["first"] and not state["other_started"]:
+            state["other_started"] = True
+            await asyncio.sleep(0.3)  # still awaited when the first batch fails
+        seen.enter(msgs)
+        seen.leave(msgs)
+
+    consumer = _consumer(
+        kafka,
+        registry=registry,
+        retry=RetryPolicy(delays=(), blocking_stop=tenacity.stop_after_attempt(2)),
+    )
+    consumer.subscribe([first_topic, second_topic])
+    _serve(consumer, handler, lambda: len(seen.values) >= 40, concurrency=2)
+    assert state["other_started"], "the two batches were never awaited together"
+    name = "resilient_kafka_retries_total"
+    first, other = state["first"], ({first_topic, second_topic} - {state["first"]}).pop()
+    assert metric_total(registry, name, messaging_destination_name=first, mode="blocking") == 1
+    assert metric_total(registry, name, messaging_destination_name=other) == 0
