@@ -1,7 +1,8 @@
 """The consumer's own per-record cost, without a broker: ``python -m benchmarks.layer``.
 
-A scripted native consumer hands out ready-made records, so what is measured is only the Python
-layer (admission, hand-out, settlement, barrier, metrics) of the drop-in ``poll()`` loop and of
+A scripted native consumer hands out ready-made records (and a scripted producer acknowledges
+every forward at its next poll), so what is measured is only the Python layer (admission,
+hand-out, settlement, barrier, metrics, forwards) of the drop-in ``poll()`` loop and of
 ``run()``. Wall-clock times are noisy on shared machines; ``--instructions`` counts instructions
 under callgrind instead (repeatable), as the difference between two record counts. ``--tree``
 compares source trees (e.g. a checkout of an older commit) in one sitting, interleaved.
@@ -68,7 +69,44 @@ def _measure(case: str, count: int) -> float:
 
         pause = resume = seek = store_offsets = commit = close = unassign = _nothing
 
+    class ScriptedProducer:
+        """Acknowledges every record at the next poll() or flush(), as a broker would."""
+
+        def __init__(self, conf: object) -> None:
+            self._pending: list[tuple[Any, Message]] = []
+
+        def produce(
+            self,
+            topic: str,
+            value: Any = None,
+            key: Any = None,
+            partition: int = -1,
+            on_delivery: Any = None,
+            timestamp: int = 0,
+            headers: Any = None,
+        ) -> None:
+            acked = Message(topic=topic, partition=max(partition, 0), value=value, key=key)
+            self._pending.append((on_delivery, acked))
+
+        def poll(self, timeout: float | None = None) -> int:
+            pending, self._pending = self._pending, []
+            for callback, msg in pending:
+                if callback is not None:
+                    callback(None, msg)
+            return len(pending)
+
+        def flush(self, timeout: float | None = None) -> int:
+            self.poll()
+            return 0
+
+        def __len__(self) -> int:
+            return len(self._pending)
+
+        def close(self, *args: object) -> None:
+            return None
+
     confluent_kafka.Consumer = ScriptedConsumer  # type: ignore[misc,assignment]
+    confluent_kafka.Producer = ScriptedProducer  # type: ignore[misc,assignment]
     from prometheus_client import CollectorRegistry
 
     from resilient_kafka import ResilientConsumer

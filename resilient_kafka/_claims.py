@@ -75,6 +75,21 @@ class Claims:
             log.warning("%s; sending it to the DLQ", error)
             raise error from exc
 
+    def claim_record(self, record: Record) -> Verdict:
+        """:meth:`identity` and :meth:`claim` at once: for a record claimed ahead, two dict
+        lookups (DedupKeyError as :meth:`identity` raises it)."""
+        if self._ahead:
+            key = self._ahead_ids.pop(id(record.msg), None)
+            if key is not None:
+                answer = self._ahead.pop(key, None)
+                if answer == NEW:  # (counted and renewed already)
+                    record.claim = key
+                    return Verdict.RUN
+                if answer is not None and answer != BUSY:
+                    return self._answered(record, key, answer, held=True)
+                return self.claim(record, key)
+        return self.claim(record, self.identity(record))
+
     def claim(self, record: Record, key: str, *, twins: bool = False) -> Verdict:
         """Claim ``record`` under ``key``; with ``twins`` (the drop-in loop, where several
         records are in hand at once) a key already claimed by a record in hand is LATER."""

@@ -83,6 +83,7 @@ class InlineExecutor(Executor):
         self._committer = committer
         self._stop = stop
         self._current: Record | None = None  # the record whose handler is running
+        self._observers: dict[str, Callable[[float], None]] = {}  # successful durations
         self._call: Callable[[Message], object] = handler
         if retry.blocking:
             import tenacity
@@ -119,7 +120,11 @@ class InlineExecutor(Executor):
             )
             self._settle.failed(record, exc)
         else:
-            self._metrics.process(record.topic, time.monotonic() - started, "")
+            topic = record.topic
+            observe = self._observers.get(topic)
+            if observe is None:
+                observe = self._observers[topic] = self._metrics.process_ok(topic)
+            observe(time.monotonic() - started)
             self._settle.done(record)
 
     def _submit_untimed(self, record: Record) -> None:

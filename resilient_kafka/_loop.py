@@ -8,6 +8,7 @@ commits, or fails them) and :meth:`Loop.run` (``run()``: an executor handles eac
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -178,11 +179,11 @@ class Loop:
                         return probe.msg
                     now = time.monotonic()
                     continue
+                now = time.monotonic()  # (the poll's duration starts here)
             else:  # records are flowing: poll until the next housekeeping is due
                 wait = self._maintain_at - now
                 if deadline is not None and deadline - now < wait:
                     wait = max(0.0, deadline - now)
-            started = time.monotonic() if metrics.enabled else 0.0
             generation = committer.generation
             msg: Message | None = native_poll(wait)
             if msg is not None:
@@ -207,8 +208,8 @@ class Loop:
                     elif not self._handed_out(record):
                         now = time.monotonic()
                         continue
-                    if started:  # (metrics on)
-                        metrics.polled(record.topic, time.monotonic() - started)
+                    if metrics.enabled:
+                        metrics.polled(record.topic, time.monotonic() - now)
                     return msg
             now = time.monotonic()
             if deadline is not None and now >= deadline:
@@ -422,18 +423,17 @@ class Loop:
             executor.collect()
 
     def _claiming(self, executor: Any) -> Any:
-        return lambda record: self._execute(executor, record)
+        return functools.partial(self._execute, executor)
 
     def _execute(self, executor: Any, record: Record) -> None:
         """Claim ``record`` (dedup) and hand it to the executor."""
         claims = self._claims
         if claims is not None and record.claim is None and not executor.claims_itself:
             try:
-                key = claims.identity(record)
+                verdict = claims.claim_record(record)
             except DedupKeyError as exc:
                 self._settle.refused(record, exc, headers.NON_RETRYABLE)
                 return
-            verdict = claims.claim(record, key)
             if verdict is not Verdict.RUN:
                 self._apply(verdict, record)
                 return
@@ -533,39 +533,46 @@ class Loop:
         producer = self._producer
         metrics = self._metrics
         consumed = metrics.consumed
-        polled = False  # the poll duration is recorded once a record is handed out
         replays = committer.replays
         skipped: dict[Key, int] = {}
         handled = 0
-        for i, msg in enumerate(batch):
-            if control.version != version and msg.error() is None:
-                key: Key = (msg.topic(), msg.partition())  # type: ignore[assignment]
-                if control.stopped(key):  # paused, positioned or revoked since the fetch
-                    skipped.setdefault(key, msg.offset())  # type: ignore[arg-type]
+        topic, count = "", 0  # handed out and not counted yet: a run of records of one topic
+        try:
+            for i, msg in enumerate(batch):
+                if control.version != version and msg.error() is None:
+                    key: Key = (msg.topic(), msg.partition())  # type: ignore[assignment]
+                    if control.stopped(key):  # paused, positioned or revoked since the fetch
+                        skipped.setdefault(key, msg.offset())  # type: ignore[arg-type]
+                        continue
+                if (
+                    stop.is_set()
+                    or committer.abort_pending
+                    or outage.current is not None
+                    or time.monotonic() - fetched > _BATCH_DEADLINE
+                ):
+                    self._rewind_skipped(skipped)  # first: they are lower than what follows
+                    self._rewind(batch, i, every=False)
+                    break
+                if msg.error() is not None and not usable(msg):
                     continue
-            if (
-                stop.is_set()
-                or committer.abort_pending
-                or outage.current is not None
-                or time.monotonic() - fetched > _BATCH_DEADLINE
-            ):
-                self._rewind_skipped(skipped)  # first: they are lower than what follows
-                self._rewind(batch, i, every=False)
-                break
-            if msg.error() is not None and not usable(msg):
-                continue
-            record = admit(msg)
-            if record is None:
-                continue
-            record.opens = watch.opens
-            if replays:  # exactly-once: output written since it was handed out
-                record.produced = producer.produced
-            if not polled:
-                polled = True
-                metrics.poll(record.topic, fetched - started)
-            consumed(record.topic)
-            submit(record)
-            handled += 1
+                record = admit(msg)
+                if record is None:
+                    continue
+                record.opens = watch.opens
+                if replays:  # exactly-once: output written since it was handed out
+                    record.produced = producer.produced
+                if record.topic != topic:
+                    if count:
+                        consumed(topic, count)
+                    else:  # the first record handed out: the fetch's duration
+                        metrics.poll(record.topic, fetched - started)
+                    topic, count = record.topic, 0
+                count += 1
+                submit(record)
+                handled += 1
+        finally:
+            if count:
+                consumed(topic, count)
         executor.collect()
         self._rewind_skipped(skipped)
         return handled

@@ -100,7 +100,10 @@ def original(msg: Any, headers: dict[str, bytes] | None = None) -> Original:
 def message_id(msg: Any) -> str:
     """The identity of the logical message: its ``rk.id`` when it has one, else its original
     coordinates (the same on every retry hop, redelivery and restart)."""
-    found = header_dict(msg)
+    listed = msg.headers()
+    found: dict[str, bytes] | None = (
+        {key: value for key, value in listed if value is not None} if listed else None
+    )
     if not found:  # no headers: its own coordinates
         return f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
     value = found.get(ID)

@@ -14,7 +14,7 @@ import math
 import threading
 import weakref
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -410,7 +410,7 @@ class ConsumerMetrics:
         # this consumer's own histogram cells: (family, cell, label values)
         self._cells: list[tuple[BatchedHistogram, HistogramCell, tuple[str, ...]]] = []
         self._poll: dict[str, Any] = {}  # bound observe() of the poll-duration child per topic
-        self._process_ok: dict[str, Any] = {}
+        self._process_ok: dict[str, Callable[[float], None]] = {}
         self._children: dict[tuple[Any, ...], Any] = {}  # bounded: topics x capped error types
         for reason in PAUSE_REASONS:
             fam.paused.labels(group, reason).set(0)
@@ -454,9 +454,9 @@ class ConsumerMetrics:
             counts = self._counts[topic]
         return counts
 
-    def consumed(self, topic: str) -> None:
+    def consumed(self, topic: str, count: int = 1) -> None:
         counts = self._counts.get(topic) or self._totals(topic)
-        counts[0] += 1
+        counts[0] += count
 
     def polled(self, topic: str, seconds: float) -> None:
         """One record handed out by a poll that took ``seconds``."""
@@ -526,13 +526,18 @@ class ConsumerMetrics:
     def retry_delay(self, topic: str, seconds: float) -> None:
         self.fam.retry_delay.labels(topic, self.group).observe(max(0.0, seconds))
 
+    def process_ok(self, topic: str) -> Callable[[float], None]:
+        """Where the durations of ``topic``'s successful handler calls go: a caller that holds
+        on to it observes in one call."""
+        observe = self._process_ok.get(topic)
+        if observe is None:
+            self.prepare_topic(topic)
+            observe = self._process_ok[topic]
+        return observe
+
     def process(self, topic: str, seconds: float, error_type: str) -> None:
         if not error_type:
-            observe = self._process_ok.get(topic)
-            if observe is None:
-                self.prepare_topic(topic)
-                observe = self._process_ok[topic]
-            observe(seconds)
+            (self._process_ok.get(topic) or self.process_ok(topic))(seconds)
             return
         self._child(
             self.fam.process_duration,
@@ -624,10 +629,13 @@ class NoMetrics:
 
     prepare_topic = polled = retire = flush = _nothing
     # called once per record: a C-level no-op taking the topic costs a fraction of a call
-    consumed = success = staticmethod(id)
-    outcome = dedup = retry = retry_delay = process = poll = commit = _nothing
+    success = staticmethod(id)
+    consumed = outcome = dedup = retry = retry_delay = process = poll = commit = _nothing
     transaction = rebalance = paused = stats = work = _nothing
     completed_skipped = completed_overflow = key_wait = due_clamped = handled = _nothing
+
+    def process_ok(self, topic: str) -> Callable[[float], None]:
+        return self._nothing
 
 
 class BreakerMetrics:
