@@ -7,10 +7,27 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: test demo lint install clean soak orders orders-chaos
+.PHONY: test demo lint install clean soak orders orders-chaos servers
 
-test: $(STAMP)
+test: $(STAMP) servers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The servers and tools the tests start, from Debian's packages: Redis (shared breaker state),
+# Prometheus and promtool (tests/test_operations.py), kcat. Installed when missing (apt-get;
+# through sudo unless root); a missing one fails the tests, never skips them.
+servers:
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 \
+		|| missing="$$missing prometheus"; \
+	command -v kcat >/dev/null 2>&1 || missing="$$missing kcat"; \
+	if [ -n "$$missing" ]; then \
+		sudo=""; [ "$$(id -u)" -ne 0 ] && sudo="sudo"; \
+		echo "installing Debian packages:$$missing"; \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq \
+			--no-install-recommends $$missing >/dev/null \
+			|| { echo "could not install$$missing (Debian packages)" >&2; exit 1; }; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/resilient-kafka demo

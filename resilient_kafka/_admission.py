@@ -18,8 +18,8 @@ from typing import Any
 from confluent_kafka import Message
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from resilient_kafka import headers
-from resilient_kafka._outage import OutageControl
+from resilient_kafka import headers, schemas
+from resilient_kafka._outage import SCHEMA_REGISTRY, OutageControl
 from resilient_kafka._partitions import RETRY_DUE, PartitionControl
 from resilient_kafka._record import Record
 from resilient_kafka._settle import Settlement
@@ -203,24 +203,43 @@ class Admission:
     def _deserialized(self, record: Record) -> Record | None:
         msg = record.msg
         raw = (msg.key(), msg.value())
+        field = "key"
         try:
             if self._key_deserializer is not None:
                 ctx = SerializationContext(record.topic, MessageField.KEY, msg.headers())
                 msg.set_key(self._key_deserializer(raw[0], ctx))
+            field = "value"
             if self._value_deserializer is not None:
                 ctx = SerializationContext(record.topic, MessageField.VALUE, msg.headers())
                 msg.set_value(self._value_deserializer(raw[1], ctx))
         except Exception as exc:
             msg.set_key(raw[0])
             msg.set_value(raw[1])
-            error = DeserializationError(f"cannot deserialize record: {exc}")
+            if schemas.registry_unavailable(exc):  # not the record's fault: hold it, pause
+                log.warning(
+                    "record %s [%d] @%d not deserialized, the schema registry did not answer: %s",
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    exc,
+                )
+                self._settle.held(record, SCHEMA_REGISTRY)
+                return None
+            schema = schemas.reference(raw[0] if field == "key" else raw[1], msg.headers(), field)
+            error = DeserializationError(
+                f"cannot deserialize the record's {field}"
+                + (f" (schema {schema})" if schema is not None else "")
+                + f": {type(exc).__name__}: {exc}",
+                field=field,
+                schema=schema,
+            )
             error.__cause__ = exc
             log.warning(
                 "record %s [%d] @%d cannot be deserialized; sending it to the DLQ: %s",
                 record.topic,
                 record.partition,
                 record.offset,
-                exc,
+                error,
             )
             current = self._outage.current
             if current is not None and record is current.trial_record:

@@ -31,6 +31,16 @@ class CommitBarrier:
     def __init__(self) -> None:
         self._partitions: dict[tuple[str, int], _Partition] = {}
 
+    def outstanding(self) -> int:
+        """Records handed out and not done yet, over every partition (a snapshot: any thread
+        may ask)."""
+        return sum(len(state.outstanding) for state in list(self._partitions.values()))
+
+    def progress(self) -> int:
+        """A number that changes whenever a partition's committable offset moves (or the
+        partitions change): how a health check sees records being done (any thread)."""
+        return sum(state.safe for state in list(self._partitions.values()))
+
     def track(self, topic: str, partition: int, offset: int) -> _Partition:
         """A record was handed out for processing: it holds the partition's offset until done.
         Returns the partition's progress, for :meth:`done` (no lookup when it completes)."""

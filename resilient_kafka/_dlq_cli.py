@@ -209,6 +209,7 @@ def _show(args: argparse.Namespace) -> int:
         ("original timestamp", _when(r.original_timestamp)),
         ("attempt", str(r.attempt)),
         ("reason", str(r.reason)),
+        *([("schema", r.schema)] if r.schema else []),
         ("consumer group", str(r.consumer_group)),
         ("replayed", str(r.replay_count)),
         ("exception", f"{r.exception_type}: {r.exception_message}"),

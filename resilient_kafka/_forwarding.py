@@ -100,8 +100,10 @@ class Forwarder:
         *,
         max_bytes: int,
         transactional: bool,
+        metrics: Any = None,
     ) -> None:
         self._producer = producer
+        self._metrics = metrics
         self._topics = topics
         self._on_acked = on_acked
         self._max_bytes = max_bytes
@@ -199,6 +201,8 @@ class Forwarder:
             return False
         if not forward.permanent:
             forward.permanent = True
+            if self._metrics is not None:
+                self._metrics.forward_refused(forward.origin)
             size = len(forward.key or b"") + len(forward.value or b"")
             topic, partition, offset = forward.source
             self._error = ForwardError(

@@ -101,6 +101,7 @@ class Loop:
         self._last_gauges = 0.0
         self._batch_size = 32  # run(): records per fetch, adapted to the handler's speed
         self._fetched_at = 0.0  # run(): monotonic time of the last fetch
+        self.polled_at: float | None = None  # the last poll(), consume() or run() fetch (health)
         self.running = False  # run() is the loop (it claims around the handler itself)
         self.executor: Any = None  # run()'s executor, while it runs
 
@@ -158,7 +159,7 @@ class Loop:
             for held in in_hand:
                 done(held)
             in_hand.clear()
-        now = time.monotonic()
+        now = self.polled_at = time.monotonic()
         deadline = None if timeout is None or timeout < 0 else now + timeout
         metrics = self._metrics
         outage = self._outage
@@ -211,7 +212,7 @@ class Loop:
                     if metrics.enabled:
                         metrics.polled(record.topic, time.monotonic() - now)
                     return msg
-            now = time.monotonic()
+            now = self.polled_at = time.monotonic()  # (a long poll() is polling all along)
             if deadline is not None and now >= deadline:
                 return None
 
@@ -220,7 +221,8 @@ class Loop:
         if timeout is not None and type(timeout) is not float and type(timeout) is not int:
             timeout = real_number(timeout)
         self.finish_in_hand()
-        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        self.polled_at = time.monotonic()
+        deadline = None if timeout is None or timeout < 0 else self.polled_at + timeout
         committer = self._committer
         metrics = self._metrics
         while True:
@@ -445,7 +447,7 @@ class Loop:
         to the records behind it, exactly as with one poll() per record)."""
         if self.in_hand:
             self.finish_in_hand()
-        now = time.monotonic()
+        now = self.polled_at = time.monotonic()
         wait = self.housekeeping(now, now + timeout)
         outage = self._outage
         if outage.current is not None or outage.probe_ready is not None:

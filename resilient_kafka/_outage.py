@@ -27,6 +27,13 @@ _TRIAL_WAIT = 2.0  # seconds to wait for a trial partition's first record before
 BREAKER = "breaker"
 DLQ_FLOOD = "dlq-flood"
 DEDUP_STORE = "dedup-store"  # the dedup store failed and on_dedup_error="pause"
+SCHEMA_REGISTRY = "schema-registry"  # a deserializer's registry could not answer
+_DESCRIBED = {
+    BREAKER: "downstream breaker open",
+    DLQ_FLOOD: "dead-letter flood",
+    DEDUP_STORE: "dedup store failing",
+    SCHEMA_REGISTRY: "schema registry unavailable",
+}
 
 
 class Outage:
@@ -189,9 +196,7 @@ class OutageControl:
             control.pause(keys, OUTAGE)
             log.warning(
                 "%s: pausing %d partition(s) instead of failing messages; holding %s [%d] @%d",
-                {BREAKER: "downstream breaker open", DLQ_FLOOD: "dead-letter flood"}.get(
-                    reason, "dedup store failing"
-                ),
+                _DESCRIBED[reason],
                 len(keys),
                 *key,
                 record.offset,
@@ -444,4 +449,5 @@ class OutageControl:
             "circuit_open": count if reason == BREAKER else 0,
             "dlq_flood": count if reason == DLQ_FLOOD else 0,
             "dedup_store": count if reason == DEDUP_STORE else 0,
+            "schema_registry": count if reason == SCHEMA_REGISTRY else 0,
         }

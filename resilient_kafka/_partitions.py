@@ -35,6 +35,7 @@ class PartitionControl:
         "_reasons",
         "_restart",
         "assigned",
+        "assignments",
         "pending",
         "version",
     )
@@ -47,6 +48,7 @@ class PartitionControl:
         self.pending: set[Key] = set()  # assigned; native pause flags not reconciled yet
         self._due: dict[Key, int] = {}  # RETRY_DUE partitions: epoch ms their record is due
         self.assigned: set[Key] = set()
+        self.assignments = 0  # assignments given (by the group or assign()): it has joined
         self.version = 0  # bumped by every change a batch in progress must notice
 
     # -- pausing -----------------------------------------------------------------------------
@@ -176,6 +178,7 @@ class PartitionControl:
         if replace:
             self.revoked(self.assigned - keys)
         self.assigned |= keys
+        self.assignments += 1
         self.pending |= keys
         self._positioned |= keys  # the assignment's positions are its own
         self.version += 1

@@ -100,6 +100,7 @@ class Router:
             self._metrics.retry(record.topic, "topic", error_type)
         else:
             self._metrics.outcome(record.topic, "dead_lettered", error_type)
+            self._metrics.dead_lettered(source)
         return Forward(
             record.coordinates,
             source,

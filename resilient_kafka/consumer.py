@@ -61,6 +61,16 @@ from resilient_kafka.errors import (
     DeserializationError,
     ResilientKafkaError,
 )
+from resilient_kafka.health import (
+    CLOSED,
+    FAILED,
+    RUNNING,
+    STARTING,
+    STOPPING,
+    Health,
+    HealthReport,
+    Signals,
+)
 from resilient_kafka.metrics import ConsumerMetrics, NoMetrics, families
 from resilient_kafka.policies import DeadLetterPolicy, RetryPolicy
 from resilient_kafka.producer import ResilientProducer, client_config
@@ -106,6 +116,8 @@ class ResilientConsumer(Consumer):
         metrics: bool = True,
         registry: Any = None,
         metrics_port: int | None = None,
+        metrics_addr: str = "127.0.0.1",
+        stall_timeout: float = 60.0,
         tracer_provider: Any = None,
         trace_parent: str = "creation_context",
         dedup: DedupStore | None = None,
@@ -137,6 +149,21 @@ class ResilientConsumer(Consumer):
         self._settings = settings
         self._group = settings.group
         self._where = settings.where
+        self._failure: BaseException | None = None  # what ended run(): the consumer is not live
+        interval = _config.number(settings.consumer_config.get("max.poll.interval.ms", 300000))
+        self._health = Health(
+            Signals(
+                state=self._health_state,
+                failure=lambda: None if self._failure is None else _described(self._failure),
+                polled_at=lambda: self._loop.polled_at,
+                joined=lambda: self._control.assignments > 0,
+                assigned=lambda: len(self._control.assigned),
+                outstanding=lambda: self._committer.barrier.outstanding(),
+                progress=lambda: self._committer.barrier.progress(),
+            ),
+            max_poll_interval=(interval if interval == interval else 300000) / 1000,
+            stall_timeout=stall_timeout,
+        )
         self._closed = False  # close() has begun
         self._handle_closed = False  # the native consumer is closed
         self.metrics_url: str | None = None
@@ -177,14 +204,16 @@ class ResilientConsumer(Consumer):
                     settings.transaction_timeout,
                 )
                 self._txn.begin()
+            self._wire(settings, key_deserializer, value_deserializer)
+            if metrics:
+                self._metrics.fam.health.watch(self, settings.group, self._health.report)
             if metrics_port is not None:
                 from resilient_kafka.metrics import serve_metrics
 
                 self._metrics_server, self.metrics_url = serve_metrics(
-                    metrics_port, registry=registry
+                    metrics_port, metrics_addr, registry=registry, health=self._health.report
                 )
                 undo.callback(self._metrics_server.shutdown)
-            self._wire(settings, key_deserializer, value_deserializer)
             undo.pop_all()
 
     def _wire(
@@ -219,6 +248,7 @@ class ResilientConsumer(Consumer):
             lambda forward: committer.barrier.done(forward.progress, forward.source[2]),
             max_bytes=settings.max_bytes,
             transactional=self._txn is not None,
+            metrics=metrics,
         )
         self._forwarder = forwarder
         if self._txn is not None:
@@ -832,6 +862,9 @@ class ResilientConsumer(Consumer):
         self._loop.executor = executor
         try:
             self._loop.run(executor, poll_timeout)
+        except Exception as exc:  # what ends run() is fatal: no longer live
+            self._failure = exc
+            raise
         finally:
             try:
                 executor.shutdown()
@@ -951,6 +984,20 @@ class ResilientConsumer(Consumer):
         """Ask :meth:`run` to finish the message in hand and shut down (any thread)."""
         self._stop.set()
 
+    def health(self) -> HealthReport:
+        """Live, ready, stalled, and why: what ``/healthz`` and ``/readyz`` answer on the
+        metrics port (docs/operations.md)."""
+        return self._health.report()
+
+    def _health_state(self) -> str:
+        if self._failure is not None:
+            return FAILED
+        if self._closed:
+            return CLOSED
+        if self._stop.is_set():
+            return STOPPING
+        return RUNNING if self._loop.polled_at is not None else STARTING
+
     def _install_signal_handlers(self) -> Callable[[], None]:
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
@@ -1007,6 +1054,8 @@ class ResilientConsumer(Consumer):
                 if self._claims is not None:
                     self._claims.close()
                 self._metrics.retire()
+                if self._metrics.enabled:  # a closed consumer is no group's stall
+                    self._metrics.fam.health.forget(self)
                 server = getattr(self, "_metrics_server", None)
                 if server is not None:
                     server.shutdown()
@@ -1049,3 +1098,7 @@ def _chained_stats(metrics: ConsumerMetrics, user_stats_cb: Any) -> Callable[[st
             user_stats_cb(stats_json)
 
     return stats_cb
+
+
+def _described(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]

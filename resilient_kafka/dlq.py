@@ -57,6 +57,7 @@ class DeadLetter:
     stacktrace: str | None = None
     consumer_group: str | None = None
     replay_count: int = 0
+    schema: str | None = None  # the Schema Registry schema a refused key/value names
     problems: tuple[str, ...] = ()  # headers that were present but could not be decoded
 
     def to_json(self) -> dict[str, Any]:
@@ -78,6 +79,7 @@ class DeadLetter:
             "exception_message": self.exception_message,
             "consumer_group": self.consumer_group,
             "replay_count": self.replay_count,
+            "schema": self.schema,
             "problems": list(self.problems),
         }
 
@@ -166,6 +168,15 @@ class _Decoder:
             return None
 
 
+def _schema(d: _Decoder) -> str | None:
+    """``value schema id 5`` (or ``key schema guid ...``) from the rk.schema.* headers."""
+    schema_id, guid = d.decimal(rk.SCHEMA_ID), d.text(rk.SCHEMA_GUID)
+    if schema_id is None and guid is None:
+        return None
+    named = f"id {schema_id}" if schema_id is not None else f"guid {guid}"
+    return f"{d.text(rk.SCHEMA_FIELD) or 'value'} schema {named}"
+
+
 def decode(msg: Any) -> DeadLetter:
     """Decode a consumed DLQ message into a :class:`DeadLetter`."""
     raw_headers = tuple((k, v if v is not None else b"") for k, v in (msg.headers() or ()))
@@ -186,6 +197,7 @@ def decode(msg: Any) -> DeadLetter:
             "exception_message": d.text(rk.EXCEPTION_MESSAGE),
             "stacktrace": d.text(rk.EXCEPTION_STACKTRACE),
             "consumer_group": d.text(rk.CONSUMER_GROUP),
+            "schema": _schema(d),
         }
     elif any(k.startswith(_SPRING) for k in hdrs):
         fields = {
@@ -454,6 +466,7 @@ def replay_headers(record: DeadLetter, now_ms: int) -> list[tuple[str, bytes]]:
     """The record's headers for a fresh start: attempts, due time and budget reset; replay
     count and time stamped."""
     drop = {rk.ATTEMPT, rk.DUE, rk.REASON, rk.FIRST_FAILURE, REPLAY_COUNT, REPLAY_AT}
+    drop |= {rk.SCHEMA_ID, rk.SCHEMA_GUID, rk.SCHEMA_FIELD}  # (a new failure names it again)
     out = [(k, v) for k, v in record.headers if k not in drop]
     out += [
         (rk.ATTEMPT, b"0"),

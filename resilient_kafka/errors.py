@@ -76,10 +76,16 @@ class TransactionError(ResilientKafkaError):
 
 
 class DeserializationError(ResilientKafkaError):
-    """A record's key or value could not be deserialized; it went to the DLQ with its raw bytes."""
+    """A record's key or value could not be deserialized; it went to the DLQ with its raw bytes
+    (``field``: which; ``schema``: the Schema Registry schema it names, if it is framed so)."""
 
     # its name is in the rk.exception.type header of DLQ records: kept where it always was
     __module__ = "resilient_kafka.consumer"
+
+    def __init__(self, message: str, *, field: str | None = None, schema: Any = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.schema = schema
 
 
 class DedupKeyError(ResilientKafkaError):

@@ -23,6 +23,9 @@ EXCEPTION_MESSAGE = "rk.exception.message"
 EXCEPTION_STACKTRACE = "rk.exception.stacktrace"
 CONSUMER_GROUP = "rk.consumer.group"
 REASON = "rk.reason"
+SCHEMA_ID = "rk.schema.id"  # DLQ copies of records a Schema Registry deserializer refused
+SCHEMA_GUID = "rk.schema.guid"
+SCHEMA_FIELD = "rk.schema.field"  # key | value
 ID = "rk.id"  # a message's unique id, stamped by ResilientProducer and kept on every copy
 
 # Values of rk.reason on DLQ records.
@@ -251,6 +254,13 @@ def forward_headers(
         headers.append((DUE, str(due_ms).encode()))
     if reason is not None:
         headers.append((REASON, reason.encode()))
+    schema = getattr(exc, "schema", None) if reason == DESERIALIZATION else None
+    if schema is not None:  # (a DeserializationError of a Schema Registry record)
+        if schema.id is not None:
+            headers.append((SCHEMA_ID, str(schema.id).encode()))
+        else:
+            headers.append((SCHEMA_GUID, str(schema.guid).encode()))
+        headers.append((SCHEMA_FIELD, str(getattr(exc, "field", "value")).encode()))
     return headers
 
 

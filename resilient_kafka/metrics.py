@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 # messaging semconv histogram boundaries (= prometheus_client's defaults)
@@ -29,6 +29,7 @@ PAUSE_REASONS = (
     "circuit_open",
     "dlq_flood",
     "dedup_store",
+    "schema_registry",
     "retry_backoff",
     "manual",
     "backpressure",
@@ -205,6 +206,22 @@ class Families:
             [_DEST, _GROUP, "outcome", "error_type"],
             registry=registry,
         )
+        # outcome="dead_lettered" of messages_handled_total, without error_type: each topic's
+        # series exists at 0 from the start, so increase() sees the first dead letter too
+        self.dead_letters = Counter(
+            f"{ns}_dead_letters",
+            "Records sent to a dead-letter topic, by the topic they were first consumed from.",
+            [_DEST, _GROUP],
+            registry=registry,
+        )
+        self.forwards_refused = Counter(
+            f"{ns}_forwards_refused",
+            "Retry or DLQ copies the broker refused for good (too large, a policy, no "
+            "authorization), by the topic their record was first consumed from: its offset "
+            "stays uncommitted.",
+            [_DEST, _GROUP],
+            registry=registry,
+        )
         self.retries = Counter(
             f"{ns}_retries",
             "Retries: in place (blocking) or through a retry topic.",
@@ -320,6 +337,8 @@ class Families:
             [_GROUP, "result"],
             registry=registry,
         )
+        self.health = _HealthGauges(ns)
+        registry.register(self.health)
         self.build_info = Gauge(
             f"{ns}_build_info",
             "Versions of resilient-kafka, confluent-kafka and librdkafka.",
@@ -367,6 +386,63 @@ def families(
         if found is None:
             found = _families[registry] = Families(registry, namespace)
         return found
+
+
+class _HealthGauges:
+    """The consumers' health at scrape time: stalled (records outstanding, no offset moved for
+    ``stall_timeout``) and seconds since the last poll, the worst of each group's consumers."""
+
+    def __init__(self, namespace: str) -> None:
+        self._ns = namespace
+        self._reports: weakref.WeakKeyDictionary[Any, tuple[str, Callable[[], Any]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+
+    def watch(self, owner: Any, group: str, report: Callable[[], Any]) -> None:
+        """Report ``owner``'s health (a consumer) under ``group`` while it lives."""
+        with self._lock:
+            self._reports[owner] = (group, report)
+
+    def forget(self, owner: Any) -> None:
+        with self._lock:
+            self._reports.pop(owner, None)
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return list(self._empty())
+
+    def _empty(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        ns = self._ns
+        return (
+            GaugeMetricFamily(
+                f"{ns}_consumer_stalled",
+                "1 while records are outstanding and no offset moved for stall_timeout.",
+                labels=[_GROUP],
+            ),
+            GaugeMetricFamily(
+                f"{ns}_consumer_poll_age_seconds",
+                "Seconds since the consumer last polled (live while below max.poll.interval.ms).",
+                labels=[_GROUP],
+            ),
+        )
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:
+            watched = list(self._reports.values())
+        worst: dict[str, tuple[float, float]] = {}
+        for group, report in watched:
+            found = report()
+            stalled, age = worst.get(group, (0.0, 0.0))
+            worst[group] = (
+                max(stalled, float(found.stalled)),
+                max(age, found.seconds_since_poll or 0.0),
+            )
+        stalled_family, age_family = self._empty()
+        for group, (stalled, age) in worst.items():
+            stalled_family.add_metric([group], stalled)
+            age_family.add_metric([group], age)
+        yield stalled_family
+        yield age_family
 
 
 class _FlushBeforeCollect:
@@ -446,6 +522,8 @@ class ConsumerMetrics:
             fam.retries.labels(topic, group, mode, "")
         fam.dedup_lookups.labels(topic, group, "hit")
         fam.dedup_lookups.labels(topic, group, "miss")
+        fam.dead_letters.labels(topic, group)
+        fam.forwards_refused.labels(topic, group)
 
     def _totals(self, topic: str) -> list[int]:
         counts = self._counts.get(topic)
@@ -511,6 +589,14 @@ class ConsumerMetrics:
     def outcome(self, topic: str, outcome: str, error_type: str) -> None:
         error_type = self.fam.error_type(error_type)
         self._child(self.fam.handled, topic, self.group, outcome, error_type).inc()
+
+    def dead_lettered(self, origin: str) -> None:
+        """A record of ``origin`` (the topic it was first consumed from) went to its DLQ."""
+        self._child(self.fam.dead_letters, origin, self.group).inc()
+
+    def forward_refused(self, origin: str) -> None:
+        """A retry or DLQ copy of a record of ``origin`` was refused for good."""
+        self._child(self.fam.forwards_refused, origin, self.group).inc()
 
     def dedup(self, topic: str, result: str, count: int = 1) -> None:
         """``count`` dedup store lookups: hit (a duplicate), miss, or error (counted here,
@@ -631,6 +717,7 @@ class NoMetrics:
     # called once per record: a C-level no-op taking the topic costs a fraction of a call
     success = staticmethod(id)
     consumed = outcome = dedup = retry = retry_delay = process = poll = commit = _nothing
+    forward_refused = dead_lettered = _nothing
     transaction = rebalance = paused = stats = work = _nothing
     completed_skipped = completed_overflow = key_wait = due_clamped = handled = _nothing
 
@@ -662,15 +749,54 @@ class BreakerMetrics:
 
 
 def serve_metrics(
-    port: int = 0, addr: str = "127.0.0.1", registry: CollectorRegistry | None = None
+    port: int = 0,
+    addr: str = "127.0.0.1",
+    registry: CollectorRegistry | None = None,
+    health: Callable[[], Any] | None = None,
 ) -> tuple[Any, str]:
     """Serve ``/metrics`` over HTTP in a daemon thread; returns ``(server, url)``.
 
-    ``port=0`` picks a free port. Call ``server.shutdown()`` to stop it.
+    ``port=0`` picks a free port. With ``health`` (a callable returning a
+    :class:`~resilient_kafka.health.HealthReport`), ``/healthz`` and ``/readyz`` answer 200 or
+    503 with the report as JSON. Call ``server.shutdown()`` to stop it.
     """
-    from prometheus_client import start_http_server
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-    server, _thread = start_http_server(
-        port, addr=addr, registry=REGISTRY if registry is None else registry
-    )
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            """Probes and scrapes come every few seconds: not logged."""
+
+    app = make_wsgi_app(REGISTRY if registry is None else registry)
+    if health is not None:
+        app = _with_health(app, health)
+    server = make_server(addr, port, app, ThreadingWSGIServer, handler_class=Quiet)
+    threading.Thread(
+        target=server.serve_forever, name="resilient-kafka-metrics", daemon=True
+    ).start()
     return server, f"http://{addr}:{server.server_port}/metrics"
+
+
+def _with_health(metrics_app: Any, health: Callable[[], Any]) -> Any:
+    """``metrics_app`` with ``/healthz`` (live) and ``/readyz`` (ready) in front of it."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path not in ("/healthz", "/readyz"):
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        report = health()
+        ok = report.live if path == "/healthz" else report.ready
+        body = json.dumps(report.as_dict()).encode()
+        start_response(
+            "200 OK" if ok else "503 Service Unavailable",
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("Cache-Control", "no-store"),
+            ],
+        )
+        return [body] if environ.get("REQUEST_METHOD") != "HEAD" else []
+
+    return app

@@ -188,3 +188,21 @@ def committed_offsets(kafka: Any, group: str, topic: str, partitions: int) -> li
         return [tp.offset for tp in tps]
     finally:
         reader.close()
+
+
+def records_in(kafka: Any, topic: str, seconds: float = 3.0) -> list[Message]:
+    """What ``topic`` holds (nothing if it does not exist), read for ``seconds`` from its start
+    by assignment (no group join to wait for)."""
+    import uuid
+
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+    if topic not in kafka.list_topics():
+        return []
+    reader = Consumer(kafka.client_config(group_id=f"r-{uuid.uuid4().hex[:6]}"))
+    try:
+        partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
+        reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        return [m for m in reader.consume(100, seconds) if m.error() is None]
+    finally:
+        reader.close()

@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import uuid
 from collections import defaultdict
 from typing import Any
 
 import pytest
 import tenacity
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+from confluent_kafka import Message
 from prometheus_client import CollectorRegistry
 
 from resilient_kafka import (
@@ -32,6 +31,7 @@ from tests.helpers import (
     metric_total,
     produce,
     read_all,
+    records_in,
     serve,
     wait_for,
 )
@@ -415,18 +415,7 @@ def test_an_open_breaker_holds_the_batch_and_nothing_is_lost(
         consumer.stop()
         thread.join(60)
     assert sorted(seen.values) == sorted(v for _, v in records)
-    assert dlq not in kafka.list_topics() or not _readable(kafka, dlq)
-
-
-def _readable(kafka: KafkaCluster, topic: str) -> list[Message]:
-    """What ``topic`` holds, read for 3 s from its start (assigned: no group join to wait for)."""
-    reader = Consumer(kafka.client_config(group_id=f"r-{uuid.uuid4().hex[:6]}"))
-    partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
-    reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-    try:
-        return [m for m in reader.consume(100, 3) if m.error() is None]
-    finally:
-        reader.close()
+    assert dlq not in kafka.list_topics() or not records_in(kafka, dlq)
 
 
 def test_dedup_skips_what_was_done_and_twins_never_share_a_batch(
@@ -602,7 +591,7 @@ def test_stopping_while_a_failing_batch_is_searched_leaves_its_records_to_come_a
     assert not thread.is_alive(), "run_batches did not return after stop()"
     consumer.close()
     assert calls == [len(records)], f"handed over again while stopping: {calls}"
-    assert dlq not in kafka.list_topics() or not _readable(kafka, dlq), "a record was routed"
+    assert dlq not in kafka.list_topics() or not records_in(kafka, dlq), "a record was routed"
     assert _committed(kafka, group, topic, 1) <= 0, "records not known to be done committed"
 
     seen = Seen()

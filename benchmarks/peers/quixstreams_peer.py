@@ -18,7 +18,8 @@ def main(bootstrap: str, topic: str, count: int, warmup: float) -> None:
         consumer_group=f"bench-quix-{uuid.uuid4().hex[:8]}",
         auto_offset_reset="earliest",
         commit_interval=5.0,
-        consumer_extra_config={"session.timeout.ms": 6000},
+        # (as benchmarks/_workload.py's PREFETCH: this runs in a virtualenv of its own)
+        consumer_extra_config={"session.timeout.ms": 6000, "fetch.queue.backoff.ms": 10},
         loglevel="WARNING",
         auto_create_topics=False,
     )
