@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from resilient_kafka import CircuitBreaker, ResilientConsumer, RetryPolicy
 from resilient_kafka.testing import KafkaCluster
 from resilient_kafka.testing.mock_cluster import MockCluster
-from tests.helpers import produce, wait_for
+from tests.helpers import produce, records_in, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -409,3 +410,101 @@ def test_kcat_reads_retry_and_dlq_records_with_their_headers(mock_cluster: MockC
     assert dead_headers["rk.attempt"] == "2" and dead_headers["rk.reason"] == "exhausted"
     assert "Traceback" in dead_headers["rk.exception.stacktrace"] and "rk.due" not in dead_headers
     assert time.time() * 1000 >= int(dead_headers["rk.first.failure"])
+
+
+# -- SIGTERM --------------------------------------------------------------------------------------
+
+_TERMINATED = """
+import sys, threading, time
+from resilient_kafka import ResilientConsumer, RetryPolicy
+lock = threading.Lock()
+
+def say(*words):  # one whole line at a time: handlers print from several threads
+    with lock:
+        print(*words, flush=True)
+
+bootstrap, topic, group = sys.argv[1:4]
+consumer = ResilientConsumer(
+    {"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+     "enable.auto.commit": False, "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
+    retry=RetryPolicy(delays=(30.0,)),
+    metrics=False,
+)
+
+def handle(msg):
+    value = msg.value().decode()
+    say("start", value)
+    time.sleep(0.3)  # a downstream call in flight when SIGTERM comes
+    if value == "v3":
+        say("failed", value)
+        raise ValueError("v3 fails: its retry copy is forwarded")
+    say("done", value)
+
+consumer.subscribe([topic])
+consumer.run(handle, concurrency=4)
+say("stopped")
+"""
+
+
+def test_sigterm_finishes_handlers_in_flight_flushes_forwards_and_commits_in_time(
+    kafka: KafkaCluster, topic_factory
+) -> None:
+    """What the Deployment's terminationGracePeriodSeconds gives a pod: SIGTERM in the middle of
+    concurrent handlers and a retry forward. Every handler that started finishes, the retry
+    copy is acknowledged, and the commit covers exactly what was done, well within the grace
+    period; the next owner starts right after it."""
+    import os
+    import signal
+    import sys
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    topic, group = topic_factory(2), f"term-{uuid.uuid4().hex[:8]}"
+    produce(kafka.client_config(), topic, [(f"k{i}", f"v{i}") for i in range(40)])
+    child = subprocess.Popen(
+        [sys.executable, "-c", _TERMINATED, kafka.bootstrap_servers, topic, group],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    lines: list[str] = []
+    try:
+        assert child.stdout is not None
+        while sum(line.startswith(("done", "failed")) for line in lines) < 8:
+            line = child.stdout.readline()
+            assert line, f"the consumer ended early: {lines}"
+            lines.append(line.strip())
+        signalled = time.monotonic()
+        child.send_signal(signal.SIGTERM)
+        rest = child.stdout.read()  # (not communicate(): it would skip what readline buffered)
+        child.wait(60)
+        elapsed = time.monotonic() - signalled
+        lines += [line.strip() for line in rest.splitlines()]
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 0 and lines[-1] == "stopped", lines[-5:]
+    assert elapsed < 15, f"{elapsed:.1f}s to stop (the Deployment allows 75 s)"
+    words = [line.split() for line in lines if " " in line]
+    started = {value for kind, value in words if kind == "start"}
+    finished = {value for kind, value in words if kind in ("done", "failed")}
+    assert started == finished, f"handlers cut off: {sorted(started - finished)}"
+    reader = Consumer(kafka.client_config(group_id=group))
+    try:
+        committed = reader.committed([TopicPartition(topic, p) for p in (0, 1)], timeout=10)
+    finally:
+        reader.close()
+    # records were produced round-robin by key: find each committed record's value
+    by_offset = {
+        (m.partition(), m.offset()): m.value().decode()  # type: ignore[union-attr]
+        for m in records_in(kafka, topic)
+    }
+    for tp in committed:  # the commit ends exactly at the first record not done
+        offsets = sorted(o for p, o in by_offset if p == tp.partition)
+        first_not_done = next(
+            (o for o in offsets if by_offset[(tp.partition, o)] not in finished), len(offsets)
+        )
+        assert max(tp.offset, 0) == first_not_done, (tp, sorted(finished))
+    if "v3" in finished:  # its retry copy was acknowledged before the commit covered it
+        retry_topic = f"{topic}.{group}.retry.1"
+        assert [m.value() for m in records_in(kafka, retry_topic)] == [b"v3"]
