@@ -27,7 +27,7 @@ _BACKOFF_FIRST = 1.0  # seconds before a failed preparation is tried again, doub
 _BACKOFF_MAX = 30.0
 _SLICE = 0.25  # seconds per metadata request while the cluster does not answer
 
-_Outcome = tuple[list[str], list[str], list[str]]  # sources that exist, topics created, missing
+_Outcome = tuple[list[str], list[str]]  # sources that exist, sources missing
 
 
 class Topics:
@@ -131,7 +131,7 @@ class Topics:
 
     def _finished(self, job: Future[_Outcome], now: float) -> None:
         try:
-            present, created, missing = job.result()
+            present, missing = job.result()
         except (ResilientKafkaError, KafkaException) as exc:
             self._failed(now, exc)
             return
@@ -139,10 +139,13 @@ class Topics:
             log.exception("preparing retry/DLQ topics failed unexpectedly")
             self._failed(now, exc)
             return
+        fresh = set(present) - self._prepared
         self._prepared.update(present)
-        if created and self.subscribed:
-            # librdkafka rechecks a subscription against a full metadata refresh only (every
-            # topic.metadata.refresh.interval.ms, 5 minutes by default): ask for one now
+        if fresh and self.subscribed:
+            # librdkafka joins the group with the subscribed topics its metadata knew, and
+            # looks again only at a full metadata refresh (every
+            # topic.metadata.refresh.interval.ms, 5 minutes by default): ask for one now, also
+            # when another consumer of the group created the tiers (else they stay unassigned)
             try:
                 Consumer.list_topics(self._native, timeout=self._settings.forward_timeout)
             except (KafkaException, RuntimeError) as exc:
@@ -165,7 +168,7 @@ class Topics:
 
     def _prepare(self, topics: list[str]) -> _Outcome:
         """(Background thread; it changes no state.) Create the missing retry/DLQ topics of
-        those of ``topics`` that exist: returns (existing, created, missing). Raises TopicError
+        those of ``topics`` that exist: returns (existing, missing). Raises TopicError
         (or KafkaException) when the cluster cannot answer or refuses."""
         settings = self._settings
         admin = self._admin()
@@ -188,7 +191,7 @@ class Topics:
                 exist_ok=True,
                 timeout=settings.forward_timeout,
             )
-        return present, sorted(absent), missing
+        return present, missing
 
     def _metadata(self, admin: Any) -> Any:
         """The cluster's metadata, asked for in short slices so that close() ends the wait."""

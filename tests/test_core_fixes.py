@@ -442,6 +442,60 @@ def test_a_metadata_error_in_fail_neither_escapes_nor_loses_the_record(
         kafka.delete_topics([topic])
 
 
+def test_tiers_another_consumer_created_are_consumed_without_waiting_for_a_metadata_refresh(
+    kafka: KafkaCluster, topic_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Consumers of a group deployed together: one creates the retry tiers, the others find
+    them there. librdkafka joins a group with the subscribed topics its metadata knows, and
+    looks again only at a full metadata refresh (5 minutes by default), so a consumer that
+    joined before the tiers existed and did not create them itself must ask for one. Without
+    it the tiers were left unassigned and retry copies sat in them unconsumed (the chaos
+    suite's workers showed it: one of them joined without its tiers)."""
+    import threading
+
+    from resilient_kafka import _topics
+
+    topic, group = topic_factory(1), _group()
+    prepare = _topics.Topics._prepare
+    created_elsewhere = threading.Event()
+
+    def prepare_after_another_consumer(self, topics):  # type: ignore[no-untyped-def]
+        created_elsewhere.wait(30)  # another member created them meanwhile: none created here
+        return prepare(self, topics)
+
+    monkeypatch.setattr(_topics.Topics, "_prepare", prepare_after_another_consumer)
+    consumer = ResilientConsumer(
+        kafka.client_config(_QUICK_JOIN, group_id=group, auto_offset_reset="earliest"),
+        retry=RetryPolicy(delays=(0.2,)),
+        registry=CollectorRegistry(),
+    )
+    assigned = threading.Event()
+    attempts: list[str] = []
+
+    def handler(msg: Message) -> None:
+        attempts.append(msg.topic() or "")
+        if len(attempts) == 1:
+            raise ValueError("fails once")
+
+    consumer.subscribe([topic], on_assign=lambda c, ps: assigned.set())
+    worker = threading.Thread(target=consumer.run, args=(handler,), daemon=True)
+    worker.start()
+    try:
+        wait_for(assigned.is_set, 30, "the source partition assigned")
+        tiers = consumer.retry_topics(topic)
+        kafka.create_topics({name: 1 for name in [*tiers, consumer.dead_letter_topic(topic)]})
+        created_elsewhere.set()
+        _produce(kafka, topic, {0: ["v0"]})
+        # the group's rejoin with the tiers takes a Tansu JoinGroup (half the session timeout)
+        wait_for(lambda: len(attempts) >= 2, 30, "the retry copy to be consumed")
+        assert attempts == [topic, tiers[0]]
+    finally:
+        created_elsewhere.set()
+        consumer.stop()
+        worker.join(30)
+        consumer.close()
+
+
 # -- 5: the library's own assign inside the application's rebalance callback ------------------
 
 
