@@ -346,6 +346,51 @@ def test_a_failed_invariant_makes_the_command_fail(
     assert main(["chaos", "run", "latency", "timeout", "--report", str(tmp_path)]) == 1
 
 
+def test_a_failed_scenario_keeps_its_logs_and_prints_their_tails(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The workdir is deleted after a run and CI shows only the console: a failed scenario's
+    logs and ledger are copied next to the report, and the workers' own lines printed."""
+    import resilient_kafka.chaos as chaos
+    from resilient_kafka.chaos import _stack
+
+    class _NoStack:
+        def close(self) -> None:
+            pass
+
+    def failing(stack: object, scenario: Any, *, workdir: Path, **kwargs: object) -> Result:
+        workdir.mkdir(parents=True)
+        noise = [f"%6|1|FAIL|rdkafka#consumer-1| noise {i}" for i in range(40)]
+        own = [f"worker-1 line {i}" for i in range(30)]
+        (workdir / "rk-worker-1-x.log").write_text("\n".join(own[:5] + noise + own[5:]) + "\n")
+        (workdir / "ledger.db").write_bytes(b"rows")
+        return Result(scenario.name, lost=8, passed=scenario.name == "latency")
+
+    monkeypatch.setattr(chaos, "run_scenario", failing)
+    monkeypatch.setattr(_stack.Stack, "embedded_stack", staticmethod(lambda *a, **k: _NoStack()))
+    picked = [s for s in builtin() if s.name in ("latency", "downstream-outage")]
+    report = tmp_path / "report"
+    results = chaos.run_all(
+        picked,
+        messages=10,
+        duration=2.0,
+        drain_timeout=1.0,
+        seed=1,
+        report=report,
+        workdir=tmp_path / "work",
+    )
+    assert [r.passed for r in results] == [True, False]
+    kept = report / "evidence-downstream-outage"
+    assert (kept / "ledger.db").read_bytes() == b"rows"
+    assert (kept / "rk-worker-1-x.log").exists()
+    assert not (report / "evidence-latency").exists()  # a passing scenario keeps nothing
+    err = capsys.readouterr().err
+    assert "downstream-outage failed; its logs and ledger:" in err
+    assert "rk-worker-1-x.log (last 25 of 30 lines)" in err
+    assert "worker-1 line 29" in err and "worker-1 line 5\n" in err
+    assert "worker-1 line 4\n" not in err and "noise" not in err
+
+
 class _RecordingStack:
     """The mock stack's fault controls, recorded with their times."""
 

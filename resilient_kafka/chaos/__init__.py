@@ -112,6 +112,11 @@ def run_all(
                         mock.close()
                         mock = None
                 verdict = "skipped" if result.skipped else ("PASS" if result.passed else "FAIL")
+                if verdict == "FAIL":
+                    kept = report / f"evidence-{scenario.name}"
+                    tails = chaos_report.keep_evidence(workdir / scenario.name, kept)
+                    console.print(f"{scenario.name} failed; its logs and ledger: {kept}")
+                    console.print(tails, markup=False, highlight=False, soft_wrap=True)
                 progress.update(task, description=f"  {scenario.name}: {verdict}")
                 progress.stop_task(task)  # its clock stops also when it never reached the total
                 progress.advance(overall)

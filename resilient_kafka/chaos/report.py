@@ -129,3 +129,25 @@ def write(results: list[Result], directory: Path, meta: dict[str, Any]) -> list[
         if plot(r, png):
             written.append(png)
     return written
+
+
+def keep_evidence(workdir: Path, directory: Path, lines: int = 25) -> str:
+    """A failed scenario's worker and producer logs, ledger and acknowledgements, copied to
+    ``directory`` (the workdir is deleted after the run); returns the logs' last ``lines`` own
+    lines each (librdkafka's ``%`` lines left out), for a CI log that is all one gets to see."""
+    import shutil
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tails = []
+    for path in sorted(workdir.glob("*")):
+        if path.is_file():
+            shutil.copy2(path, directory / path.name)
+        if path.suffix == ".log":
+            own = [
+                line
+                for line in path.read_text(errors="replace").splitlines()
+                if line and not line.startswith("%")
+            ]
+            tails.append(f"--- {path.name} (last {lines} of {len(own)} lines)")
+            tails.extend(own[-lines:])
+    return "\n".join(tails)
