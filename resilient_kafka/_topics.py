@@ -26,6 +26,7 @@ log = logging.getLogger("resilient_kafka.consumer")
 _BACKOFF_FIRST = 1.0  # seconds before a failed preparation is tried again, doubling
 _BACKOFF_MAX = 30.0
 _SLICE = 0.25  # seconds per metadata request while the cluster does not answer
+_REFRESH_TIMEOUT = 5.0  # at most this long for the metadata refresh after new tiers exist
 
 _Outcome = tuple[list[str], list[str]]  # sources that exist, sources missing
 
@@ -47,6 +48,9 @@ class Topics:
         self._retry_at = 0.0  # monotonic time before which a failed preparation is not retried
         self._backoff = _BACKOFF_FIRST
         self.subscribed = False  # subscribe() (not assign()): new tiers need a metadata refresh
+        self._refresh_pending = False  # a source's tiers exist; librdkafka must look again
+        self._refresh_at = 0.0  # monotonic time before which a failed refresh is not retried
+        self._refresh_backoff = _BACKOFF_FIRST
 
     # -- names -------------------------------------------------------------------------------
 
@@ -114,6 +118,8 @@ class Topics:
                 return
             self._job = None
             self._finished(job, now)
+        if self._refresh_pending and now >= self._refresh_at:
+            self._refresh(now)
         missing = self._wanted - self._prepared
         if missing and now >= self._retry_at:
             self._job = job = Future()
@@ -139,22 +145,39 @@ class Topics:
             log.exception("preparing retry/DLQ topics failed unexpectedly")
             self._failed(now, exc)
             return
-        fresh = set(present) - self._prepared
+        if set(present) - self._prepared and self.subscribed:
+            self._refresh_pending = True
         self._prepared.update(present)
-        if fresh and self.subscribed:
-            # librdkafka joins the group with the subscribed topics its metadata knew, and
-            # looks again only at a full metadata refresh (every
-            # topic.metadata.refresh.interval.ms, 5 minutes by default): ask for one now, also
-            # when another consumer of the group created the tiers (else they stay unassigned)
-            try:
-                Consumer.list_topics(self._native, timeout=self._settings.forward_timeout)
-            except (KafkaException, RuntimeError) as exc:
-                log.debug("metadata refresh after creating retry topics failed: %s", exc)
         if missing:
             where = self._settings.where
             self._failed(now, TopicError(f"topic(s) {missing} do not exist on {where}", {}))
         else:
             self._backoff = _BACKOFF_FIRST
+
+    def _refresh(self, now: float) -> None:
+        """librdkafka joins the group with the subscribed topics its metadata knew, and looks
+        again only at a full metadata refresh (every topic.metadata.refresh.interval.ms, 5
+        minutes by default): ask for one once a source's tiers exist, also when another
+        consumer of the group created them (else they stay unassigned). Tried again with
+        back-off until it succeeds."""
+        if self._closing.is_set() or not self.subscribed:
+            self._refresh_pending = False
+            return
+        timeout = min(self._settings.forward_timeout, _REFRESH_TIMEOUT)
+        try:
+            Consumer.list_topics(self._native, timeout=timeout)
+        except (KafkaException, RuntimeError) as exc:
+            log.warning(
+                "metadata refresh for the new retry topics failed (trying again in %.0fs; "
+                "until then they may stay unassigned): %s",
+                self._refresh_backoff,
+                exc,
+            )
+            self._refresh_at = now + self._refresh_backoff
+            self._refresh_backoff = min(self._refresh_backoff * 2, _BACKOFF_MAX)
+            return
+        self._refresh_pending = False
+        self._refresh_backoff = _BACKOFF_FIRST
 
     def _failed(self, now: float, exc: BaseException) -> None:
         log.error(

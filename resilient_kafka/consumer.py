@@ -353,6 +353,7 @@ class ResilientConsumer(Consumer):
     def unsubscribe(self) -> None:
         """``Consumer.unsubscribe``: the retry tiers are unsubscribed with the topics."""
         super().unsubscribe()
+        self._topics.subscribed = False
 
     def retry_topics(self, topic: str) -> list[str]:
         """The retry tier topics of ``topic`` for this consumer's group, tier 1 first."""

@@ -346,11 +346,11 @@ def test_a_failed_invariant_makes_the_command_fail(
     assert main(["chaos", "run", "latency", "timeout", "--report", str(tmp_path)]) == 1
 
 
-def test_a_failed_scenario_keeps_its_logs_and_prints_their_tails(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The workdir is deleted after a run and CI shows only the console: a failed scenario's
-    logs and ledger are copied next to the report, and the workers' own lines printed."""
+def _run_offline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, names: tuple[str, ...], run: Any
+) -> list[Result]:
+    """``run_all`` over the built-in scenarios ``names`` with ``run`` in place of
+    ``run_scenario`` and no broker; the report goes to ``tmp_path / "report"``."""
     import resilient_kafka.chaos as chaos
     from resilient_kafka.chaos import _stack
 
@@ -358,7 +358,28 @@ def test_a_failed_scenario_keeps_its_logs_and_prints_their_tails(
         def close(self) -> None:
             pass
 
+    monkeypatch.setattr(chaos, "run_scenario", run)
+    monkeypatch.setattr(_stack.Stack, "embedded_stack", staticmethod(lambda *a, **k: _NoStack()))
+    return chaos.run_all(
+        [s for s in builtin() if s.name in names],
+        messages=10,
+        duration=2.0,
+        drain_timeout=1.0,
+        seed=1,
+        report=tmp_path / "report",
+        workdir=tmp_path / "work",
+    )
+
+
+def test_a_failed_scenario_keeps_its_logs_and_prints_their_tails(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The workdir is deleted after a run and CI shows only the console: a failed scenario's
+    logs and ledger are copied next to the report, and the workers' own lines printed."""
+
     def failing(stack: object, scenario: Any, *, workdir: Path, **kwargs: object) -> Result:
+        if scenario.name == "timeout":  # broke before its workdir existed
+            return Result(scenario.name, passed=False)
         workdir.mkdir(parents=True)
         noise = [f"%6|1|FAIL|rdkafka#consumer-1| noise {i}" for i in range(40)]
         own = [f"worker-1 line {i}" for i in range(30)]
@@ -366,20 +387,11 @@ def test_a_failed_scenario_keeps_its_logs_and_prints_their_tails(
         (workdir / "ledger.db").write_bytes(b"rows")
         return Result(scenario.name, lost=8, passed=scenario.name == "latency")
 
-    monkeypatch.setattr(chaos, "run_scenario", failing)
-    monkeypatch.setattr(_stack.Stack, "embedded_stack", staticmethod(lambda *a, **k: _NoStack()))
-    picked = [s for s in builtin() if s.name in ("latency", "downstream-outage")]
+    names = ("latency", "timeout", "downstream-outage")
+    results = _run_offline(monkeypatch, tmp_path, names, failing)
     report = tmp_path / "report"
-    results = chaos.run_all(
-        picked,
-        messages=10,
-        duration=2.0,
-        drain_timeout=1.0,
-        seed=1,
-        report=report,
-        workdir=tmp_path / "work",
-    )
-    assert [r.passed for r in results] == [True, False]
+    assert [r.passed for r in results] == [True, False, False]
+    assert not (report / "evidence-timeout").exists()
     kept = report / "evidence-downstream-outage"
     assert (kept / "ledger.db").read_bytes() == b"rows"
     assert (kept / "rk-worker-1-x.log").exists()
@@ -389,6 +401,26 @@ def test_a_failed_scenario_keeps_its_logs_and_prints_their_tails(
     assert "rk-worker-1-x.log (last 25 of 30 lines)" in err
     assert "worker-1 line 29" in err and "worker-1 line 5\n" in err
     assert "worker-1 line 4\n" not in err and "noise" not in err
+
+
+def test_evidence_that_cannot_be_kept_does_not_break_the_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from resilient_kafka.chaos import report as chaos_report
+
+    def failing(stack: object, scenario: Any, *, workdir: Path, **kwargs: object) -> Result:
+        workdir.mkdir(parents=True)
+        (workdir / "rk-worker-1-x.log").write_text("worker-1 line\n")
+        return Result(scenario.name, lost=1, passed=False)
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(chaos_report.shutil, "copy2", no_space)
+    results = _run_offline(monkeypatch, tmp_path, ("latency", "timeout"), failing)
+    assert [r.name for r in results] == ["latency", "timeout"]  # both ran and are reported
+    assert "latency failed; its logs could not be kept: [Errno 28]" in capsys.readouterr().err
+    assert '"name": "timeout"' in (tmp_path / "report" / "report.json").read_text()
 
 
 class _RecordingStack:

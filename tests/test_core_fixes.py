@@ -442,15 +442,21 @@ def test_a_metadata_error_in_fail_neither_escapes_nor_loses_the_record(
         kafka.delete_topics([topic])
 
 
+@pytest.mark.parametrize("refresh_fails_once", [False, True])
 def test_tiers_another_consumer_created_are_consumed_without_waiting_for_a_metadata_refresh(
-    kafka: KafkaCluster, topic_factory, monkeypatch: pytest.MonkeyPatch
+    kafka: KafkaCluster,
+    topic_factory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    refresh_fails_once: bool,
 ) -> None:
     """Consumers of a group deployed together: one creates the retry tiers, the others find
     them there. librdkafka joins a group with the subscribed topics its metadata knows, and
     looks again only at a full metadata refresh (5 minutes by default), so a consumer that
     joined before the tiers existed and did not create them itself must ask for one. Without
     it the tiers were left unassigned and retry copies sat in them unconsumed (the chaos
-    suite's workers showed it: one of them joined without its tiers)."""
+    suite's workers showed it: one of them joined without its tiers). A refresh that fails
+    is tried again."""
     import threading
 
     from resilient_kafka import _topics
@@ -464,6 +470,17 @@ def test_tiers_another_consumer_created_are_consumed_without_waiting_for_a_metad
         return prepare(self, topics)
 
     monkeypatch.setattr(_topics.Topics, "_prepare", prepare_after_another_consumer)
+    refreshes: list[float] = []
+
+    class _Native(Consumer):  # what _topics calls librdkafka's full metadata request through
+        @staticmethod
+        def list_topics(native: Any, timeout: float = -1) -> Any:  # type: ignore[override]
+            refreshes.append(timeout)
+            if refresh_fails_once and len(refreshes) == 1:
+                raise KafkaException(KafkaError(KafkaError._TRANSPORT, "injected: no answer"))
+            return Consumer.list_topics(native, timeout=timeout)
+
+    monkeypatch.setattr(_topics, "Consumer", _Native)
     consumer = ResilientConsumer(
         kafka.client_config(_QUICK_JOIN, group_id=group, auto_offset_reset="earliest"),
         retry=RetryPolicy(delays=(0.2,)),
@@ -489,6 +506,9 @@ def test_tiers_another_consumer_created_are_consumed_without_waiting_for_a_metad
         # the group's rejoin with the tiers takes a Tansu JoinGroup (half the session timeout)
         wait_for(lambda: len(attempts) >= 2, 30, "the retry copy to be consumed")
         assert attempts == [topic, tiers[0]]
+        assert len(refreshes) == (2 if refresh_fails_once else 1), refreshes
+        failed = [r.getMessage() for r in caplog.records if "metadata refresh" in r.getMessage()]
+        assert len(failed) == refresh_fails_once, failed
     finally:
         created_elsewhere.set()
         consumer.stop()

@@ -7,6 +7,7 @@ ResilientConsumer workers process a keyed load; invariants prove nothing is lost
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from resilient_kafka.chaos.runner import Result, run_scenario
 from resilient_kafka.chaos.scenario import Fault, Scenario, builtin, load, parse
@@ -112,15 +113,12 @@ def run_all(
                         mock.close()
                         mock = None
                 verdict = "skipped" if result.skipped else ("PASS" if result.passed else "FAIL")
-                if verdict == "FAIL":
-                    kept = report / f"evidence-{scenario.name}"
-                    tails = chaos_report.keep_evidence(workdir / scenario.name, kept)
-                    console.print(f"{scenario.name} failed; its logs and ledger: {kept}")
-                    console.print(tails, markup=False, highlight=False, soft_wrap=True)
                 progress.update(task, description=f"  {scenario.name}: {verdict}")
                 progress.stop_task(task)  # its clock stops also when it never reached the total
                 progress.advance(overall)
                 results.append(result)
+                if verdict == "FAIL":
+                    _show_evidence(console, workdir / scenario.name, report, scenario.name)
     finally:
         if stack is not None:
             stack.close()
@@ -132,3 +130,21 @@ def run_all(
             f"report: {', '.join(str(p) for p in written[:2])} (+ {len(written) - 2} timelines)"
         )
     return results
+
+
+def _show_evidence(console: Any, workdir: Path, report: Path, name: str) -> None:
+    """Keep a failed scenario's logs next to the report and print their tails; a failure to
+    do so is reported, never fatal to the run."""
+    from resilient_kafka.chaos import report as chaos_report
+
+    kept = report / f"evidence-{name}"
+    try:
+        tails = chaos_report.keep_evidence(workdir, kept)
+    except OSError as exc:
+        console.print(f"{name} failed; its logs could not be kept: {exc}", markup=False)
+        return
+    if not kept.is_dir():  # it broke before its workdir existed
+        return
+    console.print(f"{name} failed; its logs and ledger: {kept}", markup=False)
+    if tails:
+        console.print(tails, markup=False, highlight=False, soft_wrap=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -133,21 +135,26 @@ def write(results: list[Result], directory: Path, meta: dict[str, Any]) -> list[
 
 def keep_evidence(workdir: Path, directory: Path, lines: int = 25) -> str:
     """A failed scenario's worker and producer logs, ledger and acknowledgements, copied to
-    ``directory`` (the workdir is deleted after the run); returns the logs' last ``lines`` own
-    lines each (librdkafka's ``%`` lines left out), for a CI log that is all one gets to see."""
-    import shutil
-
-    directory.mkdir(parents=True, exist_ok=True)
+    ``directory`` (emptied first; the workdir is deleted after the run); returns each log's
+    last ``lines`` own lines (librdkafka's ``%`` lines left out), for a CI log that is all one
+    gets to see. Nothing is copied when the scenario left no workdir."""
+    if not workdir.is_dir():
+        return ""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
     tails = []
-    for path in sorted(workdir.glob("*")):
-        if path.is_file():
-            shutil.copy2(path, directory / path.name)
+    for path in sorted(workdir.iterdir()):
+        if not path.is_file():
+            continue
+        shutil.copy2(path, directory / path.name)
         if path.suffix == ".log":
-            own = [
-                line
-                for line in path.read_text(errors="replace").splitlines()
-                if line and not line.startswith("%")
-            ]
-            tails.append(f"--- {path.name} (last {lines} of {len(own)} lines)")
-            tails.extend(own[-lines:])
+            own: deque[str] = deque(maxlen=lines)
+            count = 0
+            with path.open(errors="replace") as log:
+                for line in log:
+                    if line.strip() and not line.startswith("%"):
+                        own.append(line.rstrip("\n"))
+                        count += 1
+            tails.append(f"--- {path.name} (last {len(own)} of {count} lines)")
+            tails.extend(own)
     return "\n".join(tails)
