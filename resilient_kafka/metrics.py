@@ -756,23 +756,40 @@ def serve_metrics(
 ) -> tuple[Any, str]:
     """Serve ``/metrics`` over HTTP in a daemon thread; returns ``(server, url)``.
 
-    ``port=0`` picks a free port. With ``health`` (a callable returning a
-    :class:`~resilient_kafka.health.HealthReport`), ``/healthz`` and ``/readyz`` answer 200 or
-    503 with the report as JSON. Call ``server.shutdown()`` to stop it.
+    ``port=0`` picks a free port; a port already taken raises :class:`ConfigurationError`. With
+    ``health`` (a callable returning a :class:`~resilient_kafka.health.HealthReport`),
+    ``/healthz`` and ``/readyz`` answer 200 or 503 with the report as JSON. Call
+    ``server.shutdown()`` to stop it and free the port (a consumer restarted in the same
+    process binds it again).
     """
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
     from prometheus_client import make_wsgi_app
     from prometheus_client.exposition import ThreadingWSGIServer
 
+    from resilient_kafka.errors import ConfigurationError
+
     class Quiet(WSGIRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:
             """Probes and scrapes come every few seconds: not logged."""
 
+    class Server(ThreadingWSGIServer):
+        def shutdown(self) -> None:
+            """Stop serving and close the listening socket (else the port stays taken)."""
+            super().shutdown()
+            self.server_close()
+
     app = make_wsgi_app(REGISTRY if registry is None else registry)
     if health is not None:
         app = _with_health(app, health)
-    server = make_server(addr, port, app, ThreadingWSGIServer, handler_class=Quiet)
+    try:
+        server = make_server(addr, port, app, Server, handler_class=Quiet)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc} (metrics_port: "
+            "another process, or a consumer of this one not closed, holds it; 0 picks a free "
+            "port)"
+        ) from exc
     threading.Thread(
         target=server.serve_forever, name="resilient-kafka-metrics", daemon=True
     ).start()

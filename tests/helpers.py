@@ -206,3 +206,14 @@ def records_in(kafka: Any, topic: str, seconds: float = 3.0) -> list[Message]:
         return [m for m in reader.consume(100, seconds) if m.error() is None]
     finally:
         reader.close()
+
+
+def rdk_threads() -> int:
+    """librdkafka's native threads in this process (librdkafka names them ``rdk:...``)."""
+    count = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            count += (task / "comm").read_text().startswith("rdk:")
+        except OSError:
+            continue  # the thread exited while we looked
+    return count

@@ -16,7 +16,6 @@ import uuid
 import weakref
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,7 +36,7 @@ from resilient_kafka import (
 )
 from resilient_kafka.errors import TopicError
 from resilient_kafka.testing import KafkaCluster
-from tests.helpers import metric_total, run_until, wait_for
+from tests.helpers import metric_total, rdk_threads, run_until, wait_for
 
 # Tansu answers a JoinGroup after about half of session.timeout.ms: joins in ~1.5 s
 _QUICK_JOIN = {"session.timeout.ms": 3000, "heartbeat.interval.ms": 500}
@@ -47,17 +46,6 @@ _QUICK_JOIN = {"session.timeout.ms": 3000, "heartbeat.interval.ms": 500}
 
 def _group() -> str:
     return f"g{uuid.uuid4().hex[:8]}"
-
-
-def _rdk_threads() -> int:
-    """librdkafka's native threads in this process (librdkafka names them ``rdk:...``)."""
-    count = 0
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            count += (task / "comm").read_text().startswith("rdk:")
-        except OSError:
-            continue  # the thread exited while we looked
-    return count
 
 
 def _produce(kafka: KafkaCluster, topic: str, records: dict[int, list[str]]) -> None:
@@ -176,16 +164,16 @@ def test_a_refused_construction_leaves_no_client_running(kafka: KafkaCluster, se
         "metrics_port": {"metrics_port": busy.getsockname()[1]},
     }[setting]
     gc.collect()
-    baseline = _rdk_threads()
+    baseline = rdk_threads()
     try:
         with pytest.raises((ConfigurationError, OSError)) as refused:
             ResilientConsumer(config, registry=CollectorRegistry(), **options)
         gc.collect()
         wait_for(
-            lambda: _rdk_threads() <= baseline,
+            lambda: rdk_threads() <= baseline,
             3,
             f"librdkafka threads to end after the refused construction ({refused.value!r}); "
-            f"{_rdk_threads() - baseline} still running",
+            f"{rdk_threads() - baseline} still running",
         )
     finally:
         busy.close()

@@ -4,6 +4,7 @@ against scripted signals; the endpoints against a consumer on the embedded broke
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -24,7 +25,7 @@ from resilient_kafka.health import (
     Signals,
 )
 from resilient_kafka.testing import KafkaCluster
-from tests.helpers import metric_total, produce, wait_for
+from tests.helpers import metric_total, produce, rdk_threads, wait_for
 
 
 class Scripted:
@@ -151,6 +152,34 @@ def _get(url: str) -> tuple[int, dict[str, Any]]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_closed_consumer_frees_its_metrics_port_and_a_taken_port_is_a_clear_error() -> None:
+    """Kubernetes names a fixed metrics port: a consumer restarted in the same process (after
+    run() failed, say) must bind it again, and a port another process holds is named in the
+    error, the native handles not leaked."""
+    port = _free_port()
+    config = {"bootstrap.servers": "127.0.0.1:1", "group.id": "g-health-port"}
+    for _ in range(2):
+        consumer = ResilientConsumer(config, registry=CollectorRegistry(), metrics_port=port)
+        try:
+            assert _get(f"http://127.0.0.1:{port}/healthz")[0] == 200  # live: starting
+        finally:
+            consumer.close()
+    threads = rdk_threads()
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the probes' TIME_WAIT
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        with pytest.raises(ConfigurationError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            ResilientConsumer(config, registry=CollectorRegistry(), metrics_port=port)
+    wait_for(lambda: rdk_threads() <= threads, 10, "the refused consumer's handles closed")
 
 
 def test_the_metrics_port_answers_probes_and_shows_a_stall(
