@@ -47,7 +47,7 @@ def reference(data: bytes | None, headers: Any, field: str = "value") -> SchemaR
         found = headers.get(name)
     elif headers:
         found = next((v for k, v in _pairs(headers) if k == name), None)
-    if found is not None:
+    if isinstance(found, bytes | bytearray | memoryview):
         parsed = _framing(bytes(found), "header")
         if parsed is not None:
             return parsed

@@ -121,6 +121,11 @@ def test_the_schema_a_record_names_is_read_from_its_framing_or_its_header() -> N
     assert str(schemas.reference(framed, None)) == "id 42"
     for unframed in (b'{"id": 1}', b"\x00\x00\x01", b"", None, b"\x01short"):
         assert schemas.reference(unframed, [("other", b"x")]) is None
+    # a header that is not bytes (a str set by hand, None) is passed over, never raised on
+    for odd in ("\x00\x00\x00\x00\x07", None, 7):
+        assert schemas.reference(framed, {"__value_schema_id": odd}) == (
+            schemas.SchemaReference(42, None, "prefix")
+        )
 
 
 def test_a_registry_that_cannot_answer_is_told_from_a_record_it_cannot_read() -> None:
